@@ -1,0 +1,22 @@
+PYTHON ?= python
+PYTEST_ARGS ?=
+
+.PHONY: help install test test-fast run bench report clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install:  ## install the package (editable) with test and benchmark extras
+	$(PYTHON) -m pip install -e ".[dev,bench]"
+
+test:  ## run the test suite (CPU, embedded data, no network)
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+run:  ## run the default job: the whole report on the embedded digits
+	$(PYTHON) -m robustness
+
+bench:  ## print the benchmark tables (ratios measured side by side)
+	$(PYTHON) -m robustness.bench
+
+clean:  ## remove outputs, the model store and caches of this folder
+	rm -rf outputs artifacts multirun .pytest_cache

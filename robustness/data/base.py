@@ -1,0 +1,186 @@
+"""Shared pieces of every data module: dataset facts and the loaders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from robustness.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model builder and a probe need to know about a dataset."""
+
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]  # (channels, height, width)
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def in_channels(self) -> int:
+        return self.image_shape[0]
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """A LightningDataModule whose datasets yield ``(image in [0, 1] as float CxHxW, label)``.
+
+    Subclasses set ``info`` and fill ``train_set``, ``val_set`` and ``test_set`` in :meth:`setup`.
+    """
+
+    info: DatasetInfo
+
+    def __init__(
+        self,
+        data_dir: str | Path = "data",
+        batch_size: int = 128,
+        eval_batch_size: int = 512,
+        num_workers: int = 0,
+        seed: int = 0,
+        train_fraction: float = 1.0,
+        download: bool = False,
+        augment: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0 or eval_batch_size <= 0:
+            raise ConfigError(f"batch sizes must be positive, got {batch_size} and {eval_batch_size}", "set dataset.batch_size to a positive integer")
+        if not 0.0 < train_fraction <= 1.0:
+            raise ConfigError(f"dataset.train_fraction must lie in (0, 1], got {train_fraction}", "e.g. dataset.train_fraction=0.1 for 10% of the training set")
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.train_fraction = float(train_fraction)
+        self.download = bool(download)
+        self.augment = bool(augment)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    # Subclasses implement this; it must be idempotent.
+    def setup(self, stage: str | None = None) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _subsample_train(self, dataset: Dataset, labels: Sequence[int] | Tensor | None = None) -> Dataset:
+        """Keep ``train_fraction`` of the training set, stratified by class, chosen by the seed."""
+        if self.train_fraction >= 1.0:
+            return dataset
+        n = len(dataset)  # type: ignore[arg-type]
+        generator = torch.Generator().manual_seed(self.seed)
+        if labels is None:
+            keep = torch.randperm(n, generator=generator)[: max(1, int(round(n * self.train_fraction)))]
+            return Subset(dataset, sorted(keep.tolist()))
+        labels = torch.as_tensor(labels)
+        kept: list[int] = []
+        for cls in labels.unique().tolist():
+            idx = (labels == cls).nonzero().flatten()
+            take = max(1, int(round(len(idx) * self.train_fraction)))
+            kept.extend(idx[torch.randperm(len(idx), generator=generator)[:take]].tolist())
+        return Subset(dataset, sorted(kept))
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool, batch_size: int) -> DataLoader:
+        if dataset is None:
+            self.setup()
+            raise DataError(f"{type(self).__name__}.setup() did not create the requested split")
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=EpochSeededSampler(len(dataset), self.seed) if shuffle else None,  # type: ignore[arg-type]
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True, batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False, batch_size=self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False, batch_size=self.eval_batch_size)
+
+    def split_tensors(self, split: str = "test", limit: int | None = None, indices: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+        """The first ``limit`` images (or the given ``indices``) of a split as ``(x, y)`` tensors."""
+        self.setup()
+        dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}.get(split)
+        if dataset is None:
+            raise ConfigError(f"unknown split '{split}'", "use one of: train, val, test")
+        n = len(dataset)  # type: ignore[arg-type]
+        if indices is None:
+            indices = range(n if limit is None else min(limit, n))
+        bad = [i for i in indices if not 0 <= i < n]
+        if bad:
+            raise ConfigError(f"image index {bad[0]} is outside the {split} split (it has {n} images)", f"pick an index in [0, {n - 1}]")
+        items = [dataset[i] for i in indices]
+        if not items:
+            return torch.empty(0, *self.info.image_shape), torch.empty(0, dtype=torch.long)
+        x = torch.stack([item[0] for item in items])
+        y = torch.as_tensor([int(item[1]) for item in items], dtype=torch.long)
+        return x, y
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A random order that is a function of (seed, epoch) alone.
+
+    Lightning calls ``set_epoch`` before every epoch, so a run resumed at an epoch boundary
+    sees exactly the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory as one tensor; optional random-crop/flip augmentation."""
+
+    def __init__(self, images: Tensor, labels: Tensor, augment: bool = False) -> None:
+        self.images = images
+        self.labels = labels.long()
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image = self.images[index]
+        if self.augment:
+            image = _random_crop_flip(image)
+        return image, self.labels[index]
+
+
+def _random_crop_flip(image: Tensor, padding: int = 4) -> Tensor:
+    if torch.rand(()) < 0.5:
+        image = image.flip(-1)
+    _, h, w = image.shape
+    padded = torch.nn.functional.pad(image, (padding,) * 4, mode="reflect")
+    top, left = torch.randint(0, 2 * padding + 1, (2,)).tolist()
+    return padded[:, top : top + h, left : left + w]
+
+
+def missing_data_error(dataset: str, looked_in: Path, what: str) -> DataError:
+    """The error for a dataset absent from disk with downloads off."""
+    return DataError(
+        f"{dataset} not found: looked for {what} in {looked_in}",
+        f"download it with 'dataset.download=true', or point 'paths.data_dir=...' at the folder that holds it",
+    )

@@ -1,0 +1,394 @@
+"""What one composed config does: train a variant, run a probe, or assemble a report.
+
+The Hydra entry point (robustness/cli.py) and the tests both call :func:`run`; nothing here
+depends on being launched by Hydra except :func:`compose_experiment`, which needs Hydra's
+config search path to be initialised (the entry point and ``tests/helpers.py`` do that).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from robustness.data import ImageDataModule, build_datamodule
+from robustness.errors import ConfigError, StoreError
+from robustness.io import atomic_write_json, read_json
+from robustness.models import build_model
+from robustness.probes.base import ProbeContext, ProbeResult
+from robustness.registry import PROBES, REGULARIZERS, REPORTERS, resolve, split_name
+from robustness.reporting.base import Artefact
+from robustness.store import ModelStore, config_hash
+from robustness import tracking
+from robustness.training.module import ClassifierModule
+from robustness.training.regularizer import Regularizer, TrainContext
+
+log = logging.getLogger("robustness")
+
+TASKS = ("train", "probe", "report")
+# Keys of the trainer group that are ours, not Lightning's.
+_OWN_TRAINER_KEYS = ("max_bad_steps",)
+
+
+@dataclass
+class RunOutcome:
+    """What a run produced: metrics (train), artefacts (probe, report) and where."""
+
+    task: str
+    output_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    artefacts: list[Artefact] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------
+# entry
+
+
+def run(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[str] = (), tag: str = "", wandb_run: Any = None) -> RunOutcome:
+    """Run the task named by ``cfg.task`` and write its outputs under ``output_dir``.
+
+    overrides: the command-line overrides that produced ``cfg``; a report hands them on to its
+               sections so that ``dataset=...`` on the command line reaches every section.
+    tag:       set for multirun jobs; trained variants go to ``<variant>@<tag>`` in the store.
+    wandb_run: an already running W&B run to log into (report sections); None starts one.
+    """
+    output_dir = Path(output_dir).expanduser().resolve()
+    _check_writable(output_dir)
+    task = cfg.get("task")
+    if task not in TASKS:
+        raise ConfigError(f"unknown task '{task}'", f"set task to one of: {', '.join(TASKS)} (or pick an experiment=...)")
+    if task == "train":
+        return train(cfg, output_dir, tag=tag)
+    if task == "probe":
+        return probe(cfg, output_dir, wandb_run=wandb_run)
+    from robustness.reporting.report import build_report
+
+    return build_report(cfg, output_dir, overrides, wandb_run=wandb_run)
+
+
+def _check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe_file = directory / ".write-test"
+        probe_file.write_text("")
+        probe_file.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write to the output directory {directory} ({exc.strerror or exc})",
+            "choose a writable place with paths.output_dir=... (or hydra.run.dir=...)",
+        ) from None
+
+
+# --------------------------------------------------------------------------------------
+# shared building blocks
+
+
+def resolve_path(path: str) -> Path:
+    return Path(str(path)).expanduser().resolve()
+
+
+def device_for(cfg: DictConfig) -> torch.device:
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def datamodule_for(cfg: DictConfig) -> ImageDataModule:
+    datamodule = build_datamodule(cfg.dataset, str(resolve_path(cfg.paths.data_dir)), int(cfg.seed))
+    datamodule.setup("fit")
+    return datamodule
+
+
+def store_for(cfg: DictConfig, info_name: str, tag: str = "") -> ModelStore:
+    return ModelStore(resolve_path(cfg.paths.artifacts_dir), info_name, str(cfg.model.name), tag)
+
+
+def build_regularizer(regularizer_cfg: DictConfig) -> Regularizer:
+    name, kwargs = split_name(regularizer_cfg, "regularizer")
+    cls = resolve(REGULARIZERS, name, "regularizer")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"bad option for regularizer '{name}': {exc}", f"see conf/regularizer/{name}.yaml for its options") from None
+
+
+def plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) or OmegaConf.is_list(node) else node
+
+
+def model_cfg_dict(cfg: DictConfig) -> dict[str, Any]:
+    return plain(cfg.model)
+
+
+def compose_experiment(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose ``experiment=name`` plus overrides with the project's config (Hydra must be initialised)."""
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = compose(config_name="config", overrides=[f"experiment={name}", *overrides])
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"cannot compose experiment '{name}': {str(exc).splitlines()[0]}", "check the experiment name and overrides (`python -m robustness --help` lists them)") from None
+    with open_dict(cfg):
+        cfg.experiment_name = name
+    return cfg
+
+
+def variant_command(cfg: DictConfig, variant: str) -> str:
+    experiment = cfg.store.variant_experiments.get(variant)
+    if experiment is None:
+        return f"(no experiment is registered for variant '{variant}' under store.variant_experiments)"
+    return f"python -m robustness experiment={experiment} dataset={cfg.dataset.name} model={cfg.model.name} paths.artifacts_dir={cfg.paths.artifacts_dir}"
+
+
+def ensure_variant(cfg: DictConfig, variant: str, output_dir: Path, info_name: str) -> None:
+    """Make sure the store holds ``variant``: train it when allowed, else explain how to get it."""
+    store = store_for(cfg, info_name)
+    if store.has(variant):
+        return
+    experiment = cfg.store.variant_experiments.get(variant)
+    if not cfg.store.train_missing or experiment is None:
+        raise StoreError(
+            f"the store has no '{variant}' model for {info_name}/{cfg.model.name} (looked in {store.variant_dir(variant)})",
+            f"train it with: {variant_command(cfg, variant)}",
+        )
+    log.info("variant '%s' is missing from the store: training it with experiment=%s", variant, experiment)
+    child = compose_experiment(experiment, list(cfg.store.train_overrides))
+    with open_dict(child):
+        for key in ("dataset", "model", "paths", "logger", "store"):
+            child[key] = cfg[key]
+        child.seed = cfg.seed
+        child.trainer.accelerator = cfg.trainer.accelerator
+    if child.regularizer.variant != variant:
+        raise ConfigError(
+            f"store.variant_experiments maps '{variant}' to experiment '{experiment}', which trains variant '{child.regularizer.variant}'",
+            f"point store.variant_experiments.{variant} at an experiment that trains '{variant}'",
+        )
+    train(child, output_dir / f"train_{variant}")
+
+
+# --------------------------------------------------------------------------------------
+# train
+
+
+class EpochCheckpoint(pl.Callback):
+    """Keep ``last.ckpt`` (for resuming) and save it again when the run is interrupted."""
+
+    def __init__(self, directory: Path, fingerprint: str) -> None:
+        self.directory = directory
+        self.fingerprint = fingerprint
+
+    @property
+    def path(self) -> Path:
+        return self.directory / "last.ckpt"
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        from robustness.io import _atomic
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _atomic(self.path, lambda tmp: trainer.save_checkpoint(tmp))
+        atomic_write_json(self.directory / "fingerprint.json", {"config": self.fingerprint})
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Epoch boundaries are the points from which a resumed run is bit-identical to an
+        # uninterrupted one (the shuffling order is a function of seed and epoch).
+        self._save(trainer)
+
+    def resumable(self) -> Path | None:
+        marker = self.directory / "fingerprint.json"
+        if not self.path.is_file() or not marker.is_file():
+            return None
+        try:
+            same = read_json(marker).get("config") == self.fingerprint
+        except ValueError:
+            return None
+        return self.path if same else None
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM (e.g. from a cluster scheduler) like Ctrl-C: stop cleanly, keep checkpoints."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"received signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not in the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train(cfg: DictConfig, output_dir: Path, tag: str = "") -> RunOutcome:
+    """Fit one variant and write it to the store."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    datamodule = datamodule_for(cfg)
+    info = datamodule.info
+    model = build_model(cfg.model, info)
+    regularizer = build_regularizer(cfg.regularizer)
+    variant = regularizer.variant
+    store = store_for(cfg, info.name, tag)
+    device = device_for(cfg)
+
+    if regularizer.init_from:
+        ensure_variant(cfg, regularizer.init_from, output_dir, info.name)
+        store.load_into(regularizer.init_from, model, info, model_cfg_dict(cfg))
+    regularizer.setup(TrainContext(model=model, datamodule=datamodule, store=store, device=device, config=cfg))
+    datamodule.train_set = regularizer.train_dataset(datamodule.train_set)
+
+    trainer_kwargs = plain(cfg.trainer)
+    own = {key: trainer_kwargs.pop(key) for key in _OWN_TRAINER_KEYS if key in trainer_kwargs}
+    optim = plain(cfg.optim)
+    module = ClassifierModule(model, info.num_classes, regularizer, max_bad_steps=int(own.get("max_bad_steps", 20)), **optim)
+
+    resolved = tracking.plain_config(cfg)
+    fingerprint = config_hash({k: resolved.get(k) for k in ("dataset", "model", "regularizer", "optim", "trainer", "seed")})
+    checkpoint = EpochCheckpoint(store.resume_dir(variant), fingerprint)
+    resume_from = checkpoint.resumable() if cfg.get("resume", True) else None
+    if resume_from is not None:
+        log.info("resuming '%s' from %s", variant, resume_from)
+
+    logger = tracking.make_lightning_logger(
+        plain(cfg.logger), output_dir, name=f"{cfg.get('experiment_name') or 'train'}-{variant}", config=resolved,
+        tags=[f"variant:{variant}", f"dataset:{info.name}", f"experiment:{cfg.get('experiment_name')}"],
+    )
+    trainer = pl.Trainer(
+        **trainer_kwargs,
+        logger=logger,
+        callbacks=[checkpoint, *regularizer.callbacks()],
+        default_root_dir=str(output_dir),
+        enable_checkpointing=False,
+    )
+    try:
+        with _sigterm_as_interrupt():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+        if trainer.interrupted:
+            raise KeyboardInterrupt
+        fit_metrics = _scalars(trainer.callback_metrics)
+        test_metrics = _scalars(trainer.test(module, datamodule=datamodule, verbose=False)[0])
+    except KeyboardInterrupt:
+        tracking.finish_run(logger)
+        log.warning("training of '%s' interrupted; run the same command again to resume from the last completed epoch (%s)", variant, checkpoint.path)
+        raise
+    metrics = {**fit_metrics, **test_metrics}
+    metrics["skipped_steps"] = module.skipped_steps
+    metrics["epochs"] = trainer.current_epoch
+    if trainer.is_global_zero:
+        store.save(variant, model, info, model_cfg_dict(cfg), metrics, OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_json(output_dir / "metrics.json", metrics)
+        shutil.rmtree(store.resume_dir(variant), ignore_errors=True)
+        log.info("trained '%s': test accuracy %.4f -> %s", variant, metrics.get("test/acc", float("nan")), store.variant_dir(variant, tagged=True))
+    tracking.finish_run(logger, summary=metrics)
+    return RunOutcome("train", output_dir, metrics=metrics)
+
+
+def _scalars(values: Any) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items() if not torch.is_tensor(v) or v.numel() == 1}
+
+
+# --------------------------------------------------------------------------------------
+# probe
+
+
+def load_variants(cfg: DictConfig, datamodule: ImageDataModule, output_dir: Path, device: torch.device) -> dict[str, torch.nn.Module]:
+    variants = list(cfg.variants)
+    if not variants:
+        raise ConfigError("no model variants to probe", "set variants=[base,adversarial,cure] (or a subset)")
+    models: dict[str, torch.nn.Module] = {}
+    store = store_for(cfg, datamodule.info.name)
+    for variant in variants:
+        ensure_variant(cfg, variant, output_dir, datamodule.info.name)
+        model = build_model(cfg.model, datamodule.info)
+        store.load_into(variant, model, datamodule.info, model_cfg_dict(cfg))
+        models[variant] = model.to(device).eval()
+    return models
+
+
+def probe_work_dir(cfg: DictConfig, info_name: str) -> Path:
+    """Where a probe keeps partial and final results: keyed by everything that determines them."""
+    store = store_for(cfg, info_name)
+    stamps = {}
+    for variant in cfg.variants:
+        weights = store.variant_dir(variant) / "model.pt"
+        stamps[variant] = weights.stat().st_mtime_ns if weights.is_file() else None
+    key = config_hash({
+        "probe": plain(cfg.probe), "attack": plain(cfg.attack), "dataset": plain(cfg.dataset),
+        "variants": list(cfg.variants), "seed": int(cfg.seed), "weights": stamps,
+    })
+    return store.root / store.dataset / store.model / "probes" / f"{cfg.probe.name}-{key}"
+
+
+def probe(cfg: DictConfig, output_dir: Path, wandb_run: Any = None) -> RunOutcome:
+    """Run ``cfg.probe`` on the variants from the store, draw its figures and tables."""
+    if cfg.get("probe") is None or "name" not in cfg.probe:
+        raise ConfigError("task=probe needs a probe", f"choose one with probe=NAME ({', '.join(sorted(PROBES))}) or an experiment=...")
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    name = str(cfg.probe.name)
+    compute = resolve(PROBES, name, "probe").compute
+    draw = resolve(REPORTERS, name, "reporter").draw
+    device = device_for(cfg)
+    datamodule = datamodule_for(cfg)
+    models = load_variants(cfg, datamodule, output_dir, device)
+
+    work_dir = probe_work_dir(cfg, datamodule.info.name)
+    final = work_dir / "result"
+    if (final / "result.json").is_file() and not cfg.get("recompute", False):
+        log.info("probe '%s': reusing the result computed earlier with the same config (%s); recompute=true forces a new one", name, final)
+        result = ProbeResult.load(final)
+    else:
+        ctx = ProbeContext(
+            cfg=plain(cfg.probe), models=models, data=datamodule, attack=plain(cfg.attack), device=device,
+            seed=int(cfg.seed), work_dir=work_dir / "partial", progress=_progress_printer(name), config=cfg,
+        )
+        ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(int(cfg.seed))
+        result = compute(ctx)
+        result.meta.setdefault("experiment", cfg.get("experiment_name"))
+        result.meta.setdefault("variants", list(cfg.variants))
+        result.meta.setdefault("dataset", datamodule.info.name)
+        result.meta.setdefault("model", str(cfg.model.name))
+        result.save(final)
+    result.save(output_dir / "results" / name)
+    artefacts = draw(result, output_dir)
+
+    own_run = wandb_run is None and cfg.logger.name == "wandb"
+    if own_run:
+        wandb_run = tracking.start_wandb_run(
+            plain(cfg.logger), output_dir, name=str(cfg.get("experiment_name") or name), config=tracking.plain_config(cfg),
+            tags=[f"probe:{name}", f"dataset:{datamodule.info.name}", f"experiment:{cfg.get('experiment_name')}"],
+        )
+    tracking.log_artefacts(wandb_run, artefacts)
+    if own_run:
+        wandb_run.finish()
+    for artefact in artefacts:
+        log.info("wrote %s %s: %s", artefact.kind, artefact.name, ", ".join(str(p) for p in artefact.paths))
+    return RunOutcome("probe", output_dir, artefacts=artefacts)
+
+
+def _progress_printer(name: str):
+    state = {"last": 0.0}
+
+    def report(done: int, total: int, what: str = "") -> None:
+        now = time.monotonic()
+        if done >= total or now - state["last"] > 2.0:
+            state["last"] = now
+            print(f"  [{name}] {what} {done}/{total}", file=sys.stderr, flush=True)
+
+    return report

@@ -1,0 +1,75 @@
+"""What a probe receives and returns.
+
+A probe is a module with ``compute(ctx: ProbeContext) -> ProbeResult``. It never plots: its
+result is saved, reloaded and drawn by the reporter of the same name in
+``robustness.reporting``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from robustness.errors import StoreError
+from robustness.io import atomic_torch_save, atomic_write_json, read_json
+
+
+@dataclass
+class ProbeContext:
+    """Everything a probe may use.
+
+    cfg:      the probe's own config node (``cfg.probe``), as a plain dict
+    models:   variant name -> model in eval mode on ``device``, in the order asked for
+    data:     the data module (already set up); ``data.info`` has class names and shape
+    attack:   the ``attack`` config node as a plain dict (build it with registry.build_attack)
+    work_dir: a folder for partial results, so an interrupted probe resumes where it stopped
+    progress: call ``progress(done, total, what)`` to report progress
+    """
+
+    cfg: dict[str, Any]
+    models: dict[str, nn.Module]
+    data: Any
+    attack: dict[str, Any]
+    device: torch.device
+    seed: int
+    work_dir: Path
+    progress: Callable[[int, int, str], None] = lambda done, total, what: None
+    config: Any = None  # the whole resolved run config, for provenance
+
+
+@dataclass
+class ProbeResult:
+    """A probe's output: arrays, tables (lists of row dicts) and JSON-able metadata."""
+
+    probe: str
+    arrays: dict[str, Tensor] = field(default_factory=dict)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        arrays = {k: torch.as_tensor(np.asarray(v)) if not torch.is_tensor(v) else v.detach().cpu() for k, v in self.arrays.items()}
+        atomic_torch_save(arrays, directory / "arrays.pt")
+        atomic_write_json(directory / "result.json", {"probe": self.probe, "tables": self.tables, "meta": self.meta})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ProbeResult":
+        directory = Path(directory)
+        try:
+            header = read_json(directory / "result.json")
+            arrays = torch.load(directory / "arrays.pt", map_location="cpu", weights_only=True)
+        except FileNotFoundError as exc:
+            raise StoreError(f"no probe result in {directory}: {exc.filename} is missing", "run the probe's experiment first") from None
+        return cls(probe=header["probe"], arrays=arrays, tables=header["tables"], meta=header["meta"])
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, batch_size: int = 4096) -> Tensor:
+    """Predicted labels of ``x`` in batches, without gradients."""
+    return torch.cat([model(chunk).argmax(1) for chunk in x.split(batch_size)]) if len(x) else torch.empty(0, dtype=torch.long, device=x.device)

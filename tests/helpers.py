@@ -1,0 +1,60 @@
+"""Run experiments inside the test suite exactly as the command line would, on embedded data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from robustness.cli import CONFIG_DIR
+from robustness.pipeline import RunOutcome, compose_experiment, run
+
+# One store for the whole session: variants trained by the first experiment that needs them
+# are reused by the others (set by conftest.py).
+SHARED_ARTIFACTS = os.environ.setdefault("ROBUSTNESS_TEST_ARTIFACTS", "")
+
+# Short training for variants the store lacks; quiet progress output.
+FAST_TRAINING = [
+    "trainer.max_epochs=3",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+]
+
+
+def fast_overrides(artifacts_dir: str | Path | None = None, logger: str = "csv") -> list[str]:
+    """Overrides every test run uses: shared store, quick training, no progress bars."""
+    artifacts = artifacts_dir or os.environ["ROBUSTNESS_TEST_ARTIFACTS"]
+    quoted = ",".join(f"'{o}'" for o in FAST_TRAINING)
+    return [
+        f"paths.artifacts_dir={artifacts}",
+        f"logger={logger}",
+        "trainer.enable_progress_bar=false",
+        f"store.train_overrides=[{quoted}]",
+    ]
+
+
+def compose(name: str, overrides: Sequence[str] = ()) -> "DictConfig":  # noqa: F821
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose_experiment(name, list(overrides))
+
+
+def run_experiment(name: str, overrides: Sequence[str], tmp_path: Path, artifacts_dir: str | Path | None = None, logger: str = "csv") -> Path:
+    """Compose experiments/<name>.yaml with overrides and run it; returns the run's output directory.
+
+    ``overrides`` come after the test defaults (shared store, short training, CSV logging),
+    so a test can override any of them.
+    """
+    return run_outcome(name, overrides, tmp_path, artifacts_dir, logger).output_dir
+
+
+def run_outcome(name: str, overrides: Sequence[str], tmp_path: Path, artifacts_dir: str | Path | None = None, logger: str = "csv") -> RunOutcome:
+    all_overrides = [*fast_overrides(artifacts_dir, logger), f"paths.data_dir={tmp_path / 'data'}", *overrides]
+    output_dir = Path(tmp_path) / f"run_{name}"
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose_experiment(name, all_overrides)
+        return run(cfg, output_dir, overrides=all_overrides)

@@ -1,0 +1,164 @@
+"""The spine: entry point, config groups, training into the store, loading it back safely."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import compose, run_outcome
+from robustness.data import build_datamodule
+from robustness.errors import ConfigError, StoreError
+from robustness.models import build_model
+from robustness.store import ModelStore
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "robustness", *args], cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_groups_and_options() -> None:
+    out = cli("--help")
+    assert out.returncode == 0, out.stderr
+    for group in ("dataset:", "model:", "regularizer:", "attack:", "probe:", "trainer:", "logger:", "experiment:"):
+        assert group in out.stdout
+    for option in ("digits", "cifar10", "tinyimagenet", "smallcnn", "resnet18", "base_digits", "report_digits"):
+        assert option in out.stdout
+
+
+def test_unknown_option_names_the_valid_choices(tmp_path: Path) -> None:
+    out = cli("dataset=imagenet22k", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "Could not find 'dataset/imagenet22k'" in out.stderr
+    assert "digits" in out.stderr and "cifar10" in out.stderr  # Hydra lists what exists
+
+
+def test_unknown_experiment_and_key_fail_clearly(tmp_path: Path) -> None:
+    out = cli("experiment=table99", cwd=tmp_path)
+    assert out.returncode != 0 and "experiment/table99" in out.stderr and "base_digits" in out.stderr
+    out = cli("experiment=base_digits", "optim.learning_rate=3", cwd=tmp_path)
+    assert out.returncode != 0 and "learning_rate" in out.stderr
+
+
+def test_train_digits_end_to_end_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
+    artifacts = tmp_path / "store"
+    outcome = run_outcome("base_digits", ["trainer.max_epochs=3"], tmp_path, artifacts_dir=artifacts)
+    assert outcome.metrics["test/acc"] > 0.9  # chance is 0.1
+    variant_dir = artifacts / "digits" / "smallcnn" / "base"
+    assert {"model.pt", "meta.json", "config.yaml", "metrics.json"} <= {p.name for p in variant_dir.iterdir()}
+    assert not (variant_dir / "resume").exists()  # resume checkpoints are dropped once the run completes
+
+    cfg = compose("base_digits", ["logger=csv"])
+    dm = build_datamodule(cfg.dataset, str(tmp_path / "data"), 0)
+    dm.setup()
+    model = ModelStore(artifacts, "digits", "smallcnn").load_into("base", build_model(cfg.model, dm.info), dm.info, {"name": "smallcnn"})
+    x, y = dm.split_tensors("test")
+    accuracy = (model.eval()(x).argmax(1) == y).float().mean().item()
+    assert accuracy == pytest.approx(outcome.metrics["test/acc"], abs=1e-6)
+
+
+def test_wandb_offline_run_directory_is_written(tmp_path: Path) -> None:
+    outcome = run_outcome("base_digits", ["trainer.max_epochs=1", "dataset.train_fraction=0.2"], tmp_path, artifacts_dir=tmp_path / "store", logger="wandb")
+    runs = list((outcome.output_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.wandb"))
+
+
+def test_multirun_jobs_write_separate_artefacts(tmp_path: Path) -> None:
+    out = cli(
+        "-m", "experiment=base_digits", "optim.lr=1e-3,1e-2", "trainer.max_epochs=1", "dataset.train_fraction=0.2",
+        "logger=csv", "trainer.enable_progress_bar=false", f"paths.artifacts_dir={tmp_path / 'store'}", f"paths.output_dir={tmp_path / 'out'}",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    variants = sorted(p.name for p in (tmp_path / "store" / "digits" / "smallcnn").iterdir())
+    assert len(variants) == 2 and all(v.startswith("base@") for v in variants)
+    assert "optim.lr=0.001" in variants[0] and "optim.lr=0.01" in variants[1]
+    weights = [torch.load(tmp_path / "store" / "digits" / "smallcnn" / v / "model.pt", weights_only=True) for v in variants]
+    assert not torch.equal(weights[0]["net.0.weight"], weights[1]["net.0.weight"])
+
+
+def test_same_seed_same_split_and_initialisation(tmp_path: Path) -> None:
+    cfg = compose("base_digits", ["logger=csv"])
+    a = build_datamodule(cfg.dataset, str(tmp_path), 3)
+    b = build_datamodule(cfg.dataset, str(tmp_path), 3)
+    c = build_datamodule(cfg.dataset, str(tmp_path), 4)
+    for dm in (a, b, c):
+        dm.setup()
+    assert torch.equal(a.split_tensors("test")[0], b.split_tensors("test")[0])
+    assert not torch.equal(a.split_tensors("test")[0], c.split_tensors("test")[0])
+    # Stratified: every class is in every split in the same proportion (+-1 image).
+    counts = [torch.bincount(dm.split_tensors(s)[1], minlength=10) for dm in (a,) for s in ("train", "val", "test")]
+    for split_counts in counts:
+        assert split_counts.max() - split_counts.min() <= 3
+
+
+class TestStore:
+    @pytest.fixture()
+    def trained(self, tmp_path: Path):
+        cfg = compose("base_digits", ["logger=csv"])
+        dm = build_datamodule(cfg.dataset, str(tmp_path), 0)
+        dm.setup()
+        model = build_model(cfg.model, dm.info)
+        store = ModelStore(tmp_path / "store", "digits", "smallcnn")
+        store.save("base", model, dm.info, {"name": "smallcnn"}, {"test/acc": 0.5}, "seed: 0\n")
+        return store, model, dm.info, cfg
+
+    def test_round_trip_is_exact(self, trained) -> None:
+        store, model, info, cfg = trained
+        loaded = store.load_into("base", build_model(cfg.model, info), info, {"name": "smallcnn"})
+        for (k, v), (_, w) in zip(model.state_dict().items(), loaded.state_dict().items()):
+            assert torch.equal(v, w), k
+        assert store.metrics("base") == {"test/acc": 0.5}
+
+    def test_mismatched_dataset_or_model_is_refused(self, trained) -> None:
+        store, model, info, cfg = trained
+        from dataclasses import replace
+
+        other = replace(info, name="cifar10", num_classes=10)
+        with pytest.raises(StoreError, match="trained on dataset 'digits', not 'cifar10'"):
+            store.load_into("base", model, other, {"name": "smallcnn"})
+        with pytest.raises(StoreError, match="'smallcnn' model, the config asks for 'resnet18'"):
+            store.load_into("base", model, info, {"name": "resnet18"})
+        fewer = replace(info, num_classes=5)
+        with pytest.raises(StoreError, match="it has 10 classes, the dataset has 5"):
+            store.load_into("base", model, fewer, {"name": "smallcnn"})
+
+    def test_truncated_checkpoint_is_reported(self, trained) -> None:
+        store, model, info, _ = trained
+        path = store.variant_dir("base") / "model.pt"
+        path.write_bytes(path.read_bytes()[:200])
+        with pytest.raises(StoreError, match="truncated or corrupted"):
+            store.load_into("base", model, info, {"name": "smallcnn"})
+
+    def test_checkpoint_with_pickled_code_is_refused(self, trained, tmp_path: Path) -> None:
+        store, model, info, _ = trained
+        marker = tmp_path / "pwned"
+
+        class Exploit:
+            def __reduce__(self):
+                return (os.system, (f"touch {marker}",))
+
+        torch.save({"payload": Exploit()}, store.variant_dir("base") / "model.pt")
+        with pytest.raises(StoreError, match="refusing to load"):
+            store.load_into("base", model, info, {"name": "smallcnn"})
+        assert not marker.exists()
+
+    def test_missing_variant_names_the_command(self, tmp_path: Path) -> None:
+        from robustness.pipeline import ensure_variant
+
+        cfg = compose("base_digits", ["logger=csv", "store.train_missing=false", f"paths.artifacts_dir={tmp_path}"])
+        with pytest.raises(StoreError, match="python -m robustness experiment=cure_digits dataset=digits model=smallcnn"):
+            ensure_variant(cfg, "cure", tmp_path, "digits")
+
+
+def test_bad_learning_rate_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="learning rate must be > 0"):
+        run_outcome("base_digits", ["optim.lr=0"], tmp_path, artifacts_dir=tmp_path / "store")
