@@ -1,0 +1,305 @@
+"""Tiny-ImageNet (200 classes of 64x64 RGB images) read from the official ``tiny-imagenet-200/`` folder.
+
+Layout (as unpacked from the official zip)::
+
+    tiny-imagenet-200/wnids.txt                    the 200 class ids, one a line
+    tiny-imagenet-200/words.txt                    "<wnid>\\t<synonym>, <synonym>, ..." for every WordNet id
+    tiny-imagenet-200/train/<wnid>/images/*.JPEG   500 training images per class
+    tiny-imagenet-200/val/images/*.JPEG            10,000 labelled images ...
+    tiny-imagenet-200/val/val_annotations.txt      ... labelled here: "<file>\\t<wnid>\\t<bbox>"
+
+The official test images carry no labels, so the official ``val/`` serves as our test split and our
+validation split is held out of ``train/``. ``val/`` is restructured once into ``val/<wnid>/images/``
+(the layout of ``train/``); a marker file records that it is done.
+
+Images are decoded lazily, one per item. Setup only checks file *names* (a stray non-image file
+is caught before training starts, at the price of one directory listing that building the
+index needs anyway); a file with an image name but unreadable content is reported, by name, when
+its item is first loaded, since opening all 110,000 images at every setup would cost minutes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from robustness.data.base import DatasetInfo, ImageDataModule, _random_crop_flip, missing_data_error
+from robustness.data.cifar import check_val_fraction, fetch_archive, stratified_holdout
+from robustness.errors import DataError
+from robustness.io import atomic_write_text
+
+TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+TINY_FOLDER = "tiny-imagenet-200"
+RESTRUCTURED_MARKER = ".restructured"
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
+_IMAGE_SIZE = (64, 64)
+_RESTORE_HINT = f"restore it from the official archive ({TINY_URL}), or rerun with dataset.download=true to fill in missing files"
+
+
+def read_wnids(root: Path) -> list[str]:
+    """The class ids of ``root/wnids.txt``, sorted (the class index order ImageFolder would give)."""
+    path = root / "wnids.txt"
+    if not path.is_file():
+        raise DataError(f"Tiny-ImageNet folder {root} has no wnids.txt", _RESTORE_HINT)
+    seen: dict[str, int] = {}
+    for number, line in enumerate(_read_lines(path), start=1):
+        wnid = line.strip()
+        if not wnid:
+            continue
+        if len(wnid.split()) != 1:
+            raise DataError(f"{path} line {number}: expected one WordNet id, found {line.strip()!r}", _RESTORE_HINT)
+        if wnid in seen:
+            raise DataError(f"{path} line {number}: {wnid} already listed on line {seen[wnid]}", "remove the duplicate line")
+        seen[wnid] = number
+    if not seen:
+        raise DataError(f"{path} lists no classes", _RESTORE_HINT)
+    return sorted(seen)
+
+
+def read_class_names(root: Path, wnids: Sequence[str]) -> tuple[str, ...]:
+    """The first synonym of each wnid in ``root/words.txt`` (the wnid itself where words.txt has none)."""
+    path = root / "words.txt"
+    if not path.is_file():
+        raise DataError(f"Tiny-ImageNet folder {root} has no words.txt (it names the classes)", _RESTORE_HINT)
+    wanted = set(wnids)
+    names: dict[str, str] = {}
+    for number, line in enumerate(_read_lines(path), start=1):
+        if not line.strip():
+            continue
+        wnid, tab, words = line.rstrip("\r\n").partition("\t")
+        if not tab:
+            raise DataError(f"{path} line {number}: expected '<wnid><TAB><names>', found {line.strip()!r:.80}", _RESTORE_HINT)
+        if wnid in wanted and wnid not in names:
+            names[wnid] = words.split(",")[0].strip() or wnid
+    return tuple(names.get(w, w) for w in wnids)
+
+
+def read_val_annotations(root: Path, wnids: Sequence[str]) -> list[tuple[str, str, int]]:
+    """``(file name, wnid, line number)`` for each line of ``val/val_annotations.txt``, checked line by line."""
+    path = root / "val" / "val_annotations.txt"
+    if not path.is_file():
+        raise DataError(
+            f"Tiny-ImageNet folder {root} has no val/val_annotations.txt, so its validation images cannot be labelled",
+            _RESTORE_HINT,
+        )
+    known = set(wnids)
+    entries: list[tuple[str, str, int]] = []
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(_read_lines(path), start=1):
+        if not line.strip():
+            continue
+        fields = line.rstrip("\r\n").split("\t")
+        where = f"{path} line {number}"
+        fix = f"correct line {number}: '<file>.JPEG<TAB><wnid><TAB>x0<TAB>y0<TAB>x1<TAB>y1', or {_RESTORE_HINT}"
+        if len(fields) < 2 or not fields[0].strip() or not fields[1].strip():
+            raise DataError(f"{where} is malformed: expected tab-separated '<file> <wnid> <bbox>', found {line.strip()!r:.80}", fix)
+        name, wnid = fields[0].strip(), fields[1].strip()
+        # Names are moved inside val/; one with a folder part could move files elsewhere.
+        if Path(name).name != name or name in {".", ".."} or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+            raise DataError(f"{where}: {name!r} is not the name of an image file in val/images", fix)
+        if wnid not in known:
+            raise DataError(f"{where}: class {wnid!r} is not listed in wnids.txt", fix)
+        if name in first_line:
+            raise DataError(f"{where}: {name} is already labelled on line {first_line[name]}", f"remove one of lines {first_line[name]} and {number}")
+        first_line[name] = number
+        entries.append((name, wnid, number))
+    if not entries:
+        raise DataError(f"{path} is empty", _RESTORE_HINT)
+    return entries
+
+
+def restructure_val(root: Path, wnids: Sequence[str]) -> None:
+    """Move ``val/images/<file>`` to ``val/<wnid>/images/<file>`` as labelled; safe to rerun or to resume.
+
+    Each move is one rename, and the marker is written only after the last, so an interrupted run
+    leaves every file in one of its two places and the next run completes the job. Two processes
+    doing this at once (jobs of a multirun) end in the same state.
+    """
+    val = root / "val"
+    if (val / RESTRUCTURED_MARKER).is_file():
+        return
+    if not (val / "val_annotations.txt").is_file() and not (val / "images").exists() and any((val / w / "images").is_dir() for w in wnids):
+        return  # already in the per-class layout, put there by another tool
+    entries = read_val_annotations(root, wnids)
+    moves = []
+    for name, wnid, number in entries:
+        source, target = val / "images" / name, val / wnid / "images" / name
+        if not source.is_file() and not target.is_file():
+            raise DataError(
+                f"{val / 'val_annotations.txt'} line {number} labels {name}, but neither {source} nor {target} exists",
+                f"restore the missing image, or delete line {number}",
+            )
+        moves.append((source, target))
+    try:
+        for wnid in sorted({e[1] for e in entries}):
+            (val / wnid / "images").mkdir(parents=True, exist_ok=True)
+        for source, target in moves:
+            try:
+                os.replace(source, target)
+            except FileNotFoundError:
+                if not target.is_file():  # neither moved by us nor by a concurrent run
+                    raise DataError(f"{source} vanished while val/ was being restructured", "restore it from the official archive and rerun") from None
+        try:
+            (val / "images").rmdir()
+        except OSError:
+            pass  # already gone, or it holds files no annotation names: leave them be
+        atomic_write_text(val / RESTRUCTURED_MARKER, f"moved {len(moves)} images from val/images into val/<wnid>/images\n")
+    except OSError as exc:
+        raise DataError(
+            f"cannot restructure {val} into per-class folders: {exc}",
+            "make the folder writable, or copy tiny-imagenet-200 into a writable paths.data_dir=...",
+        ) from None
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files of one class folder, sorted; any other visible entry is a DataError naming it."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except FileNotFoundError:
+        raise DataError(f"Tiny-ImageNet class folder {folder} is missing", _RESTORE_HINT) from None
+    except OSError as exc:
+        raise DataError(f"cannot list {folder}: {exc.strerror or exc}", "check the folder's permissions") from None
+    images = []
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue  # file-system metadata such as .DS_Store, never data
+        if not entry.is_file() or Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES:
+            raise DataError(
+                f"{Path(entry.path)} is not an image file (expected only .JPEG/.jpg/.png files in {folder})",
+                "move it out of the dataset folder, or delete it",
+            )
+        images.append(Path(entry.path))
+    return images
+
+
+def load_rgb(path: str | Path, size: tuple[int, int] = _IMAGE_SIZE) -> Tensor:
+    """One image file as a float (3, H, W) tensor in [0, 1]; greyscale and palette images become RGB."""
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image {path} disappeared after the dataset was indexed", "rerun; the index is rebuilt at setup") from None
+    except Exception as exc:  # noqa: BLE001 - PIL signals damaged files with many exception types
+        raise DataError(
+            f"cannot read image {path}: {type(exc).__name__}: {exc}",
+            "replace it with the file from the official archive, or delete it",
+        ) from None
+    if rgb.size != (size[1], size[0]):
+        raise DataError(f"image {path} is {rgb.size[0]}x{rgb.size[1]} pixels, expected {size[1]}x{size[0]}", "replace it with the file from the official archive, or delete it")
+    return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+class ImageFileDataset(Dataset):
+    """Images decoded from files on demand, with their labels; optional random crop and flip."""
+
+    def __init__(self, paths: Sequence[str | Path], labels: Tensor, augment: bool = False, padding: int = 8) -> None:
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        # A numpy array of strings, not a list: workers then share it instead of copying on access.
+        self.paths = np.array([str(p) for p in paths])
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.augment = augment
+        self.padding = padding
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image = load_rgb(str(self.paths[index]))
+        if self.augment:
+            image = _random_crop_flip(image, padding=self.padding)
+        return image, self.labels[index]
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}", "check the file's permissions") from None
+
+
+class TinyImageNetDataModule(ImageDataModule):
+    """Tiny-ImageNet-200: 100k training images (a seeded stratified part held out for validation);
+    the official 10k validation images are the test split.
+
+    ``info.class_names`` is filled from words.txt by :meth:`setup` (the class attribute has none,
+    as the names live with the data); ``info.num_classes`` then equals the number of wnids.
+    """
+
+    info = DatasetInfo(
+        name="tinyimagenet",
+        num_classes=200,
+        image_shape=(3, 64, 64),
+        class_names=(),
+        # Per-channel statistics of the official 100k training images.
+        mean=(0.4802, 0.4481, 0.3975),
+        std=(0.2770, 0.2691, 0.2821),
+    )
+
+    def __init__(self, val_fraction: float = 0.1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.val_fraction = check_val_fraction(val_fraction)
+
+    @property
+    def root(self) -> Path:
+        return self.data_dir / TINY_FOLDER
+
+    def _incomplete(self) -> bool:
+        return not all(
+            [(self.root / "wnids.txt").is_file(), (self.root / "words.txt").is_file(), (self.root / "train").is_dir(), (self.root / "val").is_dir()]
+        )
+
+    def prepare_data(self) -> None:
+        if self._incomplete():
+            if self.download:
+                fetch_archive(TINY_URL, TINY_MD5, self.data_dir, TINY_FOLDER, "Tiny-ImageNet")
+            elif not self.root.is_dir():
+                raise missing_data_error("Tiny-ImageNet", self.data_dir, f"{TINY_FOLDER}/ (wnids.txt, words.txt, train/, val/)")
+        wnids = read_wnids(self.root)
+        if not (self.root / "train").is_dir() or not (self.root / "val").is_dir():
+            missing = "train/" if not (self.root / "train").is_dir() else "val/"
+            raise DataError(f"Tiny-ImageNet folder {self.root} has no {missing}", _RESTORE_HINT)
+        restructure_val(self.root, wnids)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.test_set is not None:
+            return
+        self.prepare_data()
+        wnids = read_wnids(self.root)
+        class_names = read_class_names(self.root, wnids)
+
+        paths: list[Path] = []
+        labels: list[int] = []
+        for index, wnid in enumerate(wnids):
+            found = list_images(self.root / "train" / wnid / "images")
+            if not found:
+                raise DataError(f"Tiny-ImageNet class folder {self.root / 'train' / wnid / 'images'} holds no images", _RESTORE_HINT)
+            paths.extend(found)
+            labels.extend([index] * len(found))
+        test_paths: list[Path] = []
+        test_labels: list[int] = []
+        for index, wnid in enumerate(wnids):
+            folder = self.root / "val" / wnid / "images"
+            if folder.is_dir():  # a class may have no validation images in a reduced copy
+                found = list_images(folder)
+                test_paths.extend(found)
+                test_labels.extend([index] * len(found))
+        if not test_paths:
+            raise DataError(f"Tiny-ImageNet folder {self.root / 'val'} holds no labelled images", _RESTORE_HINT)
+
+        label_t = torch.tensor(labels, dtype=torch.long)
+        keep, held = stratified_holdout(label_t, self.val_fraction, self.seed)
+        train = ImageFileDataset([paths[i] for i in keep], label_t[keep], augment=self.augment)
+        self.info = replace(self.info, num_classes=len(wnids), class_names=class_names)
+        self.train_set = self._subsample_train(train, label_t[keep])
+        self.val_set = ImageFileDataset([paths[i] for i in held], label_t[held])
+        self.test_set = ImageFileDataset(test_paths, torch.tensor(test_labels, dtype=torch.long))

@@ -1,0 +1,561 @@
+"""CIFAR-10, SVHN and Tiny-ImageNet loaders on tiny fake copies in each official on-disk layout.
+
+Nothing here reaches the internet: downloads are exercised against a local HTTP server (or a
+closed local port) and every test with ``download=False`` fails if a download function is called.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import io
+import pickle
+import shutil
+import socket
+import tarfile
+import threading
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from robustness.data import build_datamodule
+from robustness.data import cifar as cifar_mod
+from robustness.data import svhn as svhn_mod
+from robustness.data import tinyimagenet as tiny_mod
+from robustness.data.cifar import CIFAR10DataModule
+from robustness.data.svhn import SVHNDataModule
+from robustness.data.tinyimagenet import RESTRUCTURED_MARKER, TinyImageNetDataModule
+from robustness.errors import ConfigError, DataError
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
+FAKE_CIFAR_NAMES = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "lorry"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(autouse=True)
+def _no_network_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep urllib away from any proxy, so that only local test servers are ever contacted."""
+    monkeypatch.setenv("no_proxy", "*")
+    monkeypatch.setenv("NO_PROXY", "*")
+
+
+def _forbid_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a download was attempted with download=False: {args}")
+
+    monkeypatch.setattr(cifar_mod, "download_url", fail)
+    monkeypatch.setattr(cifar_mod, "extract_archive", fail)
+
+
+def _closed_port_url(name: str) -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{name}"
+
+
+@pytest.fixture
+def http_dir(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A folder served over HTTP on localhost: (folder, base URL)."""
+    served = tmp_path / "served"
+    served.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _write_side_effect(path: str) -> None:
+    Path(path).write_text("code ran")
+
+
+class _Exploit:
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple:
+        return (_write_side_effect, (self.path,))
+
+
+# --------------------------------------------------------------------------- CIFAR-10 fakes
+
+
+def make_fake_cifar(data_dir: Path, per_class: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    """Five training batches of ``per_class`` images per class each, a test batch, batches.meta."""
+    rng = np.random.default_rng(seed)
+    root = data_dir / "cifar-10-batches-py"
+    root.mkdir(parents=True)
+    train_images, train_labels = [], []
+    for i in range(1, 6):
+        labels = np.tile(np.arange(10), per_class)
+        images = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
+        batch = {"batch_label": f"training batch {i} of 5", "labels": labels.tolist(), "data": images, "filenames": [f"f{j}.png" for j in range(len(labels))]}
+        (root / f"data_batch_{i}").write_bytes(pickle.dumps(batch, protocol=2))
+        train_images.append(images)
+        train_labels.append(labels)
+    test_labels = np.repeat(np.arange(10), 2)
+    test_images = rng.integers(0, 256, size=(20, 3072), dtype=np.uint8)
+    # bytes keys, as Python 3 sees them with encoding="bytes": the reader accepts both kinds
+    test = {b"batch_label": b"testing batch 1 of 1", b"labels": test_labels.tolist(), b"data": test_images}
+    (root / "test_batch").write_bytes(pickle.dumps(test, protocol=2))
+    meta = {"label_names": FAKE_CIFAR_NAMES, "num_cases_per_batch": 10 * per_class, "num_vis": 3072}
+    (root / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return {
+        "train_images": np.concatenate(train_images),
+        "train_labels": np.concatenate(train_labels),
+        "test_images": test_images,
+        "test_labels": test_labels,
+    }
+
+
+def test_cifar_reads_official_pickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _forbid_downloads(monkeypatch)
+    fake = make_fake_cifar(tmp_path, per_class=1)
+    dm = CIFAR10DataModule(data_dir=tmp_path, seed=0, val_fraction=0.2, batch_size=8)
+    dm.setup()
+    assert dm.info.class_names == tuple(FAKE_CIFAR_NAMES)  # from batches.meta, not the built-in names
+    assert dm.info.num_classes == 10 and dm.info.image_shape == (3, 32, 32)
+    assert len(dm.train_set) == 40 and len(dm.val_set) == 10 and len(dm.test_set) == 20
+
+    # the test split keeps file order: pixel for pixel the fake data, R plane then G then B
+    x, y = dm.split_tensors("test")
+    assert x.shape == (20, 3, 32, 32) and x.dtype == torch.float32
+    expected = torch.from_numpy(fake["test_images"].reshape(20, 3, 32, 32)).float() / 255
+    torch.testing.assert_close(x, expected)
+    assert x[3, 1, 0, 5].item() == pytest.approx(fake["test_images"][3, 1024 + 5] / 255)
+    assert y.tolist() == fake["test_labels"].tolist()
+
+    # validation: one image of each class, all of them training images
+    xv, yv = dm.split_tensors("val")
+    assert sorted(yv.tolist()) == list(range(10))
+    train_rows = {row.tobytes() for row in fake["train_images"]}
+    assert all((img * 255).round().to(torch.uint8).numpy().reshape(-1).tobytes() in train_rows for img in xv)
+
+    xb, yb = next(iter(dm.train_dataloader()))
+    assert xb.shape == (8, 3, 32, 32) and xb.min() >= 0 and xb.max() <= 1 and yb.dtype == torch.long
+
+    dm.setup()  # idempotent: the same split objects survive a second call
+    assert dm.split_tensors("val")[1].tolist() == yv.tolist()
+
+
+def test_cifar_split_is_seeded_and_train_fraction_subsamples(tmp_path: Path) -> None:
+    make_fake_cifar(tmp_path, per_class=2)
+    val = {}
+    for seed in (0, 0, 1):
+        dm = CIFAR10DataModule(data_dir=tmp_path, seed=seed, val_fraction=0.2)
+        dm.setup()
+        val.setdefault(seed, []).append(dm.split_tensors("val")[0])
+    torch.testing.assert_close(val[0][0], val[0][1])
+    assert not torch.equal(val[0][0], val[1][0])
+
+    dm = CIFAR10DataModule(data_dir=tmp_path, seed=0, val_fraction=0.2, train_fraction=0.5, augment=True)
+    dm.setup()
+    assert len(dm.train_set) == 40  # 8 per class kept after hold-out, half of them
+    image, label = dm.train_set[0]
+    assert image.shape == (3, 32, 32) and 0 <= image.min() and image.max() <= 1 and 0 <= int(label) < 10
+
+
+def test_cifar_missing_data_names_path_and_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _forbid_downloads(monkeypatch)
+    dm = CIFAR10DataModule(data_dir=tmp_path / "nowhere", download=False)
+    with pytest.raises(DataError) as err:
+        dm.setup()
+    text = str(err.value)
+    assert str(tmp_path / "nowhere") in text and "cifar-10-batches-py" in text
+    assert "dataset.download=true" in text and "paths.data_dir" in text
+    assert not (tmp_path / "nowhere").exists()  # nothing created, nothing fetched
+
+    make_fake_cifar(tmp_path / "partial")
+    (tmp_path / "partial" / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(DataError, match="data_batch_3"):
+        CIFAR10DataModule(data_dir=tmp_path / "partial").setup()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "exploit", "wrong_shape", "bad_labels"])
+def test_cifar_damaged_batch_is_a_data_error(tmp_path: Path, damage: str) -> None:
+    make_fake_cifar(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    marker = tmp_path / "exploited"
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00not a pickle at all" * 50)
+    elif damage == "exploit":
+        path.write_bytes(pickle.dumps({"data": _Exploit(marker), "labels": []}, protocol=2))
+    elif damage == "wrong_shape":
+        path.write_bytes(pickle.dumps({"data": np.zeros((10, 100), np.uint8), "labels": list(range(10))}, protocol=2))
+    else:
+        path.write_bytes(pickle.dumps({"data": np.zeros((10, 3072), np.uint8), "labels": [12] * 10}, protocol=2))
+    with pytest.raises(DataError) as err:
+        CIFAR10DataModule(data_dir=tmp_path).setup()
+    assert str(path) in str(err.value) and "truncated or corrupted" in str(err.value)
+    assert "dataset.download=true" in str(err.value)
+    assert not marker.exists()
+
+
+def test_cifar_download_failure_says_how_to_place_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = _closed_port_url("cifar-10-python.tar.gz")
+    monkeypatch.setattr(cifar_mod, "CIFAR10_URL", url)
+    with pytest.raises(DataError) as err:
+        CIFAR10DataModule(data_dir=tmp_path, download=True).setup()
+    text = str(err.value)
+    assert "downloading CIFAR-10" in text and "failed" in text and url in text
+    assert "by hand" in text and str(tmp_path) in text
+
+
+def test_cifar_download_unpacks_and_keeps_existing_files(tmp_path: Path, http_dir: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    served, base = http_dir
+    make_fake_cifar(tmp_path / "src")
+    archive = served / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    monkeypatch.setattr(cifar_mod, "CIFAR10_URL", f"{base}/cifar-10-python.tar.gz")
+    monkeypatch.setattr(cifar_mod, "CIFAR10_MD5", _md5(archive))
+
+    # a local copy lacking two files: the download fills those in and leaves the rest untouched
+    data_dir = tmp_path / "data"
+    make_fake_cifar(data_dir, seed=7)
+    own = data_dir / "cifar-10-batches-py" / "data_batch_1"
+    own_bytes = own.read_bytes()
+    (data_dir / "cifar-10-batches-py" / "data_batch_4").unlink()
+    (data_dir / "cifar-10-batches-py" / "test_batch").unlink()
+    dm = CIFAR10DataModule(data_dir=data_dir, download=True)
+    dm.setup()
+    assert own.read_bytes() == own_bytes
+    assert (data_dir / "cifar-10-batches-py" / "test_batch").read_bytes() == (tmp_path / "src" / "cifar-10-batches-py" / "test_batch").read_bytes()
+    assert len(dm.test_set) == 20
+    assert not [p for p in data_dir.iterdir() if p.name.startswith(".cifar")]  # staging folder cleaned up
+
+    wrong = CIFAR10DataModule(data_dir=tmp_path / "fresh", download=True)
+    monkeypatch.setattr(cifar_mod, "CIFAR10_MD5", "0" * 32)
+    with pytest.raises(DataError, match="downloading CIFAR-10"):
+        wrong.setup()
+
+
+# --------------------------------------------------------------------------- SVHN fakes
+
+
+def make_fake_svhn(folder: Path, n_train_per_class: int = 4, n_test_per_class: int = 2) -> dict[str, np.ndarray]:
+    """Official layout: X is (32, 32, 3, N) uint8, y is (N, 1) with labels 1..10 (10 = digit 0)."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, per in (("train", n_train_per_class), ("test", n_test_per_class)):
+        y = np.tile(np.arange(1, 11, dtype=np.uint8), per).reshape(-1, 1)
+        x = rng.integers(0, 256, size=(32, 32, 3, len(y)), dtype=np.uint8)
+        scipy.io.savemat(str(folder / f"{split}_32x32.mat"), {"X": x, "y": y})
+        out[f"{split}_x"], out[f"{split}_y"] = x, y
+    return out
+
+
+def test_svhn_reads_official_mat_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _forbid_downloads(monkeypatch)
+    monkeypatch.setattr(svhn_mod, "fetch_file", lambda *a, **k: pytest.fail("download attempted"))
+    fake = make_fake_svhn(tmp_path / "svhn")
+    dm = SVHNDataModule(data_dir=tmp_path, seed=3, val_fraction=0.25)
+    dm.setup()
+    assert dm.info.class_names == tuple(str(d) for d in range(10)) and dm.info.num_classes == 10
+    assert len(dm.train_set) == 30 and len(dm.val_set) == 10 and len(dm.test_set) == 20
+    x, y = dm.split_tensors("test")
+    assert x.shape == (20, 3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert y.tolist() == [int(v) % 10 for v in fake["test_y"].reshape(-1)]
+    assert 0 in y.tolist() and 10 not in y.tolist()  # label 10 is the digit 0
+    torch.testing.assert_close(x[5], torch.from_numpy(fake["test_x"][:, :, :, 5].transpose(2, 0, 1)).float() / 255)
+    assert sorted(dm.split_tensors("val")[1].tolist()) == list(range(10))
+
+
+def test_svhn_accepts_torchvision_layout_and_rejects_augment(tmp_path: Path) -> None:
+    make_fake_svhn(tmp_path)  # files directly in data_dir, where torchvision's SVHN puts them
+    dm = SVHNDataModule(data_dir=tmp_path)
+    dm.setup()
+    assert len(dm.test_set) == 20
+    with pytest.raises(ConfigError, match="augment"):
+        SVHNDataModule(data_dir=tmp_path, augment=True)
+
+
+def test_svhn_missing_data_names_path_and_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _forbid_downloads(monkeypatch)
+    with pytest.raises(DataError) as err:
+        SVHNDataModule(data_dir=tmp_path).setup()
+    text = str(err.value)
+    assert str(tmp_path / "svhn") in text and "train_32x32.mat" in text and "dataset.download=true" in text
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "labels"])
+def test_svhn_damaged_file_is_a_data_error(tmp_path: Path, damage: str) -> None:
+    make_fake_svhn(tmp_path / "svhn")
+    path = tmp_path / "svhn" / "train_32x32.mat"
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:5000])
+    elif damage == "garbage":
+        path.write_bytes(b"this is not a MATLAB file" * 20)
+    else:
+        scipy.io.savemat(str(path), {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[0], [11]], np.uint8)})
+    with pytest.raises(DataError) as err:
+        SVHNDataModule(data_dir=tmp_path).setup()
+    assert str(path) in str(err.value)
+    assert ("labels should lie in 1..10" if damage == "labels" else "truncated or corrupted") in str(err.value)
+
+
+def test_svhn_download_failure_and_success(tmp_path: Path, http_dir: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = {"train": (_closed_port_url("train_32x32.mat"), "0" * 32), "test": (_closed_port_url("test_32x32.mat"), "0" * 32)}
+    monkeypatch.setattr(svhn_mod, "SVHN_URLS", bad)
+    with pytest.raises(DataError) as err:
+        SVHNDataModule(data_dir=tmp_path / "a", download=True).setup()
+    assert "downloading SVHN" in str(err.value) and "by hand" in str(err.value)
+    assert not (tmp_path / "a" / "svhn" / "train_32x32.mat").exists()  # no half file under the real name
+
+    served, base = http_dir
+    make_fake_svhn(served)
+    good = {s: (f"{base}/{s}_32x32.mat", _md5(served / f"{s}_32x32.mat")) for s in ("train", "test")}
+    monkeypatch.setattr(svhn_mod, "SVHN_URLS", good)
+    dm = SVHNDataModule(data_dir=tmp_path / "b", download=True)
+    dm.setup()
+    assert (tmp_path / "b" / "svhn" / "test_32x32.mat").is_file() and len(dm.test_set) == 20
+
+
+# --------------------------------------------------------------------------- Tiny-ImageNet fakes
+
+WNIDS = ["n01629819", "n01443537", "n01641577"]  # deliberately unsorted, as the official file is
+COLOURS = {"n01443537": (220, 40, 30), "n01629819": (30, 200, 40), "n01641577": (40, 50, 210)}
+NAMES = {"n01443537": "goldfish", "n01629819": "European fire salamander", "n01641577": "bullfrog"}
+
+
+def _jpeg(path: Path, colour: tuple[int, int, int], grey: bool = False, size: int = 64) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", (size, size), colour)
+    (image.convert("L") if grey else image).save(path, format="JPEG", quality=95)
+
+
+def make_fake_tiny(data_dir: Path, train_per_class: int = 4, val_per_class: int = 2) -> Path:
+    root = data_dir / "tiny-imagenet-200"
+    root.mkdir(parents=True)
+    (root / "wnids.txt").write_text("\n".join(WNIDS) + "\n")
+    words = ["n00001740\tentity"] + [f"{w}\t{NAMES[w]}, other name" for w in sorted(WNIDS)] + ["n99999999\tunused, thing"]
+    (root / "words.txt").write_text("\n".join(words) + "\n")
+    for wnid in WNIDS:
+        for i in range(train_per_class):
+            # one greyscale image per class, as the real set has some
+            _jpeg(root / "train" / wnid / "images" / f"{wnid}_{i}.JPEG", COLOURS[wnid], grey=(i == 0 and wnid == "n01641577"))
+        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("".join(f"{wnid}_{i}.JPEG\t0\t0\t63\t63\n" for i in range(train_per_class)))
+    lines, k = [], 0
+    for j in range(val_per_class):
+        for wnid in WNIDS:
+            name = f"val_{k}.JPEG"
+            _jpeg(root / "val" / "images" / name, COLOURS[wnid])
+            lines.append(f"{name}\t{wnid}\t0\t3\t60\t61")
+            k += 1
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    (root / "test" / "images").mkdir(parents=True)
+    _jpeg(root / "test" / "images" / "test_0.JPEG", (0, 0, 0))
+    return root
+
+
+def _tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_tinyimagenet_loads_and_restructures_val(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _forbid_downloads(monkeypatch)
+    root = make_fake_tiny(tmp_path)
+    dm = TinyImageNetDataModule(data_dir=tmp_path, seed=0, val_fraction=0.25, batch_size=4)
+    dm.setup()
+    ordered = sorted(WNIDS)
+    assert dm.info.class_names == tuple(NAMES[w] for w in ordered)  # first synonym, sorted wnid order
+    assert dm.info.num_classes == 3 and dm.info.image_shape == (3, 64, 64)
+    assert len(dm.train_set) == 9 and len(dm.val_set) == 3 and len(dm.test_set) == 6
+
+    for split in ("train", "val", "test"):
+        x, y = dm.split_tensors(split)
+        assert x.shape[1:] == (3, 64, 64) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+        for image, label in zip(x, y.tolist()):
+            colour = torch.tensor(COLOURS[ordered[label]]).float() / 255
+            if (image[0] == image[1]).all() and (image[1] == image[2]).all():
+                assert ordered[label] == "n01641577"  # the greyscale one, widened to three equal channels
+            else:
+                torch.testing.assert_close(image.mean(dim=(1, 2)), colour, atol=4 / 255, rtol=0)
+    assert sorted(dm.split_tensors("test")[1].tolist()) == [0, 0, 1, 1, 2, 2]
+
+    # val/ now has the layout of train/, with a marker; the annotations stay
+    val = root / "val"
+    assert (val / RESTRUCTURED_MARKER).is_file() and not (val / "images").exists() and (val / "val_annotations.txt").is_file()
+    assert sorted(p.name for p in (val / "n01443537" / "images").iterdir()) == ["val_1.JPEG", "val_4.JPEG"]
+
+    # a second run on the restructured folder changes nothing and loads the same test split
+    before = _tree(root)
+    marker_time = (val / RESTRUCTURED_MARKER).stat().st_mtime_ns
+    again = TinyImageNetDataModule(data_dir=tmp_path, val_fraction=0.25)
+    again.setup()
+    assert _tree(root) == before and (val / RESTRUCTURED_MARKER).stat().st_mtime_ns == marker_time
+    torch.testing.assert_close(again.split_tensors("test")[0], dm.split_tensors("test")[0])
+
+    xb, yb = next(iter(dm.train_dataloader()))
+    assert xb.shape == (4, 3, 64, 64) and yb.dtype == torch.long
+
+
+def test_tinyimagenet_interrupted_restructure_is_completed(tmp_path: Path) -> None:
+    root = make_fake_tiny(tmp_path)
+    # an earlier run moved two files and was then stopped before writing the marker
+    for name, wnid in (("val_0.JPEG", WNIDS[0]), ("val_4.JPEG", WNIDS[1])):
+        (root / "val" / wnid / "images").mkdir(parents=True)
+        shutil.move(root / "val" / "images" / name, root / "val" / wnid / "images" / name)
+    dm = TinyImageNetDataModule(data_dir=tmp_path, augment=True)
+    dm.setup()
+    assert (root / "val" / RESTRUCTURED_MARKER).is_file() and not (root / "val" / "images").exists()
+    assert len(dm.test_set) == 6 and sum(len(list((root / "val" / w / "images").iterdir())) for w in WNIDS) == 6
+    image, _ = dm.train_set[0]
+    assert image.shape == (3, 64, 64)
+
+
+def test_tinyimagenet_accepts_val_already_in_class_folders(tmp_path: Path) -> None:
+    root = make_fake_tiny(tmp_path)
+    TinyImageNetDataModule(data_dir=tmp_path).setup()
+    (root / "val" / RESTRUCTURED_MARKER).unlink()
+    (root / "val" / "val_annotations.txt").unlink()  # as some other tools leave it
+    dm = TinyImageNetDataModule(data_dir=tmp_path)
+    dm.setup()
+    assert len(dm.test_set) == 6
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("val_2.JPEG", "line 3 is malformed"),
+        ("val_2.JPEG\tn00000000\t0\t0\t1\t1", "line 3: class 'n00000000' is not listed in wnids.txt"),
+        ("../../escape.JPEG\tn01443537\t0\t0\t1\t1", "line 3: '../../escape.JPEG' is not the name of an image file"),
+        ("val_0.JPEG\tn01443537\t0\t0\t1\t1", "line 3: val_0.JPEG is already labelled on line 1"),
+        ("val_99.JPEG\tn01443537\t0\t0\t1\t1", "line 3 labels val_99.JPEG, but neither"),
+    ],
+)
+def test_tinyimagenet_malformed_annotations_name_the_line(tmp_path: Path, line: str, expected: str) -> None:
+    root = make_fake_tiny(tmp_path)
+    path = root / "val" / "val_annotations.txt"
+    lines = path.read_text().splitlines()
+    lines[2] = line
+    path.write_text("\n".join(lines) + "\n")
+    before = _tree(root)
+    with pytest.raises(DataError) as err:
+        TinyImageNetDataModule(data_dir=tmp_path).setup()
+    assert expected in str(err.value) and str(path) in str(err.value)
+    assert _tree(root) == before  # checked before anything moves
+
+
+def test_tinyimagenet_missing_files_are_data_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _forbid_downloads(monkeypatch)
+    with pytest.raises(DataError) as err:
+        TinyImageNetDataModule(data_dir=tmp_path / "none").setup()
+    assert str(tmp_path / "none") in str(err.value) and "tiny-imagenet-200" in str(err.value)
+    assert "dataset.download=true" in str(err.value) and "paths.data_dir" in str(err.value)
+
+    root = make_fake_tiny(tmp_path / "a")
+    (root / "val" / "val_annotations.txt").unlink()
+    with pytest.raises(DataError, match="no val/val_annotations.txt"):
+        TinyImageNetDataModule(data_dir=tmp_path / "a").setup()
+
+    root = make_fake_tiny(tmp_path / "b")
+    (root / "wnids.txt").unlink()
+    with pytest.raises(DataError, match="has no wnids.txt"):
+        TinyImageNetDataModule(data_dir=tmp_path / "b").setup()
+
+    root = make_fake_tiny(tmp_path / "c")
+    shutil.rmtree(root / "train" / "n01443537" / "images")
+    with pytest.raises(DataError, match=r"class folder .*n01443537.* is missing"):
+        TinyImageNetDataModule(data_dir=tmp_path / "c").setup()
+
+
+def test_tinyimagenet_non_image_file_is_named_at_setup(tmp_path: Path) -> None:
+    root = make_fake_tiny(tmp_path)
+    stray = root / "train" / "n01443537" / "images" / "notes.txt"
+    stray.write_text("not an image")
+    (root / "train" / "n01443537" / "images" / ".DS_Store").write_bytes(b"\x00")  # hidden metadata is skipped
+    with pytest.raises(DataError) as err:
+        TinyImageNetDataModule(data_dir=tmp_path).setup()
+    assert f"{stray} is not an image file" in str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_size"])
+def test_tinyimagenet_unreadable_image_is_named_when_loaded(tmp_path: Path, damage: str) -> None:
+    root = make_fake_tiny(tmp_path)
+    bad = root / "val" / "images" / "val_2.JPEG"
+    if damage == "garbage":
+        bad.write_bytes(b"GIF? no: random bytes " * 10)
+    elif damage == "truncated":
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+        bad.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    else:
+        _jpeg(bad, (1, 2, 3), size=40)
+    dm = TinyImageNetDataModule(data_dir=tmp_path)
+    dm.setup()  # names are fine, so setup passes; the content is checked when the item loads
+    index = [Path(p).name for p in dm.test_set.paths].index("val_2.JPEG")
+    moved = root / "val" / WNIDS[2] / "images" / "val_2.JPEG"
+    with pytest.raises(DataError) as err:
+        dm.test_set[index]
+    assert str(moved) in str(err.value)
+    assert ("40x40 pixels" if damage == "wrong_size" else "cannot read image") in str(err.value)
+    with pytest.raises(DataError):
+        list(dm.test_dataloader())
+
+
+def test_tinyimagenet_download_failure_and_success(tmp_path: Path, http_dir: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tiny_mod, "TINY_URL", _closed_port_url("tiny-imagenet-200.zip"))
+    with pytest.raises(DataError) as err:
+        TinyImageNetDataModule(data_dir=tmp_path / "a", download=True).setup()
+    assert "downloading Tiny-ImageNet" in str(err.value) and "by hand" in str(err.value)
+
+    served, base = http_dir
+    src = make_fake_tiny(tmp_path / "src")
+    archive = served / "tiny-imagenet-200.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(src.rglob("*")):
+            zf.write(path, path.relative_to(src.parent))
+    monkeypatch.setattr(tiny_mod, "TINY_URL", f"{base}/tiny-imagenet-200.zip")
+    monkeypatch.setattr(tiny_mod, "TINY_MD5", _md5(archive))
+    dm = TinyImageNetDataModule(data_dir=tmp_path / "b", download=True)
+    dm.setup()
+    assert len(dm.test_set) == 6 and (tmp_path / "b" / "tiny-imagenet-200" / "val" / RESTRUCTURED_MARKER).is_file()
+
+
+# --------------------------------------------------------------------------- configs and options
+
+
+@pytest.mark.parametrize("name, make", [("cifar10", make_fake_cifar), ("svhn", lambda d: make_fake_svhn(d / "svhn")), ("tinyimagenet", make_fake_tiny)])
+def test_dataset_configs_build_their_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, make) -> None:
+    _forbid_downloads(monkeypatch)
+    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    assert cfg.name == name and cfg.download is False
+    make(tmp_path)
+    dm = build_datamodule(cfg, str(tmp_path), seed=0)
+    dm.setup()
+    assert dm.info.name == name and dm.batch_size == cfg.batch_size and dm.val_fraction == cfg.val_fraction
+    assert len(dm.info.class_names) == dm.info.num_classes
+
+
+@pytest.mark.parametrize("cls", [CIFAR10DataModule, SVHNDataModule, TinyImageNetDataModule])
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
+def test_val_fraction_out_of_range_is_a_config_error(tmp_path: Path, cls: type, fraction: float) -> None:
+    with pytest.raises(ConfigError, match="val_fraction"):
+        cls(data_dir=tmp_path, val_fraction=fraction)
