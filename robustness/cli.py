@@ -9,7 +9,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from robustness.errors import RobustnessError
 
@@ -25,6 +25,10 @@ def _main(cfg: DictConfig) -> float | None:
     overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("experiment=")]
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     tag = hydra_cfg.job.override_dirname if multirun else ""
+    if multirun and cfg.logger.get("name") == "wandb" and not cfg.logger.get("group"):
+        # One W&B group per sweep, one run per job.
+        with open_dict(cfg):
+            cfg.logger.group = f"{cfg.get('experiment_name')}-{Path(hydra_cfg.sweep.dir).name}"
     try:
         outcome = run(cfg, hydra_cfg.runtime.output_dir, overrides=overrides, tag=tag)
     except RobustnessError as exc:

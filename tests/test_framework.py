@@ -162,3 +162,20 @@ class TestStore:
 def test_bad_learning_rate_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="learning rate must be > 0"):
         run_outcome("base_digits", ["optim.lr=0"], tmp_path, artifacts_dir=tmp_path / "store")
+
+
+def test_sweep_through_submitit_local_writes_a_summary(tmp_path: Path) -> None:
+    out = cli(
+        "-m", "hydra/launcher=submitit_local", "experiment=base_digits", "optim.lr=1e-3,1e-2", "trainer.max_epochs=1",
+        "dataset.train_fraction=0.2", "logger=csv", "trainer.enable_progress_bar=false",
+        f"paths.artifacts_dir={tmp_path / 'store'}", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = (tmp_path / "sweep" / "sweep_summary.csv").read_text().splitlines()
+    assert summary[0].startswith("job,optim.lr,") and "test/acc" in summary[0]
+    assert len(summary) == 3  # header + one row per job
+    import csv
+
+    rows = list(csv.DictReader(summary))
+    assert [float(r["optim.lr"]) for r in rows] == [1e-3, 1e-2]
+    assert all(0.0 < float(r["test/acc"]) <= 1.0 and r["status"] == "done" for r in rows)
