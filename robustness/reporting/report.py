@@ -45,7 +45,8 @@ def build_report(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (
         experiment = section.get("experiment")
         if not experiment:
             raise ConfigError(f"report section {index} names no experiment", "write each section as {experiment: NAME, overrides: [...]}")
-        extra = [*overrides, *section.get("overrides", [])]
+        # Report-wide overrides first, then the command line's, then the section's own.
+        extra = [*(cfg.report.get("overrides") or []), *overrides, *section.get("overrides", [])]
         print(f"[report {index}/{len(sections)}] {experiment} (elapsed {time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
         child = compose_experiment(experiment, extra)
         outcome = run(child, output_dir / f"{index:02d}_{experiment}", overrides=extra, wandb_run=wandb_run)
