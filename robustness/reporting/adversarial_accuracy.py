@@ -1,0 +1,40 @@
+"""Table and figure of the ``adversarial_accuracy`` probe: robust accuracy against eps per variant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from robustness.probes.base import ProbeResult
+from robustness.reporting.base import Artefact, save_figure, write_table
+
+
+def _attack_label(meta: dict) -> str:
+    attack = meta.get("attack", {})
+    return f"{attack.get('name', '?')} ({meta.get('attack_kind', '')}, {meta.get('norm', '')})"
+
+
+def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
+    meta = result.meta
+    rows = result.tables["robust_accuracy"]
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    attack = _attack_label(meta)
+    caption = (
+        f"Clean and robust accuracy of each variant under {attack} on {meta.get('n_images')} "
+        f"{meta.get('split', 'test')} images of {meta.get('dataset', '')}"
+    )
+    table = write_table(rows, out_dir, "adversarial_accuracy", caption)
+
+    fig, ax = plt.subplots(figsize=(4.8, 3.4))
+    for variant in variants:
+        mine = [row for row in rows if row["variant"] == variant]
+        ax.plot([row["eps"] for row in mine], [row["robust_acc"] for row in mine], marker="o", label=variant)
+    ax.set_xlabel(f"eps ({meta.get('norm', '')})")
+    ax.set_ylabel("robust accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False)
+    ax.set_title(attack, fontsize="small")
+    figure = save_figure(fig, out_dir, "adversarial_accuracy_vs_eps", f"Robust accuracy against eps under {attack}")
+    return [table, figure]
