@@ -1,5 +1,5 @@
 PYTHON ?= python
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: help install test test-fast run bench report clean
 

@@ -164,6 +164,29 @@ def ensure_variant(cfg: DictConfig, variant: str, output_dir: Path, info_name: s
             f"the store has no '{variant}' model for {info_name}/{cfg.model.name} (looked in {store.variant_dir(variant)})",
             f"train it with: {variant_command(cfg, variant)}",
         )
+    with _variant_lock(store, variant):
+        # Another job (a parallel test worker, a multirun sibling) may have trained it meanwhile.
+        if store.has(variant):
+            return
+        _train_missing_variant(cfg, variant, experiment, output_dir)
+
+
+@contextmanager
+def _variant_lock(store: ModelStore, variant: str) -> Iterator[None]:
+    """One process at a time trains a given missing variant; the others wait, then reuse it."""
+    import fcntl
+
+    lock_path = store.variant_dir(variant).parent / f".{variant}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _train_missing_variant(cfg: DictConfig, variant: str, experiment: str, output_dir: Path) -> None:
     log.info("variant '%s' is missing from the store: training it with experiment=%s", variant, experiment)
     child = compose_experiment(experiment, list(cfg.store.train_overrides))
     with open_dict(child):
@@ -184,37 +207,127 @@ def ensure_variant(cfg: DictConfig, variant: str, output_dir: Path, info_name: s
 
 
 class EpochCheckpoint(pl.Callback):
-    """Keep ``last.ckpt`` (for resuming) and save it again when the run is interrupted."""
+    """Keep ``<resume dir>/last.ckpt`` at every epoch end so that an interrupted run can resume.
+
+    Resuming is exact: a run resumed from epoch ``k`` ends with the same weights as one that
+    was never interrupted (on CPU, same seed). That holds because
+
+    - checkpoints are taken at epoch ends only (a partly done epoch is lost on interruption,
+      never half-replayed); Lightning restores the model, optimiser, LR scheduler and loop counters;
+    - the shuffling order is a function of (seed, epoch) (``EpochSeededSampler``);
+    - the global RNG states (torch, CUDA, numpy, python) at the epoch end are stored in the
+      checkpoint and put back at the start of the next epoch, so random augmentation, random
+      attack starts and dropout continue the sequence the uninterrupted run would have drawn.
+
+    The config fingerprint is stored inside the checkpoint itself (one atomic file): a checkpoint
+    written by a run with a different config is never resumed from.
+    """
+
+    KEY = "robustness_resume"
 
     def __init__(self, directory: Path, fingerprint: str) -> None:
         self.directory = directory
         self.fingerprint = fingerprint
+        self.interruption: BaseException | None = None
+        self._rng_to_restore: dict[str, Any] | None = None
 
     @property
     def path(self) -> Path:
         return self.directory / "last.ckpt"
 
+    # ---- saving ------------------------------------------------------------------------
     def _save(self, trainer: pl.Trainer) -> None:
         from robustness.io import _atomic
 
-        self.directory.mkdir(parents=True, exist_ok=True)
-        _atomic(self.path, lambda tmp: trainer.save_checkpoint(tmp))
-        atomic_write_json(self.directory / "fingerprint.json", {"config": self.fingerprint})
+        # weights_only=False here means "the full training state" (optimiser, schedulers, loops).
+        # Trainer.save_checkpoint is collective (every rank calls it, only rank 0 writes), so
+        # only rank 0 goes through a temporary file: another rank's empty temporary file must
+        # never replace the checkpoint.
+        if trainer.is_global_zero:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _atomic(self.path, lambda tmp: trainer.save_checkpoint(tmp, weights_only=False))
+        else:
+            trainer.save_checkpoint(self.path, weights_only=False)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Epoch boundaries are the points from which a resumed run is bit-identical to an
         # uninterrupted one (the shuffling order is a function of seed and epoch).
         self._save(trainer)
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[self.KEY] = {"fingerprint": self.fingerprint, "rng": _rng_states()}
+
+    # ---- resuming ----------------------------------------------------------------------
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = (checkpoint.get(self.KEY) or {}).get("rng")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The first epoch after a resume: continue the random streams where the saved epoch left them.
+        if self._rng_to_restore is not None:
+            _set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning turns a KeyboardInterrupt inside fit() into sys.exit(1); remember what it was.
+        if isinstance(exception, (KeyboardInterrupt, SystemExit)):
+            self.interruption = exception
+
     def resumable(self) -> Path | None:
-        marker = self.directory / "fingerprint.json"
-        if not self.path.is_file() or not marker.is_file():
+        """``last.ckpt`` when it exists, is readable and was written with this config; else None."""
+        if not self.path.is_file():
             return None
         try:
-            same = read_json(marker).get("config") == self.fingerprint
-        except ValueError:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True).get(self.KEY) or {}
+        except Exception as exc:  # noqa: BLE001 - unreadable for any reason: start afresh
+            log.warning("ignoring the resume checkpoint %s: it cannot be read safely (%s: %s); training starts from scratch",
+                        self.path, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             return None
-        return self.path if same else None
+        if saved.get("fingerprint") != self.fingerprint:
+            log.warning("ignoring the resume checkpoint %s: it was written by a run with a different configuration; "
+                        "training starts from scratch (and will replace it)", self.path)
+            return None
+        return self.path
+
+
+def _rng_states() -> dict[str, Any]:
+    """The global random states, as tensors and plain numbers (loadable with weights_only=True)."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "state": torch.tensor(py_state, dtype=torch.int64), "gauss_next": py_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = states["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop requested by a signal other than SIGINT (SIGTERM from a scheduler or ``kill``)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"received signal {signum}")
+        self.signum = signum
 
 
 @contextmanager
@@ -222,7 +335,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     """Treat SIGTERM (e.g. from a cluster scheduler) like Ctrl-C: stop cleanly, keep checkpoints."""
 
     def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"received signal {signum}")
+        raise Interrupted(signum)
 
     try:
         previous = signal.signal(signal.SIGTERM, handler)
@@ -259,11 +372,10 @@ def train(cfg: DictConfig, output_dir: Path, tag: str = "") -> RunOutcome:
     module = ClassifierModule(model, info.num_classes, regularizer, max_bad_steps=int(own.get("max_bad_steps", 20)), **optim)
 
     resolved = tracking.plain_config(cfg)
-    fingerprint = config_hash({k: resolved.get(k) for k in ("dataset", "model", "regularizer", "optim", "trainer", "seed")})
-    checkpoint = EpochCheckpoint(store.resume_dir(variant), fingerprint)
+    checkpoint = EpochCheckpoint(store.resume_dir(variant), _resume_fingerprint(resolved))
     resume_from = checkpoint.resumable() if cfg.get("resume", True) else None
     if resume_from is not None:
-        log.info("resuming '%s' from %s", variant, resume_from)
+        log.info("resuming '%s' from %s (the last completed epoch of an interrupted run; resume=false starts afresh)", variant, resume_from)
 
     logger = tracking.make_lightning_logger(
         plain(cfg.logger), output_dir, name=f"{cfg.get('experiment_name') or 'train'}-{variant}", config=resolved,
@@ -278,14 +390,23 @@ def train(cfg: DictConfig, output_dir: Path, tag: str = "") -> RunOutcome:
     )
     try:
         with _sigterm_as_interrupt():
-            trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
-        if trainer.interrupted:
-            raise KeyboardInterrupt
-        fit_metrics = _scalars(trainer.callback_metrics)
-        test_metrics = _scalars(trainer.test(module, datamodule=datamodule, verbose=False)[0])
+            try:
+                # weights_only=True: the resume checkpoint holds only tensors, numbers, strings and
+                # containers of them (see EpochCheckpoint), so nothing in it can run code.
+                trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
+            except SystemExit:
+                # Lightning handles a KeyboardInterrupt inside fit() by cleaning up and calling sys.exit(1).
+                if not trainer.interrupted:
+                    raise
+                raise checkpoint.interruption if isinstance(checkpoint.interruption, KeyboardInterrupt) else KeyboardInterrupt() from None
+            if trainer.interrupted:
+                raise checkpoint.interruption if isinstance(checkpoint.interruption, KeyboardInterrupt) else KeyboardInterrupt()
+            fit_metrics = _scalars(trainer.callback_metrics)
+            test_metrics = _scalars(trainer.test(module, datamodule=datamodule, verbose=False)[0])
     except KeyboardInterrupt:
         tracking.finish_run(logger)
-        log.warning("training of '%s' interrupted; run the same command again to resume from the last completed epoch (%s)", variant, checkpoint.path)
+        where = checkpoint.path if checkpoint.path.is_file() else "none yet: no epoch was completed"
+        log.warning("training of '%s' interrupted; run the same command again to resume from the last completed epoch (checkpoint: %s)", variant, where)
         raise
     metrics = {**fit_metrics, **test_metrics}
     metrics["skipped_steps"] = module.skipped_steps
@@ -297,6 +418,17 @@ def train(cfg: DictConfig, output_dir: Path, tag: str = "") -> RunOutcome:
         log.info("trained '%s': test accuracy %.4f -> %s", variant, metrics.get("test/acc", float("nan")), store.variant_dir(variant, tagged=True))
     tracking.finish_run(logger, summary=metrics)
     return RunOutcome("train", output_dir, metrics=metrics)
+
+
+# Trainer options that change how a run looks, not what it computes: a run may resume with them changed.
+_COSMETIC_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")
+
+
+def _resume_fingerprint(resolved: dict[str, Any]) -> str:
+    """A hash of everything that determines the trained weights; a resume checkpoint is used only when it matches."""
+    keyed = {k: resolved.get(k) for k in ("dataset", "model", "regularizer", "optim", "trainer", "seed")}
+    keyed["trainer"] = {k: v for k, v in (keyed["trainer"] or {}).items() if k not in _COSMETIC_TRAINER_KEYS}
+    return config_hash(keyed)
 
 
 def _scalars(values: Any) -> dict[str, float]:
