@@ -1,0 +1,94 @@
+"""The report's attack: gradient ascent on the pixels until the runner-up class is on top.
+
+For each image the class with the second highest logit at the start (the "runner-up") is fixed;
+the pixels then climb the margin ``z_runner_up - max_{j != runner_up} z_j`` in fixed-size
+normalised steps (l2: gradient over its norm; l-inf: gradient sign), clipped to [0, 1], until the
+runner-up is the top class. Climbing the margin rather than the runner-up's probability moves
+the image towards the boundary it has to cross and nowhere else, so the result stays close to the
+clean image, as the report wants. Each image stops at its own success.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from robustness.attacks.base import AttackResult, check_attack_classes, l2_norm, prepare_attack_inputs
+from robustness.errors import InputError
+
+_TINY = 1e-12
+
+
+@dataclass
+class RunnerUp:
+    """``attack=runner_up``.
+
+    ``y`` (default: the prediction) is the class to leave: the runner-up is the most probable
+    class other than ``y``, i.e. the second most probable one when ``y`` is predicted. A
+    ``target`` replaces the runner-up by a given class. Success: the goal class is on top.
+    """
+
+    step_size: float = 0.02
+    max_steps: int = 500
+    norm: str = "l2"
+
+    def __post_init__(self) -> None:
+        if not self.step_size > 0:
+            raise InputError(f"step_size must be > 0, got {self.step_size}", "set attack.step_size, e.g. 0.02")
+        if int(self.max_steps) != self.max_steps or self.max_steps < 1:
+            raise InputError(f"max_steps must be a positive integer, got {self.max_steps}", "set attack.max_steps, e.g. 500")
+        if self.norm not in ("l2", "linf"):
+            raise InputError(f"unknown norm '{self.norm}'", "set attack.norm to 'l2' or 'linf'")
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor | None = None, target: Tensor | None = None) -> AttackResult:
+        prepare_attack_inputs(model, x, y, target)
+        x0 = x.detach()
+        n = x0.shape[0]
+        device = x0.device
+        steps = torch.zeros(n, dtype=torch.long, device=device)
+        success = torch.zeros(n, dtype=torch.bool, device=device)
+        if n == 0:
+            return AttackResult(x0.clone(), success, torch.zeros(0, dtype=x0.dtype, device=device), steps)
+
+        x_adv = x0.clone()
+        active = torch.arange(n, device=device)
+        goal: Tensor | None = None
+        with torch.enable_grad():
+            for it in range(self.max_steps + 1):
+                xa = x_adv[active].requires_grad_(True)
+                logits = model(xa)
+                if it == 0:
+                    goal = self._goal(model, x0, y, target, logits.detach())
+                g = goal[active]
+                done = logits.detach().argmax(1) == g
+                success[active[done]] = True
+                if it == self.max_steps or bool(done.all()):
+                    break
+                # The margin of the goal class over its strongest rival; the images are
+                # independent in eval mode, so the gradient of the sum is per image.
+                rival = logits.detach().scatter(1, g[:, None], float("-inf")).argmax(1)
+                rows = torch.arange(len(g), device=device)
+                margin = logits[rows, g] - logits[rows, rival]
+                (grad,) = torch.autograd.grad(margin.sum(), xa)
+                keep = ~done
+                idx = active[keep]
+                grad = grad[keep]
+                if self.norm == "l2":
+                    step = grad / (l2_norm(grad) + _TINY).view(-1, *([1] * (grad.dim() - 1)))
+                else:
+                    step = grad.sign()
+                x_adv[idx] = (xa.detach()[keep] + self.step_size * step).clamp_(0.0, 1.0)
+                steps[idx] += 1
+                active = idx
+
+        return AttackResult(x_adv, success, l2_norm(x_adv - x0), steps)
+
+    @staticmethod
+    def _goal(model: nn.Module, x0: Tensor, y: Tensor | None, target: Tensor | None, logits: Tensor) -> Tensor:
+        check_attack_classes(model, x0, y, target, logits.shape[1])
+        if target is not None:
+            return target.to(device=logits.device, dtype=torch.long)
+        source = logits.argmax(1) if y is None else y.to(device=logits.device, dtype=torch.long)
+        return logits.scatter(1, source[:, None], float("-inf")).argmax(1)
