@@ -485,6 +485,8 @@ def probe(cfg: DictConfig, output_dir: Path, wandb_run: Any = None) -> RunOutcom
         log.info("probe '%s': reusing the result computed earlier with the same config (%s); recompute=true forces a new one", name, final)
         result = ProbeResult.load(final)
     else:
+        if cfg.get("recompute", False):
+            shutil.rmtree(work_dir / "partial", ignore_errors=True)
         ctx = ProbeContext(
             cfg=plain(cfg.probe), models=models, data=datamodule, attack=plain(cfg.attack), device=device,
             seed=int(cfg.seed), work_dir=work_dir / "partial", progress=_progress_printer(name), config=cfg,

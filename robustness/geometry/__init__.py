@@ -1,0 +1,1 @@
+"""Pure, batched tensor geometry: input Hessians, boundary planes, paths between images, colour."""

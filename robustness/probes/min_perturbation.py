@@ -1,0 +1,140 @@
+"""Probe ``min_perturbation``: the second column of the report's Table 1.
+
+For each of the first ``num_images`` test images (the same images for every model) the
+smallest l2 perturbation ``r`` found that changes the model's *predicted* label: the ``attack``
+group (DeepFool in the experiments) gives ``r = x_adv - x``, then ``refine_steps`` bisection
+steps along ``r`` shrink it to the smallest scale ``t r`` (``t`` in (0, 1]) whose label still
+differs. Every image counts, correctly classified or not, so every model is measured on the
+same images; an image whose attack fails has no perturbation (NaN) and is left out of the means,
+which the table's ``found`` column counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from robustness.attacks.base import AttackResult, l2_norm
+from robustness.errors import ConfigError, InputError
+from robustness.probes.base import ProbeContext, ProbeResult, predict
+from robustness.probes.hessian_norm import accuracy, mean_and_stderr
+from robustness.probes.per_image import PerImageOptions, load_images, model_digest, run_in_chunks, tensor_digest
+from robustness.registry import build_attack
+
+Attack = Callable[[nn.Module, Tensor, Tensor], AttackResult]
+
+
+@dataclass(frozen=True)
+class MinPerturbationOptions(PerImageOptions):
+    probe: ClassVar[str] = "min_perturbation"
+
+    refine_steps: int = 20
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
+            raise ConfigError(f"probe.refine_steps must be an integer >= 0, got {self.refine_steps}", "0 keeps the attack's perturbation as it is; 20 bisects it to 1e-6 of its length")
+
+
+@torch.no_grad()
+def shrink_to_boundary(model: nn.Module, x: Tensor, label: Tensor, direction: Tensor, steps: int) -> Tensor:
+    """Per image, the smallest found ``t`` in (0, 1] with ``predict(x + t direction) != label``.
+
+    Assumes the label at ``t = 1`` already differs. Bisection keeps ``hi`` on the changed side,
+    so ``x + hi * direction`` always has another label; after ``steps`` halvings ``hi`` exceeds a
+    crossing by at most ``2**-steps``. With several crossings along the segment the result is one
+    of them, not necessarily the first.
+    """
+    if steps < 0:
+        raise InputError(f"bisection steps must be >= 0, got {steps}")
+    view = (-1,) + (1,) * (x.dim() - 1)
+    lo = torch.zeros(len(x), dtype=torch.float64, device=x.device)
+    hi = torch.ones(len(x), dtype=torch.float64, device=x.device)
+    for _ in range(int(steps)):
+        mid = 0.5 * (lo + hi)
+        changed = predict(model, x + mid.to(x.dtype).view(view) * direction) != label
+        hi = torch.where(changed, mid, hi)
+        lo = torch.where(changed, lo, mid)
+    return hi
+
+
+def minimal_perturbation(model: nn.Module, x: Tensor, attack: Attack, refine_steps: int = 20) -> dict[str, Tensor]:
+    """Smallest label-changing perturbation per image: ``norm`` = ||r||_2, ``relative`` = ||r||_2/||x||_2.
+
+    ``label`` is the prediction being changed, ``found`` marks images where the attack
+    succeeded (elsewhere the norms are NaN), ``attack_norm`` is the attack's own ||r|| before
+    refinement, ``attack_steps`` its iterations.
+    """
+    label = predict(model, x)
+    result = attack(model, x, label)
+    found = result.success.to(torch.bool) & (predict(model, result.x_adv) != label)
+    direction = (result.x_adv - x).detach()
+    scale = shrink_to_boundary(model, x, label, direction, refine_steps)
+    scale = torch.where(found, scale, torch.ones_like(scale))
+    norm = l2_norm(direction).double() * scale
+    nan = torch.full_like(norm, float("nan"))
+    norm = torch.where(found, norm, nan)
+    return {
+        "label": label,
+        "found": found,
+        "norm": norm,
+        "relative": norm / l2_norm(x).double(),
+        "attack_norm": torch.where(found, l2_norm(direction).double(), nan),
+        "attack_steps": result.steps.long(),
+    }
+
+
+def measure_min_perturbation(ctx: ProbeContext, variant: str, model: nn.Module, x: Tensor, options: MinPerturbationOptions) -> dict[str, Tensor]:
+    """:func:`minimal_perturbation` over all images with the ``attack`` group, resumable from ``ctx.work_dir``."""
+    attack = build_attack(ctx.attack)
+    fingerprint = {
+        "refine_steps": int(options.refine_steps), "attack": dict(ctx.attack),
+        "images": tensor_digest(x), "model": model_digest(model),
+    }
+
+    def chunk(start: int, stop: int) -> dict[str, Tensor]:
+        return minimal_perturbation(model, x[start:stop], attack, int(options.refine_steps))
+
+    return run_in_chunks(ctx.work_dir, f"min_perturbation-{variant}", fingerprint, len(x), int(options.chunk_size), chunk, lambda d, t, w: ctx.progress(d, t, f"min perturbation {variant}"))
+
+
+def min_perturbation_row(variant: str, measured: dict[str, Tensor]) -> dict[str, Any]:
+    norm_mean, norm_stderr = mean_and_stderr(measured["norm"])
+    relative_mean, relative_stderr = mean_and_stderr(measured["relative"])
+    return {
+        "variant": variant,
+        "norm_mean": norm_mean,
+        "norm_stderr": norm_stderr,
+        "relative_mean": relative_mean,
+        "relative_stderr": relative_stderr,
+        "found": int(measured["found"].sum()),
+        "images": int(len(measured["found"])),
+    }
+
+
+def attack_description(attack_cfg: dict[str, Any], refine_steps: int) -> str:
+    options = ", ".join(f"{k}={v}" for k, v in attack_cfg.items() if k != "name")
+    text = f"{attack_cfg.get('name', 'attack')}({options})"
+    return text + (f", refined by {refine_steps} bisection steps along r" if refine_steps else "")
+
+
+def compute(ctx: ProbeContext) -> ProbeResult:
+    options = MinPerturbationOptions.from_cfg(ctx.cfg)
+    x, y = load_images(ctx, options)
+    arrays: dict[str, Tensor] = {"labels": y.cpu(), "image_norm": l2_norm(x).double().cpu()}
+    rows = []
+    for variant, model in ctx.models.items():
+        measured = measure_min_perturbation(ctx, variant, model, x, options)
+        arrays.update({f"{variant}/{key}": value for key, value in measured.items()})
+        rows.append({**min_perturbation_row(variant, measured), "accuracy": accuracy(model, x, y)})
+    meta = {
+        "variants": list(ctx.models),
+        "attack": attack_description(ctx.attack, int(options.refine_steps)),
+        "num_images": int(len(x)),
+        "split": options.split,
+        "seed": int(ctx.seed),
+    }
+    return ProbeResult("min_perturbation", arrays, {"min_perturbation": rows}, meta)

@@ -1,0 +1,55 @@
+"""Figure and table of the ``curvature_profile`` probe (beyond the report; the CURE paper's curvature profile)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+
+from robustness.probes.base import ProbeResult
+from robustness.reporting.base import Artefact, save_figure, write_table
+from robustness.reporting.hessian_norm import HESSIAN_MEANING, images_phrase, variant_title
+
+
+def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
+    meta = result.meta
+    profiles = {v: result.arrays[f"{v}/eigenvalues"].double().numpy() for v in meta["variants"]}
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    largest = max((float(np.abs(p).max()) for p in profiles.values() if p.size), default=1.0) or 1.0
+    for variant, values in profiles.items():
+        mean = values.mean(0)
+        ranks = np.arange(1, len(mean) + 1)
+        line = ax.plot(ranks, mean, marker="o", markersize=3, label=variant_title(variant))[0]
+        # The band shows how much the spectrum varies from image to image.
+        low, high = np.percentile(values, [25, 75], axis=0)
+        ax.fill_between(ranks, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+    # Eigenvalues may be negative (smooth networks, finite differences) and span decades: symlog.
+    ax.set_yscale("symlog", linthresh=largest * 1e-4)
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("rank (by |eigenvalue|)")
+    ax.set_ylabel("eigenvalue of H (mean over images)")
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize="small")
+    fig.tight_layout()
+    caption = (
+        f"Curvature profile: the eigenvalues of largest magnitude of the input Hessian of the loss, sorted by "
+        f"magnitude, mean over {images_phrase(meta)} (band: 25-75% of images); {meta['method']}. "
+        f"{HESSIAN_MEANING} Not in the report; the CURE paper's curvature profile."
+    )
+    figure = save_figure(fig, out_dir, "curvature_profile", caption)
+    rows = [
+        {
+            "Model": variant_title(row["variant"]),
+            "λ₁ (mean)": row["lambda_1"],
+            f"λ_{row['k']} (mean)": row["lambda_k"],
+            f"Σ λ² over top {row['k']}": row["sum_lambda_sq"],
+            "accuracy": row["accuracy"],
+            "images": row["images"],
+        }
+        for row in result.tables["curvature_profile"]
+    ]
+    table = write_table(rows, out_dir, "curvature_profile", caption)
+    return [figure, table]
