@@ -1,0 +1,96 @@
+"""Plane-grid benchmark: classifying a plane grid against plain batched inference.
+
+Rows (one per model, both timings measured side by side in one run, same model, same number of
+points, same batch size):
+- ``grid_points_per_s``: :func:`classify_plane` on a ``side x side`` grid, which builds each
+  batch of points ``x0 + a u + b v`` on the fly;
+- ``plain_points_per_s``: :func:`predict` on the same number of images already in memory;
+- ``grid_over_plain`` = grid / plain throughput, each the best of ``REPEATS`` interleaved runs.
+  Target: >= 0.90 (building the points costs one small matrix product per batch);
+- ``plain_spread``: slowest / fastest plain run; far above 1 means a busy machine, and then the
+  ratio is noise-limited.
+
+Models: ``smallcnn`` on 8x8 digits and ``resnet18`` on 32x32 colour images, untrained (the cost
+of a forward pass does not depend on the weights). Runs on CUDA when present, else the CPU,
+in about a minute on two idle CPU cores.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from robustness.data.base import DatasetInfo
+from robustness.data.digits import DigitsDataModule
+from robustness.geometry.planes import classify_plane, direction_pair
+from robustness.models.resnet import resnet18
+from robustness.models.smallcnn import smallcnn
+from robustness.probes.base import predict
+
+COLOUR_32 = DatasetInfo(
+    name="colour32", num_classes=10, image_shape=(3, 32, 32), class_names=tuple(str(i) for i in range(10)),
+    mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+)
+REPEATS = 5
+
+
+def _timed(fn: Callable[[], Tensor], device: torch.device) -> tuple[Tensor, float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def _row(name: str, model: nn.Module, info: DatasetInfo, side: int, batch_size: int, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    model = model.to(device).eval()
+    x0 = torch.rand(info.image_shape, device=device)
+    u, v = (d.to(device) for d in direction_pair(info.image_shape, seed=0))
+    coords = torch.linspace(-2.0, 2.0, side, device=device)
+    points = (x0 + coords.repeat_interleave(side)[:, None, None, None] * u + coords.repeat(side)[:, None, None, None] * v).contiguous()
+
+    grid = lambda: classify_plane(model, x0, u, v, coords, coords, batch_size=batch_size)  # noqa: E731
+    plain = lambda: predict(model, points, batch_size=batch_size)  # noqa: E731
+    predict(model, points[:batch_size], batch_size=batch_size)  # warm-up (allocator, kernels)
+    times: dict[str, list[float]] = {"grid": [], "plain": []}
+    outputs: dict[str, Tensor] = {}
+    for repeat in range(REPEATS):
+        # Interleaved, alternating which goes first, so that load changes hit both alike.
+        order = ("plain", "grid") if repeat % 2 == 0 else ("grid", "plain")
+        for what in order:
+            outputs[what], seconds = _timed(grid if what == "grid" else plain, device)
+            times[what].append(seconds)
+    # Same labels both ways, so the two timings did the same work.
+    assert torch.equal(outputs["grid"].flatten(), outputs["plain"]), "grid and plain inference disagree"
+    grid_times, plain_times = times["grid"], times["plain"]
+    n = side * side
+    grid_rate, plain_rate = n / min(grid_times), n / min(plain_times)
+    return {
+        "row": name,
+        "device": device.type,
+        "points": n,
+        "batch_size": batch_size,
+        "grid_points_per_s": round(grid_rate, 1),
+        "plain_points_per_s": round(plain_rate, 1),
+        "grid_over_plain": round(grid_rate / plain_rate, 3),
+        # Slowest over fastest repeat of the plain pass: how noisy the machine was during the run.
+        "plain_spread": round(max(plain_times) / min(plain_times), 2),
+        "target": ">= 0.90",
+    }
+
+
+def run() -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    big = device.type == "cuda"
+    with torch.no_grad():
+        return [
+            _row("smallcnn digits 8x8", smallcnn(DigitsDataModule.info), DigitsDataModule.info, 201 if big else 101, 1024, device),
+            _row("resnet18 32x32", resnet18(COLOUR_32), COLOUR_32, 201 if big else 15, 1024 if big else 128, device),
+        ]
+

@@ -1,0 +1,74 @@
+"""Figure and table of the ``boundary_plane`` probe: the report's Figure 2 (and Figure 4, left)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from robustness.probes.base import ProbeResult
+from robustness.reporting.base import Artefact, save_figure, write_table
+from robustness.reporting.random_plane import PANEL_INCHES, class_colours, class_legend, class_name, draw_regions, ordered_rows
+
+CURVATURE_COLUMNS = (
+    "variant", "sample_class", "attack", "attack_success", "attack_distance", "boundary_distance",
+    "curvature", "curvature_x_distance", "slope", "fit_rmse", "fit_columns",
+)
+
+
+def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
+    meta = result.meta
+    variants: list[str] = meta["variants"]
+    class_names: list[str] = meta["class_names"]
+    arrays = result.arrays
+    colours = class_colours([arrays[f"{variant}/labels"] for variant in variants])
+    rows_by_variant = {row["variant"]: row for row in result.tables["curvature"]}
+    attack = meta["attack"].get("name", "attack")
+
+    fig, axes = plt.subplots(1, len(variants), figsize=(PANEL_INCHES * len(variants), PANEL_INCHES + 0.4), squeeze=False)
+    for ax, variant in zip(axes[0], variants):
+        coords = np.asarray(arrays[f"{variant}/coords"], dtype=float)
+        boundary = np.asarray(arrays[f"{variant}/boundary"], dtype=float)
+        window = np.asarray(arrays[f"{variant}/fit_window"], dtype=bool)
+        c0, c1, c2 = np.asarray(arrays[f"{variant}/coeffs"], dtype=float)
+        row = rows_by_variant[variant]
+
+        draw_regions(ax, arrays[f"{variant}/labels"], coords, colours)
+        ax.plot(coords, boundary, color="black", linewidth=1.0, label="boundary")
+        if math.isfinite(row["curvature"]):
+            s = coords[window]
+            s = np.linspace(s.min(), s.max(), 200)
+            ax.plot(s, c0 + c1 * s + c2 * s * s, color="red", linestyle="--", linewidth=1.5, label="quadratic fit")
+        ax.plot([0.0], [0.0], marker="*", markersize=12, color="white", markeredgecolor="black", linestyle="none", label="sample")
+        ax.plot([0.0], [row["attack_distance"]], marker="X", markersize=8, color="white", markeredgecolor="black", linestyle="none", label=attack)
+        ax.set_xlim(coords[0], coords[-1])
+        ax.set_ylim(coords[0], coords[-1])
+        ax.set_title(f"{variant}: curvature {row['curvature']:.3g}, d = {row['attack_distance']:.3g}", fontsize="medium")
+        ax.set_xlabel("random direction (l2)")
+    axes[0][0].set_ylabel(f"{attack} direction (l2)")
+    axes[0][-1].legend(loc="lower right", fontsize="x-small", framealpha=0.8)
+    class_legend(fig, colours, class_names)
+    fig.tight_layout()
+
+    sample = f"{meta['dataset']} {meta['split']} image #{meta['sample_index']} (true class '{class_name(class_names, meta['true_label'])}')"
+    figure = save_figure(
+        fig,
+        out_dir,
+        "boundary_plane",
+        f"Decision boundary near {sample} in the plane of the {attack} direction (vertical) and a random orthogonal "
+        f"direction (horizontal), over {meta['extent']:g} x the {attack} distance d each way; black: boundary of the "
+        "sample's class along the vertical axis, dashed red: its quadratic fit. Reproduces the report's Figure 2 "
+        "(initial vs adversarially trained model) and Figure 4, left (CURE model).",
+    )
+    table = write_table(
+        ordered_rows(result.tables["curvature"], CURVATURE_COLUMNS),
+        out_dir,
+        "boundary_plane_curvature",
+        f"Curvature at the sample's column of the quadratic fit t(s) = c0 + c1 s + c2 s^2 to the boundary "
+        f"(2 c2 / (1 + c1^2)^1.5, in 1/l2 units; positive bends away from the sample), fitted over |s| <= "
+        f"{meta['fit_halfwidth']:g} d; attack_distance is the {attack} perturbation's l2 norm, boundary_distance "
+        "the boundary's position along its direction at s = 0 (report, Figures 2 and 4).",
+    )
+    return [figure, table]

@@ -1,0 +1,398 @@
+"""Boundary and random planes (report Figures 2-4): the maths on classifiers whose boundaries and
+regions are known in closed form, the probes end to end, and the experiments on digits."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from helpers import run_experiment
+from robustness.data.base import DatasetInfo
+from robustness.errors import ConfigError, InputError
+from robustness.geometry.planes import (
+    boundary_along_u,
+    classify_coords,
+    classify_plane,
+    curvature_at_zero,
+    direction_pair,
+    first_exit_rows,
+    fit_quadratic,
+    gaussian_direction,
+    orthonormalize,
+    plane_points,
+    region_statistics,
+)
+from robustness.probes import boundary_plane, random_plane
+from robustness.probes.base import ProbeContext, ProbeResult
+from robustness.reporting import boundary_plane as boundary_report
+from robustness.reporting import random_plane as regions_report
+
+SHAPE = (2, 4, 4)
+DEEPFOOL = {"name": "deepfool", "overshoot": 0.02, "max_iter": 50, "num_candidates": 10}
+
+
+class PlaneData:
+    """A data module stand-in: a few images near mid-grey, so attacks and planes stay inside [0, 1]."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        self.info = DatasetInfo(
+            name="toy",
+            num_classes=num_classes,
+            image_shape=SHAPE,
+            class_names=tuple(f"class{i}" for i in range(num_classes)),
+            mean=(0.5, 0.5),
+            std=(0.25, 0.25),
+        )
+        generator = torch.Generator().manual_seed(7)
+        self.x = 0.5 + 0.05 * (torch.rand(4, *SHAPE, generator=generator) - 0.5)
+        self.y = torch.tensor([0, 1, 2, 0])
+
+    def split_tensors(self, split: str = "test", limit: int | None = None, indices=None) -> tuple[Tensor, Tensor]:
+        if indices is None or any(not 0 <= i < len(self.x) for i in indices):
+            raise ConfigError("bad index in the toy data", "pick an index in [0, 3]")
+        return self.x[list(indices)], self.y[list(indices)]
+
+
+def _context(models: dict[str, nn.Module], cfg: dict, data: PlaneData | None = None, tmp_path: Path | None = None) -> ProbeContext:
+    return ProbeContext(
+        cfg=cfg, models=models, data=data or PlaneData(), attack=dict(DEEPFOOL), device=torch.device("cpu"),
+        seed=0, work_dir=tmp_path or Path("."),
+    )
+
+
+class PlaneFunction(nn.Module):
+    """Two classes on flattened input; class 0 where ``g(x) > 0`` with
+    ``g = offset - <n, x - x0> + slope <w, x - x0> + k <w, x - x0>^2`` (``n``, ``w`` orthonormal),
+    so in the plane ``x0 + t n + s w`` the boundary is exactly ``t = offset + slope s + k s^2``."""
+
+    def __init__(self, x0: Tensor, n: Tensor, w: Tensor, offset: float, slope: float = 0.0, k: float = 0.0) -> None:
+        super().__init__()
+        self.register_buffer("x0", x0.flatten().clone())
+        self.register_buffer("n", n.flatten().clone())
+        self.register_buffer("w", w.flatten().clone())
+        self.offset, self.slope, self.k = offset, slope, k
+
+    def forward(self, x: Tensor) -> Tensor:
+        d = x.flatten(1) - self.x0
+        q = d @ self.w
+        g = self.offset - d @ self.n + self.slope * q + self.k * q * q
+        return torch.stack([g, -g], dim=1)
+
+
+# ---------------------------------------------------------------- directions and grids
+
+
+def test_direction_pair_is_orthonormal_and_a_function_of_the_seed() -> None:
+    u, v = direction_pair(SHAPE, seed=3)
+    assert u.shape == v.shape == SHAPE
+    assert float(u.norm()) == pytest.approx(1.0, abs=1e-6) and float(v.norm()) == pytest.approx(1.0, abs=1e-6)
+    assert abs(float((u * v).sum())) < 1e-6
+    u2, v2 = direction_pair(SHAPE, seed=3)
+    assert torch.equal(u, u2) and torch.equal(v, v2)
+    u3, _ = direction_pair(SHAPE, seed=4)
+    assert abs(float((u * u3).sum())) < 0.9
+
+    # With a given first direction, v is the seed's Gaussian draw minus its component along it.
+    first = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)) * 5.0
+    u, v = direction_pair(SHAPE, seed=3, first=first)
+    assert torch.allclose(u, first / first.norm(), atol=1e-6)
+    g = gaussian_direction(SHAPE, 3)
+    expected = g - (g * u).sum() * u
+    assert torch.allclose(v, expected / expected.norm(), atol=1e-5)
+    assert abs(float((u * v).sum())) < 1e-6
+
+
+def test_gram_schmidt_stays_orthogonal_for_nearly_parallel_vectors() -> None:
+    a = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    b = a + 1e-4 * torch.randn(1000, generator=torch.Generator().manual_seed(2))
+    u, v = orthonormalize([a, b])
+    assert abs(float(u @ v)) < 1e-6 and float(v.norm()) == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(InputError, match="zero or non-finite length"):
+        orthonormalize([a, 2 * a])
+
+
+def test_grid_labels_match_one_forward_per_point_whatever_the_chunk_size() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(64, 5)).eval()
+    x0 = torch.rand(SHAPE)
+    u, v = direction_pair(SHAPE, seed=1)
+    u_coords, v_coords = torch.linspace(-3, 3, 7), torch.linspace(-2, 2, 5)
+    grid = classify_plane(model, x0, u, v, u_coords, v_coords, batch_size=4)
+    assert grid.shape == (7, 5)
+    with torch.no_grad():
+        expected = torch.tensor([[int(model((x0 + a * u + b * v)[None]).argmax()) for b in v_coords] for a in u_coords])
+    assert torch.equal(grid, expected)
+    assert torch.equal(classify_plane(model, x0, u, v, u_coords, v_coords, batch_size=4096), expected)
+    assert len(torch.unique(grid)) > 1  # the comparison above is not between two constant grids
+
+
+def test_clamp_folds_the_plane_into_the_pixel_box() -> None:
+    class AnyNegativePixel(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            negative = (x.flatten(1).min(dim=1).values < 0).float()
+            return torch.stack([1 - negative, negative], dim=1)
+
+    model = AnyNegativePixel().eval()
+    x0 = torch.full(SHAPE, 0.5)
+    u, v = direction_pair(SHAPE, seed=0)
+    coords = torch.linspace(-4, 4, 21)
+    raw = classify_plane(model, x0, u, v, coords, coords)
+    clamped = classify_plane(model, x0, u, v, coords, coords, clamp=True)
+    points = plane_points(x0, u, v, coords.repeat_interleave(21), coords.repeat(21))
+    assert torch.equal(raw.flatten(), (points.flatten(1).min(1).values < 0).long())
+    assert 0 < int(raw.sum()) < raw.numel() and int(clamped.sum()) == 0
+
+
+def test_first_exit_rows_on_a_hand_made_grid() -> None:
+    labels = torch.tensor(
+        [
+            [5, 5, 5, 5],
+            [1, 1, 2, 1],  # start row
+            [1, 3, 1, 1],
+            [1, 1, 4, 1],
+            [3, 1, 1, 1],
+        ]
+    )
+    rows = first_exit_rows(labels, start_row=1, label=1)
+    # column 0 leaves at row 4, column 1 at row 2, column 2 starts outside, column 3 never leaves
+    assert rows.tolist() == [4, 2, -1, -1]
+
+
+def test_quadratic_fit_and_curvature_recover_exact_coefficients() -> None:
+    s = torch.linspace(-1, 1, 11, dtype=torch.float64)
+    t = 0.3 - 0.4 * s + 1.5 * s**2
+    t[3] = float("nan")  # columns without a boundary are skipped
+    coeffs = fit_quadratic(s, t)
+    assert torch.allclose(coeffs, torch.tensor([0.3, -0.4, 1.5], dtype=torch.float64), atol=1e-10)
+    assert curvature_at_zero(coeffs) == pytest.approx(3.0 / 1.16**1.5, rel=1e-10)
+    with pytest.raises(InputError, match="at least 3 distinct points"):
+        fit_quadratic(s[:2], t[:2])
+
+
+@pytest.mark.parametrize("slope, k", [(0.0, 0.8), (0.5, -0.6), (-1.0, 1.2)])
+def test_boundary_of_a_known_parabola_gives_its_curvature(slope: float, k: float) -> None:
+    x0 = torch.full(SHAPE, 0.5)
+    u, v = direction_pair(SHAPE, seed=5)
+    offset = 1.0
+    model = PlaneFunction(x0, u, v, offset, slope, k).eval()
+    coords = torch.linspace(-1.0, 2.0, 151)
+    s = torch.linspace(-0.5, 0.5, 51)
+    labels = classify_plane(model, x0, u, v, coords, s)
+    boundary = boundary_along_u(model, x0, u, v, labels, coords, s, label=0, bisection_steps=14)
+    exact = offset + slope * s.double() + k * s.double() ** 2
+    # 14 halvings of a 0.02 grid step: the boundary is found to ~1e-6 (float32 points).
+    assert torch.allclose(boundary, exact, atol=5e-6)
+    coeffs = fit_quadratic(s, boundary)
+    true_curvature = 2 * k / (1 + slope**2) ** 1.5
+    assert curvature_at_zero(coeffs) == pytest.approx(true_curvature, rel=1e-3)
+
+
+def test_region_statistics_of_a_known_partition() -> None:
+    labels = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 1], [0, 2, 2, 1]])
+    stats = region_statistics(labels, label=2)
+    assert stats.num_classes == 3
+    assert stats.area_fraction == pytest.approx(5 / 16)
+    assert stats.class_counts.tolist() == [5, 6, 5]
+    assert region_statistics(labels, label=7).area_fraction == 0.0
+
+
+def test_training_mode_model_is_refused() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(32, 2))
+    x0 = torch.full(SHAPE, 0.5)
+    u, v = direction_pair(SHAPE, seed=0)
+    with pytest.raises(InputError, match="model.eval"):
+        classify_coords(model, x0, u, v, torch.zeros(3), torch.zeros(3))
+
+
+# ---------------------------------------------------------------- the boundary_plane probe
+
+
+def _linear_two_class(x0: Tensor, seed: int = 0) -> tuple[nn.Module, float, Tensor]:
+    """A linear classifier with class 0 at ``x0`` and its exact distance and unit normal."""
+    generator = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(x0.numel(), 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(2, x0.numel(), generator=generator))
+        diff = layer.weight[0] - layer.weight[1]
+        # Bias chosen so that the logit gap at x0 is 0.15 ||w0 - w1||: the boundary is 0.15 away.
+        layer.bias.copy_(torch.tensor([0.15 * float(diff.norm()) - float(diff @ x0.flatten()), 0.0]))
+    return nn.Sequential(nn.Flatten(), layer).eval(), 0.15, -diff / diff.norm()
+
+
+def test_boundary_plane_of_a_linear_classifier_is_straight_at_the_deepfool_distance(tmp_path: Path) -> None:
+    data = PlaneData(num_classes=2)
+    x0 = data.x[0]
+    model, distance, normal = _linear_two_class(x0)
+    result = boundary_plane.compute(_context({"linear": model}, {"name": "boundary_plane"}, data, tmp_path))
+    (row,) = result.tables["curvature"]
+    # DeepFool lands (1 + overshoot) times the exact distance along the normal.
+    assert row["attack_distance"] == pytest.approx(1.02 * distance, rel=1e-3)
+    assert float((result.arrays["linear/u"].flatten() * normal).sum()) == pytest.approx(1.0, abs=1e-5)
+    assert row["boundary_distance"] == pytest.approx(distance, rel=1e-4)
+    assert abs(row["curvature_x_distance"]) < 1e-3 and abs(row["slope"]) < 1e-3
+    assert row["fit_columns"] == 101  # |s| <= d on a 201-point grid over [-2d, 2d]
+    boundary = result.arrays["linear/boundary"]
+    assert torch.isfinite(boundary).all() and torch.allclose(boundary, torch.full_like(boundary, distance), atol=1e-4 * distance)
+
+
+@pytest.mark.parametrize("k", [4.0, -4.0])
+def test_boundary_plane_curvature_of_a_known_quadratic_boundary(tmp_path: Path, k: float) -> None:
+    data = PlaneData(num_classes=2)
+    x0 = data.x[0]
+    normal = torch.zeros(SHAPE)
+    normal[0, 1, 2] = 1.0
+    # The probe's random direction for this seed, known in advance: the attack direction of this
+    # model at x0 is exactly `normal`, so the plane is (normal, w) and the boundary t = 0.1 + k s^2.
+    _, w = direction_pair(SHAPE, seed=11, first=normal)
+    model = PlaneFunction(x0, normal, w, offset=0.1, k=k).eval()
+    cfg = {"name": "boundary_plane", "direction_seed": 11}
+    result = boundary_plane.compute(_context({"quadratic": model}, cfg, data, tmp_path))
+    (row,) = result.tables["curvature"]
+    v = result.arrays["quadratic/v"]
+    true_curvature = 2 * k * float((v * w).sum()) ** 2
+    assert true_curvature == pytest.approx(2 * k, rel=1e-6)
+    assert row["curvature"] == pytest.approx(true_curvature, rel=0.05)
+    assert row["boundary_distance"] == pytest.approx(0.1, rel=1e-4)
+
+
+def test_boundary_plane_uses_the_same_sample_and_random_draw_for_every_model(tmp_path: Path) -> None:
+    data = PlaneData(num_classes=2)
+    x0 = data.x[1]
+    models = {"a": _linear_two_class(x0, seed=0)[0], "b": _linear_two_class(x0, seed=1)[0]}
+    cfg = {"name": "boundary_plane", "sample_index": 1, "resolution": 21, "direction_seed": 2}
+    result = boundary_plane.compute(_context(models, cfg, data, tmp_path))
+    assert torch.equal(result.arrays["x0"], x0)
+    g = gaussian_direction(SHAPE, 2)
+    for variant in models:
+        u, v = result.arrays[f"{variant}/u"], result.arrays[f"{variant}/v"]
+        expected = g - (g * u).sum() * u
+        assert torch.allclose(v, expected / expected.norm(), atol=1e-5)
+    assert result.meta["sample_index"] == 1 and result.meta["true_label"] == 1
+
+
+def test_boundary_plane_explains_an_attack_that_cannot_move_the_sample(tmp_path: Path) -> None:
+    class Constant(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return torch.tensor([1.0, 0.0]).expand(len(x), 2) + 0.0 * x.flatten(1)[:, :2]
+
+    with pytest.raises(InputError, match="left sample 0 unchanged for variant 'flat'"):
+        boundary_plane.compute(_context({"flat": Constant().eval()}, {"name": "boundary_plane"}, PlaneData(2), tmp_path))
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        ({"resolution": 200}, "must be odd"),
+        ({"resolution": 1}, "at least 3"),
+        ({"extent": 0.0}, "extent"),
+        ({"fit_halfwidth": -1.0}, "fit_halfwidth"),
+        ({"resolutoin": 201}, "unknown option"),
+        ({"resolution": "fine"}, "wrong type"),
+    ],
+)
+def test_bad_probe_options_are_config_errors(cfg: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        boundary_plane.BoundaryPlaneOptions.from_cfg({"name": "boundary_plane", **cfg})
+
+
+# ---------------------------------------------------------------- the random_plane probe
+
+
+class DiskAndHalves(nn.Module):
+    """Class 2 inside the disk ``p^2 + q^2 < r^2`` of plane coordinates, else 0 or 1 by the sign of ``p``."""
+
+    def __init__(self, x0: Tensor, u: Tensor, v: Tensor, radius: float) -> None:
+        super().__init__()
+        self.x0, self.u, self.v, self.radius = x0.flatten(), u.flatten(), v.flatten(), radius
+
+    def forward(self, x: Tensor) -> Tensor:
+        d = x.flatten(1) - self.x0
+        p, q = d @ self.u, d @ self.v
+        label = torch.where(p * p + q * q < self.radius**2, 2, (p > 0).long())
+        return nn.functional.one_hot(label, 3).float()
+
+
+def test_random_plane_region_statistics_match_known_areas(tmp_path: Path) -> None:
+    data = PlaneData(num_classes=3)
+    x0 = data.x[2]
+    u, v = direction_pair(SHAPE, seed=9)  # the plane the probe will draw for this seed
+    half_width = 1.5 * float(x0.norm())
+    radius = 0.6 * half_width
+    models = {"disk": DiskAndHalves(x0, u, v, radius).eval(), "wide": DiskAndHalves(x0, u, v, 2 * half_width).eval()}
+    cfg = {"name": "random_plane", "sample_index": 2, "direction_seed": 9, "extent": 1.5}
+    result = random_plane.compute(_context(models, cfg, data, tmp_path))
+    disk, wide = result.tables["regions"]
+    assert result.meta["half_width"] == pytest.approx(half_width, rel=1e-6)
+    assert disk["sample_class"] == "class2" and disk["num_classes"] == 3
+    # Each of the 201 x 201 points stands for a cell of side 2H / 200, so the grid covers a square of
+    # side 2H * 201/200 (the figure's extent) and the disk of radius 0.6 H fills pi 0.36 / 4 * (200/201)^2 of it.
+    assert disk["area_fraction"] == pytest.approx(math.pi * 0.36 / 4 * (200 / 201) ** 2, rel=0.005)
+    assert wide["num_classes"] == 1 and wide["area_fraction"] == 1.0
+    # The other two classes split the rest evenly (p > 0 vs p <= 0 is symmetric up to one grid row).
+    counts = torch.bincount(result.arrays["disk/labels"].flatten(), minlength=3).double() / 201**2
+    assert float(counts[0] - counts[1]) == pytest.approx(0.0, abs=2 / 201)
+
+
+# ---------------------------------------------------------------- reporters
+
+
+def test_results_survive_a_round_trip_and_draw_their_figures_and_tables(tmp_path: Path) -> None:
+    data = PlaneData(num_classes=2)
+    x0 = data.x[0]
+    models = {"base": _linear_two_class(x0, 0)[0], "adversarial": _linear_two_class(x0, 3)[0]}
+    for module, reporter, cfg, table in [
+        (boundary_plane, boundary_report, {"name": "boundary_plane", "resolution": 41}, "boundary_plane_curvature"),
+        (random_plane, regions_report, {"name": "random_plane", "resolution": 41}, "random_plane_regions"),
+    ]:
+        result = module.compute(_context(models, cfg, data, tmp_path))
+        result.save(tmp_path / module.__name__)
+        loaded = ProbeResult.load(tmp_path / module.__name__)
+        out = tmp_path / f"out_{module.__name__.rsplit('.', 1)[1]}"
+        artefacts = reporter.draw(loaded, out)
+        written = {path.name for artefact in artefacts for path in artefact.paths}
+        figure = artefacts[0].name
+        assert written == {f"{figure}.png", f"{figure}.pdf", f"{table}.csv", f"{table}.md"}
+        assert all(path.stat().st_size > 0 for artefact in artefacts for path in artefact.paths)
+        header = (out / f"{table}.csv").read_text().splitlines()[0].split(",")
+        assert header[:2] == ["variant", "sample_class"]
+        assert [row["variant"] for row in artefacts[1].rows] == ["base", "adversarial"]
+        assert "Figure" in artefacts[0].caption
+
+
+# ---------------------------------------------------------------- the experiments on digits
+
+# A coarse grid keeps the experiment tests quick; the maths is checked above at full resolution.
+COARSE = ["++probe.resolution=41"]  # ++: a report has no probe node of its own to override
+
+
+def _written(out: Path) -> set[str]:
+    return {path.name for path in out.rglob("*") if path.is_file() and path.stat().st_size > 0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "experiment, figure, table",
+    [("fig2_boundary", "boundary_plane", "boundary_plane_curvature"), ("fig3_regions", "random_plane", "random_plane_regions")],
+)
+def test_experiment_on_digits_writes_its_figure_and_table(tmp_path: Path, experiment: str, figure: str, table: str) -> None:
+    out = run_experiment(experiment, COARSE, tmp_path)
+    assert {f"{figure}.png", f"{figure}.pdf", f"{table}.csv", f"{table}.md"} <= _written(out)
+    rows = ProbeResult.load(out / "results" / figure).tables
+    (rows,) = rows.values()
+    assert [row["variant"] for row in rows] == ["base", "adversarial"]
+
+
+@pytest.mark.slow
+def test_fig4_draws_the_cure_model_in_both_planes(tmp_path: Path) -> None:
+    out = run_experiment("fig4_cure", COARSE, tmp_path)
+    written = _written(out)
+    assert "report.md" in written
+    for name in ("boundary_plane", "random_plane"):
+        assert {f"{name}.png", f"{name}.pdf"} <= written
+    for table in ("boundary_plane_curvature", "random_plane_regions"):
+        (csv,) = [p for p in out.rglob(f"{table}.csv")]
+        assert [line.split(",")[0] for line in csv.read_text().splitlines()[1:]] == ["cure"]
