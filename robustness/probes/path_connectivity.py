@@ -1,0 +1,440 @@
+"""Path-connectivity of classification regions: report section 2.2, Figures 5-8 and Table 2.
+
+For every model variant and pair type, pairs of images the model puts in one class ``k`` are
+joined by a path inside class ``k`` (:func:`robustness.geometry.paths.find_paths`):
+
+* ``natural``: two test images the model classifies alike (the report used 18 pairs);
+* ``adversarial``: two test images of different predicted classes, each pushed by targeted
+  DeepFool into a third class, the path's class (the report used 30 pairs);
+* ``noise``: a uniform white-noise image pushed into class ``k``, paired with a test image
+  classified ``k`` (Fawzi et al.'s third case; not in the report's table).
+
+Results: ``tables["pairs"]`` (one row per pair), ``tables["table2"]`` (mean and std of the number
+of points and of the normalised deviation over the successful paths, with the success rate), and
+for one path per variant and pair type (the successful one that deviates most) its principal
+components: the projection of points spaced evenly along it and of its vertices, and the
+explained-variance ratio of the first components (Figures 5-8).
+
+Every pair's result is saved under ``ctx.work_dir`` as soon as it is found; a rerun with the
+same options and model reuses them and only searches the pairs still missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.decomposition import PCA
+from torch import Tensor, nn
+
+from robustness.attacks.deepfool import deepfool
+from robustness.errors import ConfigError
+from robustness.geometry.paths import PathResult, find_paths, path_metrics, resample_path
+from robustness.io import atomic_torch_save
+from robustness.probes.base import ProbeContext, ProbeResult, predict
+
+PAIR_TYPES = ("natural", "adversarial", "noise")
+# Keeps the pairs of each type independent of which other types a run asks for.
+_TYPE_SEED = {"natural": 0, "adversarial": 1, "noise": 2}
+# Candidates drawn per requested pair where DeepFool may fail to reach the target class.
+_OVERSAMPLE = 2
+
+
+@dataclass
+class PathOptions:
+    """The probe's options (conf/probe/path_connectivity.yaml documents each one)."""
+
+    pair_types: list[str] = field(default_factory=lambda: ["natural", "adversarial"])
+    natural_pairs: int = 18
+    adversarial_pairs: int = 30
+    noise_pairs: int = 10
+    split: str = "test"
+    candidate_images: int = 500
+    points_per_segment: int = 16
+    max_depth: int = 10
+    max_vertices: int | None = None
+    pull_overshoot: float = 1.0
+    pull_max_iter: int = 50
+    pair_overshoot: float = 0.02
+    pair_max_iter: int = 50
+    pairs_per_batch: int = 6
+    batch_size: int = 4096
+    pca_points: int = 100
+    pca_components: int = 10
+
+    @classmethod
+    def from_cfg(cls, cfg: dict[str, Any]) -> "PathOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known - {"name"})
+        if unknown:
+            raise ConfigError(f"unknown path_connectivity option(s): {', '.join(unknown)}", f"valid options: {', '.join(sorted(known))}")
+        options = cls(**{k: v for k, v in cfg.items() if k in known})
+        options.pair_types = list(options.pair_types)
+        options.validate()
+        return options
+
+    def validate(self) -> None:
+        bad = [t for t in self.pair_types if t not in PAIR_TYPES]
+        if bad or not self.pair_types:
+            raise ConfigError(f"unknown or missing pair types {bad or self.pair_types}", f"set probe.pair_types to a list drawn from {list(PAIR_TYPES)}")
+        for name in ("natural_pairs", "adversarial_pairs", "noise_pairs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"probe.{name} must be >= 1, got {getattr(self, name)}", f"set probe.{name}, e.g. probe.{name}=10")
+        if self.candidate_images < 2:
+            raise ConfigError(f"probe.candidate_images must be >= 2, got {self.candidate_images}", "pairs are drawn from that many test images, e.g. 500")
+        if self.pairs_per_batch < 1:
+            raise ConfigError(f"probe.pairs_per_batch must be >= 1, got {self.pairs_per_batch}", "e.g. probe.pairs_per_batch=6")
+        if self.pca_components < 3:
+            raise ConfigError(f"probe.pca_components must be >= 3 (the figures plot PC3), got {self.pca_components}", "e.g. probe.pca_components=10")
+        if self.pca_points < self.pca_components:
+            raise ConfigError(
+                f"probe.pca_points ({self.pca_points}) must be >= probe.pca_components ({self.pca_components})",
+                "sample more points along the path, e.g. probe.pca_points=100",
+            )
+        for name in ("pull_overshoot", "pair_overshoot"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"probe.{name} must be >= 0, got {getattr(self, name)}", f"set probe.{name}, e.g. 0.02")
+
+    def count(self, pair_type: str) -> int:
+        return int(getattr(self, f"{pair_type}_pairs"))
+
+
+@dataclass
+class Pairs:
+    """Endpoints of the paths to search, all classified ``label`` by the model."""
+
+    x_start: Tensor
+    x_end: Tensor
+    label: Tensor
+    source: list[dict[str, int]]  # where each endpoint came from (image index, class before DeepFool)
+    dropped: int = 0  # candidates discarded because DeepFool did not reach the target class
+
+
+def natural_pairs(x: Tensor, pred: Tensor, n: int, generator: torch.Generator) -> Pairs:
+    """``n`` pairs of distinct images with the same predicted class, classes taken in turn."""
+    classes = [c for c in pred.unique().tolist() if int((pred == c).sum()) >= 2]
+    if not classes:
+        raise ConfigError("no class has two images among the candidates", "raise probe.candidate_images")
+    order = [classes[i] for i in torch.randperm(len(classes), generator=generator).tolist()]
+    starts, ends, source = [], [], []
+    for i in range(n):
+        k = order[i % len(order)]
+        members = (pred == k).nonzero().flatten().tolist()
+        a, b = _distinct_images(x, members, generator)
+        starts.append(a)
+        ends.append(b)
+        source.append({"start_index": a, "end_index": b, "start_class": k, "end_class": k})
+    label = pred[torch.tensor(starts)].cpu()
+    return Pairs(x[starts], x[ends], label, source)
+
+
+def _distinct_images(x: Tensor, members: list[int], generator: torch.Generator) -> tuple[int, int]:
+    """Two members whose images differ: a path between identical images has no direction."""
+    for _ in range(100):
+        a, b = (members[i] for i in torch.randperm(len(members), generator=generator)[:2].tolist())
+        if not torch.equal(x[a], x[b]):
+            return a, b
+    raise ConfigError("could not find two distinct images of one class among the candidates", "raise probe.candidate_images")
+
+
+def adversarial_pairs(
+    model: nn.Module, x: Tensor, pred: Tensor, n: int, generator: torch.Generator, overshoot: float, max_iter: int, batch_size: int
+) -> Pairs:
+    """``n`` pairs of images from two different classes, both pushed into a third class.
+
+    All candidates go through one batched targeted DeepFool call; candidates that it does not
+    bring into the target class are dropped (counted in ``dropped``).
+    """
+    classes = pred.unique()
+    if len(classes) < 2:
+        raise ConfigError("the model predicts a single class on the candidates; adversarial pairs need two", "raise probe.candidate_images")
+    num_classes = _num_classes(model, x)
+    if num_classes < 3:
+        raise ConfigError("adversarial pairs need at least three classes (two sources and a different target)", "drop 'adversarial' from probe.pair_types")
+    picks = []
+    while len(picks) < _OVERSAMPLE * n:
+        a, b = torch.randint(len(x), (2,), generator=generator).tolist()
+        if pred[a] == pred[b]:
+            continue
+        others = [c for c in range(num_classes) if c not in (int(pred[a]), int(pred[b]))]
+        t = others[int(torch.randint(len(others), (1,), generator=generator))]
+        picks.append((a, b, t))
+    a_idx, b_idx, target = (torch.tensor(column) for column in zip(*picks))
+    images = torch.cat([x[a_idx], x[b_idx]])
+    goal = torch.cat([target, target]).to(x.device)
+    moved = deepfool(model, images, target=goal, overshoot=overshoot, max_iter=max_iter).x_adv.detach()
+    reached = (predict(model, moved, batch_size) == goal).view(2, -1).all(0).cpu()
+    keep = reached.nonzero().flatten()[:n]
+    m = len(picks)
+    source = [
+        {"start_index": int(a_idx[i]), "end_index": int(b_idx[i]), "start_class": int(pred[a_idx[i]]), "end_class": int(pred[b_idx[i]])}
+        for i in keep.tolist()
+    ]
+    return Pairs(moved[:m][keep], moved[m:][keep], target[keep], source, dropped=_dropped(reached, keep, n))
+
+
+def noise_pairs(
+    model: nn.Module, x: Tensor, pred: Tensor, n: int, generator: torch.Generator, overshoot: float, max_iter: int, batch_size: int
+) -> Pairs:
+    """``n`` pairs of (white noise pushed into class k, a test image classified k)."""
+    picks = torch.randint(len(x), (_OVERSAMPLE * n,), generator=generator)
+    target = pred[picks].cpu()
+    noise = torch.rand((len(picks), *x.shape[1:]), generator=generator).to(x.device, x.dtype)
+    goal = target.to(x.device)
+    moved = deepfool(model, noise, target=goal, overshoot=overshoot, max_iter=max_iter).x_adv.detach()
+    reached = (predict(model, moved, batch_size) == goal).cpu()
+    keep = reached.nonzero().flatten()[:n]
+    source = [{"start_index": -1, "end_index": int(picks[i]), "start_class": -1, "end_class": int(target[i])} for i in keep.tolist()]
+    return Pairs(moved[keep], x[picks[keep]], target[keep], source, dropped=_dropped(reached, keep, n))
+
+
+def _dropped(reached: Tensor, keep: Tensor, n: int) -> int:
+    """Failed candidates up to the last one kept (all of them when fewer than ``n`` were kept)."""
+    examined = reached[: int(keep[-1]) + 1] if len(keep) == n else reached
+    return int((~examined).sum())
+
+
+def make_pairs(pair_type: str, model: nn.Module, x: Tensor, pred: Tensor, options: PathOptions, seed: int) -> Pairs:
+    """The pairs of one type for one model, drawn from ``(x, pred)`` by ``seed``."""
+    generator = torch.Generator().manual_seed(seed * len(PAIR_TYPES) + _TYPE_SEED[pair_type])
+    n = options.count(pair_type)
+    if pair_type == "natural":
+        return natural_pairs(x, pred, n, generator)
+    maker = adversarial_pairs if pair_type == "adversarial" else noise_pairs
+    return maker(model, x, pred, n, generator, options.pair_overshoot, options.pair_max_iter, options.batch_size)
+
+
+def path_pca(vertices: Tensor, num_points: int, components: int) -> dict[str, Tensor]:
+    """Principal components of a path, from ``num_points`` points spaced evenly along it.
+
+    Sampling by arc length (rather than PCA of the vertices alone) weights each part of the path
+    by its length and keeps a straight two-vertex path meaningful.
+    """
+    vertices = vertices.detach().double()  # resampled in float32, a straight path would wobble by rounding
+    points = resample_path(vertices, num_points).flatten(1).numpy()
+    q = min(components, points.shape[0], points.shape[1])
+    pca = PCA(n_components=q, svd_solver="full").fit(points)
+    ratio = np.zeros(components)
+    ratio[:q] = pca.explained_variance_ratio_
+    width = max(3, q)
+    projection = np.zeros((len(points), width))
+    projection[:, :q] = pca.transform(points)
+    vertex_projection = np.zeros((len(vertices), width))
+    vertex_projection[:, :q] = pca.transform(vertices.flatten(1).numpy())
+    # A component's sign is arbitrary; orient each so the path starts on its negative side.
+    flip = np.where(projection[0] > 0, -1.0, 1.0)
+    projection, vertex_projection = projection * flip, vertex_projection * flip
+    return {
+        "projection": torch.from_numpy(projection[:, :3]).float(),
+        "vertex_projection": torch.from_numpy(vertex_projection[:, :3]).float(),
+        "explained_variance_ratio": torch.from_numpy(ratio).float(),
+    }
+
+
+def compute(ctx: ProbeContext) -> ProbeResult:
+    options = PathOptions.from_cfg(dict(ctx.cfg))
+    data = ctx.data
+    x_all, _ = data.split_tensors(options.split, limit=options.candidate_images)
+    x_all = x_all.to(ctx.device)
+    info = data.info
+    pair_rows: list[dict[str, Any]] = []
+    arrays: dict[str, Tensor] = {}
+    figure_paths: dict[str, dict[str, Any]] = {}
+    generation: dict[str, dict[str, Any]] = {}
+    total = len(ctx.models) * sum(options.count(t) for t in options.pair_types)
+    done = 0
+
+    for variant, model in ctx.models.items():
+        model.eval()
+        pred = predict(model, x_all, options.batch_size)
+        fingerprint = _fingerprint(model, options, ctx.seed, info.name)
+        for pair_type in options.pair_types:
+            folder = Path(ctx.work_dir) / "path_connectivity" / variant / pair_type
+            pairs = _load_or_make_pairs(folder, fingerprint, pair_type, model, x_all, pred, options, ctx.seed)
+            generation.setdefault(variant, {})[pair_type] = {"requested": options.count(pair_type), "found": len(pairs.label), "dropped": pairs.dropped}
+            records = _search_pairs(folder, fingerprint, model, pairs, options, ctx, done, total, f"{variant}/{pair_type}")
+            done += options.count(pair_type)
+            rows = [_pair_row(variant, pair_type, i, pairs, record, info.class_names) for i, record in enumerate(records)]
+            pair_rows.extend(rows)
+            chosen = _figure_path(rows)
+            if chosen is not None:
+                pca = path_pca(records[chosen]["vertices"], options.pca_points, options.pca_components)
+                for key, value in pca.items():
+                    arrays[f"{variant}/{pair_type}/{key}"] = value
+                figure_paths.setdefault(variant, {})[pair_type] = {k: rows[chosen][k] for k in ("pair", "class", "class_name", "points", "deviation")}
+    ctx.progress(total, total, "path_connectivity")
+
+    meta = {
+        "dataset": info.name,
+        "variants": list(ctx.models),
+        "pair_types": options.pair_types,
+        "options": asdict(options),
+        "pair_generation": generation,
+        "figure_paths": figure_paths,
+        "seed": ctx.seed,
+    }
+    return ProbeResult("path_connectivity", arrays=arrays, tables={"table2": table2_rows(pair_rows), "pairs": pair_rows}, meta=meta)
+
+
+def table2_rows(pair_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and std (over successful paths) of points and normalised deviation, per variant and pair type."""
+    out = []
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in pair_rows:
+        groups.setdefault((row["model"], row["pair_type"]), []).append(row)
+    for (variant, pair_type), rows in groups.items():
+        ok = [r for r in rows if r["success"]]
+        points = np.array([r["points"] for r in ok], dtype=float)
+        deviation = np.array([r["deviation"] for r in ok], dtype=float)
+        out.append(
+            {
+                "model": variant,
+                "pair_type": pair_type,
+                "pairs": len(rows),
+                "successes": len(ok),
+                "success_rate": len(ok) / len(rows) if rows else math.nan,
+                "points_mean": _mean(points),
+                "points_std": _std(points),
+                "deviation_mean": _mean(deviation),
+                "deviation_std": _std(deviation),
+                "depth_mean": _mean(np.array([r["depth"] for r in ok], dtype=float)),
+                "evaluations_mean": _mean(np.array([r["evaluations"] for r in rows], dtype=float)),
+                "seconds_mean": _mean(np.array([r["seconds"] for r in rows], dtype=float)),
+            }
+        )
+    return out
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if len(values) else math.nan
+
+
+def _std(values: np.ndarray) -> float:
+    # Sample standard deviation, as reported alongside a mean over a handful of paths.
+    return float(values.std(ddof=1)) if len(values) > 1 else math.nan
+
+
+def _num_classes(model: nn.Module, x: Tensor) -> int:
+    with torch.no_grad():
+        return int(model(x[:1]).shape[1])
+
+
+def _fingerprint(model: nn.Module, options: PathOptions, seed: int, dataset: str) -> str:
+    """Identifies the model weights and options that saved partial results depend on."""
+    digest = hashlib.sha1()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    settings = {k: v for k, v in asdict(options).items() if k not in ("pair_types", "pairs_per_batch", "batch_size", "pca_points", "pca_components")}
+    digest.update(json.dumps({"options": settings, "seed": seed, "dataset": dataset}, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _load_saved(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a torn or foreign file: recompute rather than trust it
+        return None
+    return saved if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint else None
+
+
+def _load_or_make_pairs(
+    folder: Path, fingerprint: str, pair_type: str, model: nn.Module, x: Tensor, pred: Tensor, options: PathOptions, seed: int
+) -> Pairs:
+    path = folder / "pairs.pt"
+    saved = _load_saved(path, fingerprint)
+    if saved is not None:
+        device = x.device
+        return Pairs(saved["x_start"].to(device), saved["x_end"].to(device), saved["label"], saved["source"], saved["dropped"])
+    pairs = make_pairs(pair_type, model, x, pred, options, seed)
+    atomic_torch_save(
+        {
+            "fingerprint": fingerprint,
+            "x_start": pairs.x_start.cpu(),
+            "x_end": pairs.x_end.cpu(),
+            "label": pairs.label.cpu(),
+            "source": pairs.source,
+            "dropped": pairs.dropped,
+        },
+        path,
+    )
+    return pairs
+
+
+def _search_pairs(
+    folder: Path, fingerprint: str, model: nn.Module, pairs: Pairs, options: PathOptions, ctx: ProbeContext, done: int, total: int, what: str
+) -> list[dict[str, Any]]:
+    """Search every pair (batches of ``pairs_per_batch``), reusing and saving per-pair results."""
+    n = len(pairs.label)
+    records: list[dict[str, Any] | None] = [_load_saved(folder / f"pair_{i:04d}.pt", fingerprint) for i in range(n)]
+    missing = [i for i in range(n) if records[i] is None]
+    for start in range(0, len(missing), options.pairs_per_batch):
+        ctx.progress(done + n - len(missing) + start, total, what)
+        chunk = missing[start : start + options.pairs_per_batch]
+        index = torch.tensor(chunk)
+        began = time.perf_counter()
+        found: list[PathResult] = find_paths(
+            model,
+            pairs.x_start[index],
+            pairs.x_end[index],
+            pairs.label[index],
+            points_per_segment=options.points_per_segment,
+            max_depth=options.max_depth,
+            max_vertices=options.max_vertices,
+            overshoot=options.pull_overshoot,
+            max_iter=options.pull_max_iter,
+            batch_size=options.batch_size,
+        )
+        # The pairs of a chunk share their forwards; each is charged an equal share of the time.
+        seconds = (time.perf_counter() - began) / len(chunk)
+        for i, path in zip(chunk, found):
+            record = {
+                "fingerprint": fingerprint,
+                "vertices": path.vertices.detach().cpu(),
+                "success": path.success,
+                "depth": path.depth,
+                "evaluations": path.evaluations,
+                "reason": path.reason,
+                "seconds": seconds,
+            }
+            atomic_torch_save(record, folder / f"pair_{i:04d}.pt")
+            records[i] = record
+    return [r for r in records if r is not None]
+
+
+def _pair_row(variant: str, pair_type: str, i: int, pairs: Pairs, record: dict[str, Any], class_names: tuple[str, ...]) -> dict[str, Any]:
+    k = int(pairs.label[i])
+    metrics = path_metrics(record["vertices"]) if record["success"] else {"points": math.nan, "deviation": math.nan, "length_ratio": math.nan}
+    return {
+        "model": variant,
+        "pair_type": pair_type,
+        "pair": i,
+        "class": k,
+        "class_name": class_names[k] if 0 <= k < len(class_names) else str(k),
+        **pairs.source[i],
+        "success": bool(record["success"]),
+        "reason": record["reason"],
+        "points": int(metrics["points"]) if record["success"] else math.nan,
+        "deviation": metrics["deviation"],
+        "length_ratio": metrics["length_ratio"],
+        "depth": int(record["depth"]),
+        "evaluations": int(record["evaluations"]),
+        "seconds": float(record["seconds"]),
+    }
+
+
+def _figure_path(rows: list[dict[str, Any]]) -> int | None:
+    """The successful path that deviates most from its chord (ties: more points); None if none succeeded."""
+    ok = [r for r in rows if r["success"]]
+    if not ok:
+        return None
+    return max(ok, key=lambda r: (r["deviation"], r["points"]))["pair"]

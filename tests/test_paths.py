@@ -1,0 +1,351 @@
+"""Path-connectivity (report section 2.2, Figures 5-8, Table 2): the search on classifiers whose
+regions are known in closed form, the path metrics on hand-built polylines, the probe and its
+resumption on a toy model, and the three experiments on digits."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import Tensor, nn
+
+from helpers import run_experiment
+from robustness.data.base import DatasetInfo
+from robustness.errors import ConfigError, InputError
+from robustness.geometry.paths import check_fractions, find_paths, path_metrics, resample_path
+from robustness.probes import path_connectivity as probe
+from robustness.probes.base import ProbeContext, ProbeResult, predict
+from robustness.reporting import path_connectivity as reporter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------- hand-made classifiers
+
+CENTRE = torch.tensor([0.5, 0.5])
+R_IN, R_OUT = 0.15, 0.45  # class 1 is the annulus R_IN < |x - CENTRE| < R_OUT
+RADIUS, OFFSET = 0.3, 0.03  # endpoints on the circle of radius RADIUS, chord OFFSET above the centre
+MARGIN = 0.02  # the exact pull lands this fraction of R_IN beyond the inner circle
+
+
+class Annulus(nn.Module):
+    """Two classes in the plane; class 1 is an annulus around CENTRE, class 0 the hole and the outside."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = (x - CENTRE).norm(dim=1)
+        score = torch.minimum(r - R_IN, R_OUT - r)
+        return torch.stack([-score, score], dim=1)
+
+
+def radial_pull(x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """The exact minimal move into the annulus (plus MARGIN), along the radius."""
+    assert (target == 1).all()
+    d = x - CENTRE
+    r = d.norm(dim=1, keepdim=True)
+    new_r = torch.where(r < R_IN, torch.full_like(r, R_IN * (1 + MARGIN)), torch.where(r > R_OUT, torch.full_like(r, R_OUT * (1 - MARGIN)), r))
+    return CENTRE + d / r * new_r, torch.ones(len(x), dtype=torch.long)
+
+
+def chord_pair(angle: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Two nearly opposite points on the circle of radius RADIUS, their chord OFFSET from the centre,
+    rotated by ``angle``."""
+    half = math.sqrt(RADIUS**2 - OFFSET**2)
+    rotation = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    a = CENTRE + rotation @ torch.tensor([-half, OFFSET])
+    b = CENTRE + rotation @ torch.tensor([half, OFFSET])
+    return a.unsqueeze(0), b.unsqueeze(0)
+
+
+def lower_bound() -> float:
+    # Any path avoiding the hole crosses the chord's perpendicular bisector at distance >= R_IN from
+    # the centre, i.e. >= R_IN - OFFSET from the chord; the chord is 2 sqrt(RADIUS^2 - OFFSET^2) long.
+    return (R_IN - OFFSET) / (2 * math.sqrt(RADIUS**2 - OFFSET**2))
+
+
+def segment_points(vertices: Tensor, fractions: Tensor) -> Tensor:
+    a, b = vertices[:-1], vertices[1:]
+    return (a.unsqueeze(1) + fractions.view(1, -1, *([1] * (vertices.dim() - 1))).to(a.dtype) * (b - a).unsqueeze(1)).flatten(0, 1)
+
+
+def never_pull(x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    raise AssertionError("a convex region never needs a pull")
+
+
+# ---------------------------------------------------------------- the search
+
+
+def test_linear_classifier_paths_are_straight_segments() -> None:
+    torch.manual_seed(1)
+    model = nn.Linear(6, 3).eval()
+    x = torch.randn(400, 6)  # around the origin, where all three half-spaces meet
+    label = predict(model, x)
+    starts, ends = [], []
+    for k in range(3):
+        idx = (label == k).nonzero().flatten()
+        starts += idx[:3].tolist()
+        ends += idx[3:6].tolist()
+    results = find_paths(model, x[starts], x[ends], label[starts], pull=never_pull, points_per_segment=8, max_depth=6)
+    assert len(results) == 9
+    for result, s, e in zip(results, starts, ends):
+        assert result.success and result.reason == "" and result.depth == 0
+        assert torch.equal(result.vertices, torch.stack([x[s], x[e]]))
+        metrics = path_metrics(result.vertices)
+        assert metrics["points"] == 2 and metrics["deviation"] == 0.0 and metrics["length_ratio"] == pytest.approx(1.0)
+        # the two endpoints plus one batched check of 8 interior points and the midpoint
+        assert result.evaluations == 2 + 9
+
+
+def test_annulus_path_bends_around_the_hole() -> None:
+    model = Annulus().eval()
+    a, b = chord_pair()
+    (result,) = find_paths(model, a, b, torch.tensor([1]), pull=radial_pull, points_per_segment=8, max_depth=8)
+    assert result.success and result.depth >= 1
+    v = result.vertices
+    assert torch.equal(v[0], a[0]) and torch.equal(v[-1], b[0])
+    # every checked point, and a dense sampling of the whole polyline, keeps class 1
+    assert (predict(model, segment_points(v, check_fractions(8))) == 1).all()
+    assert (predict(model, segment_points(v, torch.linspace(0, 1, 500))) == 1).all()
+    # it goes over the hole: some vertex lies on the bisector at least R_IN from the centre
+    assert ((v[:, 0] - 0.5).abs() < 1e-6).any() and (v[:, 1] - 0.5).max() >= R_IN
+    deviation = path_metrics(v)["deviation"]
+    upper = (R_IN * (1 + MARGIN) - OFFSET) / (2 * math.sqrt(RADIUS**2 - OFFSET**2))
+    assert lower_bound() <= deviation <= upper + 1e-6
+    assert len(v) > 2
+
+
+def test_annulus_path_with_targeted_deepfool_pull() -> None:
+    model = Annulus().eval()
+    a, b = chord_pair()
+    (result,) = find_paths(model, a, b, torch.tensor([1]), points_per_segment=16, max_depth=10, overshoot=0.1)
+    assert result.success
+    assert (predict(model, segment_points(result.vertices, check_fractions(16))) == 1).all()
+    # DeepFool reaches the inner circle exactly (the classifier is linear along a radius), then
+    # overshoots by 10% of the step from the chord's midpoint: ~ R_IN/chord, 10% above the bound.
+    assert lower_bound() <= path_metrics(result.vertices)["deviation"] <= 1.1 * lower_bound() * 1.01
+    # each DeepFool pull costs at least one forward+backward and the search's check of its result
+    assert result.evaluations > 2 + len(check_fractions(16)) * (len(result.vertices) - 1)
+
+
+@pytest.mark.parametrize("max_depth", [0, 2])
+def test_search_that_exceeds_its_max_depth_fails(max_depth: int) -> None:
+    a, b = chord_pair()
+    (result,) = find_paths(Annulus().eval(), a, b, torch.tensor([1]), pull=radial_pull, points_per_segment=8, max_depth=max_depth)
+    assert not result.success and result.reason == "max_depth" and result.depth == max_depth
+
+
+def test_pull_that_does_not_reach_the_class_fails_the_path() -> None:
+    a, b = chord_pair()
+    stuck = lambda x, target: (x.clone(), torch.full((len(x),), 3))  # noqa: E731
+    (result,) = find_paths(Annulus().eval(), a, b, torch.tensor([1]), pull=stuck, points_per_segment=8)
+    assert not result.success and result.reason == "pull_failed"
+    assert result.evaluations == 2 + 9 + 3 + 1  # endpoints, one check, the pull's 3 forwards, its check
+
+
+def test_max_vertices_fails_a_path_that_needs_more() -> None:
+    a, b = chord_pair()
+    model = Annulus().eval()
+    (free,) = find_paths(model, a, b, torch.tensor([1]), pull=radial_pull, points_per_segment=8)
+    (capped,) = find_paths(model, a, b, torch.tensor([1]), pull=radial_pull, points_per_segment=8, max_vertices=len(free.vertices) - 1)
+    (enough,) = find_paths(model, a, b, torch.tensor([1]), pull=radial_pull, points_per_segment=8, max_vertices=len(free.vertices))
+    assert free.success and enough.success and not capped.success and capped.reason == "max_vertices"
+
+
+def test_pairs_searched_together_match_pairs_searched_alone() -> None:
+    model = Annulus().eval()
+    pairs = [chord_pair(angle) for angle in (0.0, 1.0, 2.5, 4.0)]
+    a = torch.cat([p[0] for p in pairs])
+    b = torch.cat([p[1] for p in pairs])
+    label = torch.ones(4, dtype=torch.long)
+    together = find_paths(model, a, b, label, pull=radial_pull, points_per_segment=8, max_depth=3)
+    alone = [find_paths(model, a[i : i + 1], b[i : i + 1], label[:1], pull=radial_pull, points_per_segment=8, max_depth=3)[0] for i in range(4)]
+    for t, s in zip(together, alone):
+        assert (t.success, t.depth, t.evaluations, t.reason) == (s.success, s.depth, s.evaluations, s.reason)
+        assert torch.allclose(t.vertices, s.vertices)
+    # rotating the annulus problem rotates the path: same number of vertices and deviation
+    assert len({len(t.vertices) for t in together}) == 1
+
+
+def test_search_rejects_bad_inputs() -> None:
+    model = Annulus().eval()
+    a, b = chord_pair()
+    with pytest.raises(InputError, match="endpoint"):
+        find_paths(model, a, CENTRE.unsqueeze(0), torch.tensor([1]), pull=radial_pull)
+    with pytest.raises(InputError, match="LongTensor"):
+        find_paths(model, a, b, torch.tensor([1.0]), pull=radial_pull)
+    with pytest.raises(ConfigError, match="points_per_segment"):
+        find_paths(model, a, b, torch.tensor([1]), pull=radial_pull, points_per_segment=0)
+    with pytest.raises(ConfigError, match="max_depth"):
+        find_paths(model, a, b, torch.tensor([1]), pull=radial_pull, max_depth=-1)
+    with pytest.raises(InputError, match="training mode"):
+        find_paths(nn.Sequential(nn.Dropout(), Annulus()).train(), a, b, torch.tensor([1]), pull=radial_pull)
+
+
+# ---------------------------------------------------------------- metrics on hand-built polylines
+
+
+def test_metrics_of_hand_built_polylines() -> None:
+    tent = path_metrics(torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0]]))
+    assert tent == pytest.approx({"points": 3.0, "deviation": 0.5, "length_ratio": math.sqrt(2)})
+    # a vertex beyond the end: its distance is to the segment's endpoint, not to the infinite line
+    beyond = path_metrics(torch.tensor([[0.0, 0.0], [3.0, 1.0], [2.0, 0.0]]))
+    assert beyond["deviation"] == pytest.approx(math.sqrt(2) / 2)
+    assert beyond["length_ratio"] == pytest.approx((math.sqrt(10) + math.sqrt(2)) / 2)
+    # collinear extra vertices: straight, but more points
+    line = path_metrics(torch.tensor([[0.0, 0.0, 0.0], [0.25, 0.5, 0.0], [1.0, 2.0, 0.0]]))
+    assert line == pytest.approx({"points": 3.0, "deviation": 0.0, "length_ratio": 1.0}, abs=1e-12)
+    # images: the metric works on flattened pixels; a 3-4-5 triangle in a 2x2 image
+    images = torch.zeros(3, 1, 2, 2)
+    images[1, 0, 0, 0], images[1, 0, 1, 1] = 3.0, 4.0
+    images[2, 0, 0, 0] = 6.0
+    assert path_metrics(images)["deviation"] == pytest.approx(4.0 / 6.0)
+    with pytest.raises(InputError, match="coincide"):
+        path_metrics(torch.tensor([[1.0, 1.0], [2.0, 0.0], [1.0, 1.0]]))
+    with pytest.raises(InputError, match="two vertices"):
+        path_metrics(torch.tensor([[1.0, 1.0]]))
+
+
+def test_resample_path_spaces_points_by_arc_length() -> None:
+    corner = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
+    points = resample_path(corner, 5)
+    expected = torch.tensor([[0.0, 0.0], [0.5, 0.0], [1.0, 0.0], [1.0, 0.5], [1.0, 1.0]])
+    assert torch.allclose(points, expected, atol=1e-6)
+
+
+def test_path_pca_of_straight_and_bent_paths() -> None:
+    straight = probe.path_pca(torch.tensor([[0.0, 0.0, 0.0, 0.0], [3.0, 4.0, 0.0, 0.0]]), 50, 10)
+    ratio = straight["explained_variance_ratio"]
+    assert ratio.shape == (10,) and ratio[0] == pytest.approx(1.0, abs=1e-6) and ratio[1:].abs().max() < 1e-6
+    span = straight["projection"][:, 0]
+    assert float(span.max() - span.min()) == pytest.approx(5.0, rel=1e-5)  # the chord's length
+    assert straight["vertex_projection"][:, 0].tolist() == pytest.approx([-2.5, 2.5], rel=1e-5)  # oriented start -> end
+    # an L of two unit legs, points uniform along it: each coordinate has variance 5/48 and their
+    # covariance is 3/48, so the components (the diagonals) carry 8/48 and 2/48: a ratio of 4
+    bent = probe.path_pca(torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]]), 401, 3)
+    ratio = bent["explained_variance_ratio"]
+    assert ratio[2] < 1e-9 and float(ratio[0] / ratio[1]) == pytest.approx(4.0, rel=0.01)
+
+
+# ---------------------------------------------------------------- the probe on a toy model
+
+SHAPE = (1, 3, 3)
+
+
+class ToyData:
+    """A data module stand-in: random images in [0, 1]."""
+
+    info = DatasetInfo(name="toy", num_classes=4, image_shape=SHAPE, class_names=("a", "b", "c", "d"), mean=(0.5,), std=(0.25,))
+
+    def __init__(self) -> None:
+        self.x = torch.rand(80, *SHAPE, generator=torch.Generator().manual_seed(3))
+
+    def split_tensors(self, split: str = "test", limit: int | None = None, indices=None) -> tuple[Tensor, Tensor]:
+        return self.x[:limit], torch.zeros(len(self.x[:limit]), dtype=torch.long)
+
+
+def linear_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(9, 4)).eval()
+
+
+def toy_context(tmp_path: Path, variants: tuple[str, ...] = ("base", "other"), **cfg) -> ProbeContext:
+    options = {"name": "path_connectivity", "pair_types": ["natural", "adversarial", "noise"], "natural_pairs": 3, "adversarial_pairs": 4,
+               "noise_pairs": 2, "candidate_images": 80, "pairs_per_batch": 3, "pca_points": 20, **cfg}
+    models = {name: linear_model(seed) for seed, name in enumerate(variants)}
+    return ProbeContext(cfg=options, models=models, data=ToyData(), attack={}, device=torch.device("cpu"), seed=0, work_dir=tmp_path / "work")
+
+
+def test_probe_on_convex_regions_gives_straight_paths_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx = toy_context(tmp_path)
+    result = probe.compute(ctx)
+    table = {(r["model"], r["pair_type"]): r for r in result.tables["table2"]}
+    assert set(table) == {(m, t) for m in ("base", "other") for t in ("natural", "adversarial", "noise")}
+    for (model, pair_type), row in table.items():
+        # linear classifier: convex regions, so every path is its straight segment
+        assert row["pairs"] == {"natural": 3, "adversarial": 4, "noise": 2}[pair_type]
+        assert row["success_rate"] == 1.0 and row["points_mean"] == 2.0 and row["points_std"] == 0.0
+        assert row["deviation_mean"] == 0.0
+    for row in result.tables["pairs"]:
+        if row["pair_type"] == "adversarial":
+            # a third class, different from both originals
+            assert row["class"] not in (row["start_class"], row["end_class"]) and row["start_class"] != row["end_class"]
+        if row["pair_type"] == "natural":
+            assert row["start_class"] == row["end_class"] == row["class"] and row["start_index"] != row["end_index"]
+    assert result.arrays["base/adversarial/explained_variance_ratio"][0] == pytest.approx(1.0, abs=1e-5)
+
+    # A rerun reuses every saved pair: no search at all. Losing one pair's file redoes that pair only.
+    calls: list[int] = []
+    real = probe.find_paths
+    monkeypatch.setattr(probe, "find_paths", lambda model, a, *args, **kw: calls.append(len(a)) or real(model, a, *args, **kw))
+    again = probe.compute(toy_context(tmp_path))
+    assert calls == [] and again.tables == result.tables
+    (tmp_path / "work" / "path_connectivity" / "other" / "adversarial" / "pair_0002.pt").unlink()
+    probe.compute(toy_context(tmp_path))
+    assert calls == [1]
+    # Other options mean other pairs: nothing is reused.
+    calls.clear()
+    probe.compute(toy_context(tmp_path, points_per_segment=5, pair_types=["natural"]))
+    assert sum(calls) == 6
+
+    # Drawing is slow: one model and two pair types are enough to check every figure of the report.
+    small = probe.compute(toy_context(tmp_path, variants=("base",), pair_types=["natural", "adversarial"]))
+    small.save(tmp_path / "saved")
+    artefacts = reporter.draw(ProbeResult.load(tmp_path / "saved"), tmp_path / "report")
+    names = {a.name for a in artefacts}
+    assert {"fig5_natural_path", "fig6_natural_variance", "fig7_adversarial_path", "fig8_adversarial_variance", "table2_paths"} <= names
+    for artefact in artefacts:
+        assert all(path.stat().st_size > 0 for path in artefact.paths)
+    table2 = next(a for a in artefacts if a.name == "table2_paths")
+    assert table2.rows[0]["number of points"] == "2 ± 0" and "Table 2" in table2.caption
+
+
+def test_failed_paths_count_against_the_success_rate_only() -> None:
+    rows = [
+        {"model": "m", "pair_type": "natural", "success": True, "points": 3, "deviation": 0.1, "depth": 1, "evaluations": 10, "seconds": 1.0},
+        {"model": "m", "pair_type": "natural", "success": True, "points": 5, "deviation": 0.3, "depth": 2, "evaluations": 20, "seconds": 1.0},
+        {"model": "m", "pair_type": "natural", "success": False, "points": math.nan, "deviation": math.nan, "depth": 4, "evaluations": 90, "seconds": 4.0},
+    ]
+    (row,) = probe.table2_rows(rows)
+    assert row["success_rate"] == pytest.approx(2 / 3) and row["successes"] == 2
+    assert row["points_mean"] == 4.0 and row["points_std"] == pytest.approx(math.sqrt(2))
+    assert row["deviation_mean"] == pytest.approx(0.2) and row["deviation_std"] == pytest.approx(math.sqrt(0.02))
+    assert row["evaluations_mean"] == 40.0
+
+
+def test_options_match_the_config_file_and_reject_typos() -> None:
+    cfg = yaml.safe_load((ROOT / "conf" / "probe" / "path_connectivity.yaml").read_text())
+    assert probe.PathOptions.from_cfg(cfg) == probe.PathOptions()
+    with pytest.raises(ConfigError, match="max_dept"):
+        probe.PathOptions.from_cfg({"max_dept": 3})
+    with pytest.raises(ConfigError, match="pair types"):
+        probe.PathOptions.from_cfg({"pair_types": ["natural", "bogus"]})
+
+
+# ---------------------------------------------------------------- the experiments on digits
+
+# Few pairs and shallow searches keep these quick; the maths is checked above.
+SMALL = ["variants=[base]", "probe.natural_pairs=2", "probe.adversarial_pairs=2", "probe.candidate_images=120", "probe.max_depth=6"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "experiment, pair_types",
+    [("fig5_6_natural_path", ["natural"]), ("fig7_8_adversarial_path", ["adversarial"]), ("table2_paths", ["natural", "adversarial"])],
+)
+def test_experiment_on_digits_writes_its_files(tmp_path: Path, experiment: str, pair_types: list[str]) -> None:
+    out = run_experiment(experiment, SMALL, tmp_path)
+    files = {p.name for p in out.rglob("*") if p.is_file() and p.stat().st_size > 0}
+    assert {"table2_paths.csv", "table2_paths.md", "path_pairs.csv"} <= files
+    result = ProbeResult.load(out / "results" / "path_connectivity")
+    table = {row["pair_type"]: row for row in result.tables["table2"]}
+    assert sorted(table) == sorted(pair_types) and all(row["pairs"] == 2 for row in table.values())
+    figures = {"natural": ("fig5_natural_path", "fig6_natural_variance"), "adversarial": ("fig7_adversarial_path", "fig8_adversarial_variance")}
+    for pair_type in pair_types:
+        # a type's figures are drawn exactly when one of its paths succeeded
+        drawn = pair_type in result.meta["figure_paths"]["base"]
+        assert drawn == (table[pair_type]["successes"] > 0)
+        for name in figures[pair_type]:
+            assert ({f"{name}.png", f"{name}.pdf"} <= files) == drawn
+    if "natural" in table:
+        assert table["natural"]["successes"] > 0
