@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
+import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from robustness.errors import RobustnessError
+from robustness.errors import ConfigError, RobustnessError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 log = logging.getLogger("robustness")
@@ -32,17 +36,94 @@ def _main(cfg: DictConfig) -> float | None:
     try:
         outcome = run(cfg, hydra_cfg.runtime.output_dir, overrides=overrides, tag=tag)
     except RobustnessError as exc:
-        log.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
+        _fail(exc)
+    except KeyboardInterrupt as exc:
+        # 130 for Ctrl-C, 128 + N for another signal (143 for SIGTERM), as a shell reports them.
+        code = 128 + int(getattr(exc, "signum", signal.SIGINT))
         print("interrupted: checkpoints and partial results are kept; run the same command again to resume", file=sys.stderr)
-        raise SystemExit(130) from None
+        raise SystemExit(code) from None
     # A number for sweepers that optimise the returned value.
     return outcome.metrics.get("test/acc") if outcome.metrics else None
 
 
+def user_message(exc: RobustnessError) -> str:
+    """The message and hint of one of our errors, as the user should read it.
+
+    An error raised inside a DataLoader worker process reaches the main process re-created by
+    PyTorch from text: 'Caught DataError in DataLoader worker process 0. Original Traceback
+    (most recent call last): ... robustness.errors.DataError: <message>\n  fix: <hint>'.
+    Only the part after the exception's name is ours; the worker's traceback is dropped.
+    """
+    text = str(exc)
+    if "Original Traceback" in text and "DataLoader worker" in text:
+        name = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+        at = text.rfind(name)
+        if at >= 0:
+            text = text[at + len(name):]
+    return text.strip()
+
+
+def _fail(exc: RobustnessError, to_log: bool = True) -> NoReturn:
+    message = user_message(exc)
+    if to_log:  # into the run's log file too (Hydra's logging is set up inside a job only)
+        log.error("%s", message)
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+# Options with which Hydra creates no output directory.
+_NO_OUTPUT_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion", "-p", "--package", "--version"}
+
+
+def _requested_output_dir(argv: list[str]) -> str | None:
+    """The output folder the command line asks for (where Hydra will create the run directory).
+
+    Hydra creates that directory, and writes into it, before any of our code runs, so an
+    unwritable place would surface as a traceback from inside Hydra. Only plain paths are
+    judged here; anything with an interpolation or a sweep is left to Hydra and to
+    ``pipeline._check_writable``.
+    """
+    if any(arg.split("=", 1)[0] in _NO_OUTPUT_FLAGS for arg in argv):
+        return None
+    multirun = any(arg in ("-m", "--multirun") for arg in argv)
+    values: dict[str, str] = {}
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if sep and key in ("paths.output_dir", "hydra.run.dir", "hydra.sweep.dir"):
+            values[key] = value.strip("'\"")
+    value = values.get("hydra.sweep.dir" if multirun else "hydra.run.dir") or values.get("paths.output_dir") \
+        or os.environ.get("ROBUSTNESS_OUTPUT_DIR") or "outputs"
+    if "${" in value or "," in value:
+        return None
+    return value
+
+
+def _check_output_dir(argv: list[str]) -> None:
+    requested = _requested_output_dir(argv)
+    if requested is None:
+        return
+    target = Path(requested).expanduser().absolute()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is a file, not a folder"
+    else:
+        try:  # a real write: permission bits say nothing for root or on a read-only mount
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as exc:
+            problem = f"{existing} is not writable: {exc.strerror or exc}"
+    if problem:
+        _fail(ConfigError(
+            f"cannot write to the output directory {target} ({problem})",
+            "choose a writable place with paths.output_dir=... (or hydra.run.dir=...)",
+        ), to_log=False)
+
+
 def main() -> None:
+    _check_output_dir(sys.argv[1:])
     _main()
 
 

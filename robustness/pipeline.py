@@ -216,8 +216,10 @@ class EpochCheckpoint(pl.Callback):
       never half-replayed); Lightning restores the model, optimiser, LR scheduler and loop counters;
     - the shuffling order is a function of (seed, epoch) (``EpochSeededSampler``);
     - the global RNG states (torch, CUDA, numpy, python) at the epoch end are stored in the
-      checkpoint and put back at the start of the next epoch, so random augmentation, random
-      attack starts and dropout continue the sequence the uninterrupted run would have drawn.
+      checkpoint and put back at the start of the next epoch, so random attack starts, dropout
+      and augmentation in the main process continue the sequence the uninterrupted run would
+      have drawn. (Not covered: random numbers drawn in DataLoader worker processes, and
+      ``on_train_epoch_start`` hooks of the module or of later callbacks that draw them.)
 
     The config fingerprint is stored inside the checkpoint itself (one atomic file): a checkpoint
     written by a run with a different config is never resumed from.
@@ -263,14 +265,35 @@ class EpochCheckpoint(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The first epoch after a resume: continue the random streams where the saved epoch left them.
-        if self._rng_to_restore is not None:
-            _set_rng_states(self._rng_to_restore)
-            self._rng_to_restore = None
+        if self._rng_to_restore is None:
+            return
+        _set_rng_states(self._rng_to_restore)
+        self._rng_to_restore = None
+        # A resumed fit() makes this epoch's batch iterator early, before the sampler learns the
+        # epoch and before the RNG states above are back (creating it draws a base seed from the
+        # global RNG). An uninterrupted run makes it right after this hook: do the same here.
+        fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+        if fetcher is not None and trainer.current_epoch > 0:
+            iter(fetcher)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Lightning turns a KeyboardInterrupt inside fit() into sys.exit(1); remember what it was.
         if isinstance(exception, (KeyboardInterrupt, SystemExit)):
             self.interruption = exception
+
+    def discard(self) -> None:
+        """Drop the resume checkpoint once the run is complete; leave one that another config's run
+        has written meanwhile (and any temporary file of a run still going) alone."""
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True).get(self.KEY) or {}
+            if saved.get("fingerprint") == self.fingerprint:
+                self.path.unlink()
+        except Exception:  # noqa: BLE001 - absent or unreadable: not ours to delete
+            pass
+        try:
+            self.directory.rmdir()
+        except OSError:
+            pass
 
     def resumable(self) -> Path | None:
         """``last.ckpt`` when it exists, is readable and was written with this config; else None."""
@@ -394,15 +417,16 @@ def train(cfg: DictConfig, output_dir: Path, tag: str = "") -> RunOutcome:
                 # weights_only=True: the resume checkpoint holds only tensors, numbers, strings and
                 # containers of them (see EpochCheckpoint), so nothing in it can run code.
                 trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
+                if trainer.interrupted:
+                    raise checkpoint.interruption if isinstance(checkpoint.interruption, KeyboardInterrupt) else KeyboardInterrupt()
+                fit_metrics = _scalars(trainer.callback_metrics)
+                test_metrics = _scalars(trainer.test(module, datamodule=datamodule, verbose=False)[0])
             except SystemExit:
-                # Lightning handles a KeyboardInterrupt inside fit() by cleaning up and calling sys.exit(1).
+                # Lightning handles a KeyboardInterrupt inside fit() or test() by cleaning up and
+                # calling sys.exit(1); EpochCheckpoint.on_exception kept the interrupt (and its signal).
                 if not trainer.interrupted:
                     raise
                 raise checkpoint.interruption if isinstance(checkpoint.interruption, KeyboardInterrupt) else KeyboardInterrupt() from None
-            if trainer.interrupted:
-                raise checkpoint.interruption if isinstance(checkpoint.interruption, KeyboardInterrupt) else KeyboardInterrupt()
-            fit_metrics = _scalars(trainer.callback_metrics)
-            test_metrics = _scalars(trainer.test(module, datamodule=datamodule, verbose=False)[0])
     except KeyboardInterrupt:
         tracking.finish_run(logger)
         where = checkpoint.path if checkpoint.path.is_file() else "none yet: no epoch was completed"
@@ -414,7 +438,7 @@ def train(cfg: DictConfig, output_dir: Path, tag: str = "") -> RunOutcome:
     if trainer.is_global_zero:
         store.save(variant, model, info, model_cfg_dict(cfg), metrics, OmegaConf.to_yaml(cfg, resolve=True))
         atomic_write_json(output_dir / "metrics.json", metrics)
-        shutil.rmtree(store.resume_dir(variant), ignore_errors=True)
+        checkpoint.discard()
         log.info("trained '%s': test accuracy %.4f -> %s", variant, metrics.get("test/acc", float("nan")), store.variant_dir(variant, tagged=True))
     tracking.finish_run(logger, summary=metrics)
     return RunOutcome("train", output_dir, metrics=metrics)

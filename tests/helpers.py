@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -36,9 +37,16 @@ def fast_overrides(artifacts_dir: str | Path | None = None, logger: str = "csv")
     ]
 
 
-def compose(name: str, overrides: Sequence[str] = ()) -> "DictConfig":  # noqa: F821
+@contextmanager
+def hydra_initialized() -> Iterator[None]:
+    """Hydra's config search path, as the entry point sets it up (reports compose their sections)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        yield
+
+
+def compose(name: str, overrides: Sequence[str] = ()) -> "DictConfig":  # noqa: F821
+    with hydra_initialized():
         return compose_experiment(name, list(overrides))
 
 
@@ -54,7 +62,6 @@ def run_experiment(name: str, overrides: Sequence[str], tmp_path: Path, artifact
 def run_outcome(name: str, overrides: Sequence[str], tmp_path: Path, artifacts_dir: str | Path | None = None, logger: str = "csv") -> RunOutcome:
     all_overrides = [*fast_overrides(artifacts_dir, logger), f"paths.data_dir={tmp_path / 'data'}", *overrides]
     output_dir = Path(tmp_path) / f"run_{name}"
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with hydra_initialized():
         cfg = compose_experiment(name, all_overrides)
         return run(cfg, output_dir, overrides=all_overrides)

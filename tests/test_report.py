@@ -1,0 +1,65 @@
+"""The one-command report, reduced (fewer images, smaller grids), with its W&B run read back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import open_dict
+
+from helpers import compose, fast_overrides, hydra_initialized
+from robustness.pipeline import run
+
+# Per-section reductions: the same probes and code paths as the default run, on less data.
+REDUCED = {
+    "fig2_boundary": ["probe.resolution=41"],
+    "fig3_regions": ["probe.resolution=41"],
+    "fig4_cure": ["++probe.resolution=41"],
+    "table1_curvature": ["probe.num_images=8", "probe.num_samples=16"],
+    "curvature_profile": ["probe.num_images=4", "probe.k=5"],
+    "robust_accuracy": ["probe.n_images=60"],
+    "fig5_6_natural_path": ["probe.natural_pairs=2"],
+    "fig7_8_adversarial_path": ["probe.adversarial_pairs=2"],
+    "table2_paths": ["probe.natural_pairs=2", "probe.adversarial_pairs=2"],
+    "fig9_perceptual": ["probe.num_images=16", "attack.steps=10"],
+    "perceptual_sweep": ["probe.num_images=16", "attack.steps=10"],
+}
+
+REPORT_ITEMS = ["Figure 2", "Figure 3", "Figure 4", "Table 1", "Figures 5 and 6", "Figures 7 and 8", "Table 2", "Figure 9"]
+
+
+def test_reduced_report_has_every_figure_and_table_and_logs_them_to_wandb(tmp_path: Path) -> None:
+    overrides = [*fast_overrides(logger="wandb"), f"paths.data_dir={tmp_path / 'data'}"]
+    cfg = compose("report_digits", overrides)
+    sections = {s.experiment for s in cfg.report.sections}
+    assert sections == set(REDUCED), "every report section needs a reduced setting in this test"
+    with open_dict(cfg):
+        for section in cfg.report.sections:
+            section.overrides = REDUCED[section.experiment]
+    with hydra_initialized():
+        outcome = run(cfg, tmp_path / "report", overrides=overrides)
+
+    report = (tmp_path / "report" / "report.md").read_text()
+    for item in REPORT_ITEMS:
+        assert f"## {item}" in report
+    figures = [a for a in outcome.artefacts if a.kind == "figure"]
+    tables = [a for a in outcome.artefacts if a.kind == "table"]
+    assert len(figures) >= 12 and len(tables) >= 10
+    for artefact in outcome.artefacts:
+        for path in artefact.paths:
+            assert path.is_file() and path.stat().st_size > 0, path
+    # Every figure is embedded in report.md, every table written into it.
+    for figure in figures:
+        assert f"]({figure.paths[0].relative_to(tmp_path / 'report')})" in report
+    assert "| Base model |" in report or "| base |" in report
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(figures)
+
+    # One offline W&B run for the report, holding every figure and table it shows.
+    runs = list((tmp_path / "report").glob("wandb/offline-run-*"))
+    assert len(runs) == 1
+    media = runs[0] / "files" / "media"
+    logged_images = {p.name.split("_")[0] for p in media.rglob("*.png")}
+    logged_tables = list(media.rglob("*.table.json"))
+    assert len(list(media.rglob("*.png"))) == len(figures)
+    assert len(logged_tables) == len(tables)
+    assert logged_images
