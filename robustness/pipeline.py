@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from robustness.data import ImageDataModule, build_datamodule
 from robustness.errors import ConfigError, StoreError
-from robustness.io import atomic_write_json, read_json
+from robustness.io import atomic_write_json
 from robustness.models import build_model
 from robustness.probes.base import ProbeContext, ProbeResult
 from robustness.registry import PROBES, REGULARIZERS, REPORTERS, resolve, split_name

@@ -46,6 +46,14 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_weights(path: Path, what: str) -> Any:
     """``torch.load`` with ``weights_only=True``, turning every failure into a StoreError."""
     try:
@@ -101,12 +109,15 @@ class ModelStore:
         """Write a trained variant; each file is replaced atomically, the weights last but one, meta last."""
         directory = self.variant_dir(variant, tagged=True)
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        atomic_torch_save(state, directory / MODEL_FILE)
         if config_yaml is not None:
             atomic_write_text(directory / "config.yaml", config_yaml)
         atomic_write_json(directory / "metrics.json", dict(metrics or {}))
-        atomic_torch_save(state, directory / MODEL_FILE)
-        # meta.json last: `has()` is true only once the weights it describes are in place.
-        atomic_write_json(directory / META_FILE, self._meta(info, model_cfg, variant))
+        # meta.json last, holding the weights' digest: a save that died half-way (new weights,
+        # old meta) is detected on load instead of serving weights its metadata does not describe.
+        meta = self._meta(info, model_cfg, variant)
+        meta["weights_sha256"] = file_digest(directory / MODEL_FILE)
+        atomic_write_json(directory / META_FILE, meta)
         return directory
 
     def _meta(self, info: DatasetInfo, model_cfg: Mapping[str, Any], variant: str) -> dict[str, Any]:
@@ -130,6 +141,11 @@ class ModelStore:
         state = load_weights(directory / MODEL_FILE, f"the '{variant}' checkpoint")
         if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
             raise StoreError(f"{directory / MODEL_FILE} is not a state_dict of tensors", "delete it and retrain the variant")
+        if meta.get("weights_sha256") not in (None, file_digest(directory / MODEL_FILE)):
+            raise StoreError(
+                f"the '{variant}' weights in {directory} are not the ones its meta.json describes (an interrupted save?)",
+                "delete that variant folder and train it again",
+            )
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
