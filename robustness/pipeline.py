@@ -435,6 +435,8 @@ def train(cfg: DictConfig, output_dir: Path, tag: str = "") -> RunOutcome:
     metrics = {**fit_metrics, **test_metrics}
     metrics["skipped_steps"] = module.skipped_steps
     metrics["epochs"] = trainer.current_epoch
+    # What the regularizer did (e.g. the adversarial set's size and accuracy history), kept with the model.
+    metrics["regularizer"] = regularizer.describe()
     if trainer.is_global_zero:
         store.save(variant, model, info, model_cfg_dict(cfg), metrics, OmegaConf.to_yaml(cfg, resolve=True))
         atomic_write_json(output_dir / "metrics.json", metrics)

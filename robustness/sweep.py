@@ -25,6 +25,7 @@ def collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
         overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
         metrics_file = job_dir / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
         for key in metrics:
             if key not in metric_keys:
                 metric_keys.append(key)
