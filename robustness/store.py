@@ -16,6 +16,8 @@ never write over each other.
 from __future__ import annotations
 
 import hashlib
+import io
+import time
 import json
 import pickle
 import re
@@ -54,8 +56,12 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_weights(path: Path, what: str) -> Any:
+_CONSISTENT_READ_ATTEMPTS = 5
+
+
+def load_weights(path: Path | io.BytesIO, what: str) -> Any:
     """``torch.load`` with ``weights_only=True``, turning every failure into a StoreError."""
+    label = what if isinstance(path, io.BytesIO) else f"{what} at {path}"
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -63,14 +69,14 @@ def load_weights(path: Path, what: str) -> Any:
     except pickle.UnpicklingError as exc:
         if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "not allowed" in str(exc):
             raise StoreError(
-                f"{what} at {path} contains pickled Python objects, not just tensors; refusing to load it "
+                f"{label} contains pickled Python objects, not just tensors; refusing to load it "
                 "because unpickling could run arbitrary code",
                 "only load checkpoints saved by this project (state_dicts of tensors), or re-save it as a plain state_dict",
             ) from None
-        raise StoreError(f"{what} at {path} is corrupted ({exc})", "delete it and re-create it") from None
+        raise StoreError(f"{label} is corrupted ({exc})", "delete it and re-create it") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise StoreError(
-            f"{what} at {path} is truncated or corrupted and cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+            f"{label} is truncated or corrupted and cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
             "delete that file and re-run the training command that produced it",
         ) from None
 
@@ -133,19 +139,26 @@ class ModelStore:
         directory = self.variant_dir(variant, tagged)
         if not self.has(variant, tagged):
             raise StoreError(f"the store has no '{variant}' model for {self.dataset}/{self.model} (looked in {directory})")
-        try:
-            meta = read_json(directory / META_FILE)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise StoreError(f"{directory / META_FILE} is corrupted ({exc})", "delete the variant folder and retrain it") from None
-        self.check_meta(meta, info, model_cfg, directory)
-        state = load_weights(directory / MODEL_FILE, f"the '{variant}' checkpoint")
-        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-            raise StoreError(f"{directory / MODEL_FILE} is not a state_dict of tensors", "delete it and retrain the variant")
-        if meta.get("weights_sha256") not in (None, file_digest(directory / MODEL_FILE)):
+        # A concurrent save (a multirun sibling retraining this variant) replaces model.pt a few
+        # milliseconds before meta.json: read both again until the digest agrees, then fail.
+        for attempt in range(_CONSISTENT_READ_ATTEMPTS):
+            try:
+                meta = read_json(directory / META_FILE)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise StoreError(f"{directory / META_FILE} is corrupted ({exc})", "delete the variant folder and retrain it") from None
+            self.check_meta(meta, info, model_cfg, directory)
+            data = (directory / MODEL_FILE).read_bytes()
+            state = load_weights(io.BytesIO(data), f"the '{variant}' checkpoint at {directory / MODEL_FILE}")
+            if meta.get("weights_sha256") in (None, hashlib.sha256(data).hexdigest()):
+                break
+            time.sleep(0.05 * (attempt + 1))
+        else:
             raise StoreError(
                 f"the '{variant}' weights in {directory} are not the ones its meta.json describes (an interrupted save?)",
                 "delete that variant folder and train it again",
             )
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise StoreError(f"{directory / MODEL_FILE} is not a state_dict of tensors", "delete it and retrain the variant")
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
