@@ -1,0 +1,224 @@
+"""Cost of a CURE training step, measured side by side with a plain step and a reference step.
+
+Rows per model (random weights and images: the cost does not depend on training):
+
+- ``plain``: cross-entropy forward + backward, the unit of cost;
+- ``cure batch`` / ``cure running``: this framework's step (``CURE.training_loss`` + backward)
+  with each ``bn_mode``; ``cure batch f=0.25`` computes the penalty on a quarter of the batch
+  (smallcnn, and every model on a GPU);
+- ``reference``: the same penalty computed the way the public CURE code structures it: a
+  separate forward/backward for ``z`` (its parameter gradients thrown away), two more forwards
+  (at ``x + h z`` and at ``x``, evaluation mode), the gradient of their loss difference with
+  ``create_graph``, then the usual cross-entropy forward and one backward of the total.
+
+Columns: ``ms/step``; ``x plain`` and ``x reference`` (time ratios); ``peak MB``, the step's
+peak memory above what was allocated before it; ``mem x plain``.
+
+How: on a GPU, wall time (median of interleaved repeats) and the CUDA allocator's peak. On a
+CPU, one intra-op thread and the process's CPU time, so that the numbers measure work, not the
+neighbours sharing the cores or idle threads spinning; peak memory replays the profiler's
+allocation events in time order. smallcnn steps are timed over interleaved repeats; a CPU
+resnet18 step takes seconds (a reference step about 40 s), so each is measured once, after a
+warm-up, in the same pass as its memory.
+
+Targets (issue 3): ``cure`` at most 0.6x the reference on both models and at most 2x plain on
+smallcnn, peak memory at most 3x plain. On a GPU the rows also cover resnet18 at 64x64, batch
+128, with training throughput (images/s, optimiser step included).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robustness.data.base import DatasetInfo
+from robustness.data.digits import DigitsDataModule
+from robustness.models.resnet import resnet18
+from robustness.models.smallcnn import smallcnn
+from robustness.training.cure import CURE, sign_direction
+
+LAM, H = 1.0, 0.5
+CIFAR_LIKE = DatasetInfo("random32", 10, (3, 32, 32), tuple(str(i) for i in range(10)), (0.5,) * 3, (0.25,) * 3)
+TINY_LIKE = DatasetInfo("random64", 200, (3, 64, 64), tuple(str(i) for i in range(200)), (0.5,) * 3, (0.25,) * 3)
+
+Step = Callable[[nn.Module, Tensor, Tensor], None]
+
+
+def plain_step(model: nn.Module, x: Tensor, y: Tensor) -> None:
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+
+
+def cure_step(cure: CURE) -> Step:
+    def step(model: nn.Module, x: Tensor, y: Tensor) -> None:
+        model.zero_grad(set_to_none=True)
+        cure.training_loss(model, x, y, epoch=0).loss.backward()
+
+    return step
+
+
+def reference_step(model: nn.Module, x: Tensor, y: Tensor) -> None:
+    """The public CURE code's structure, with this framework's per-example squared penalty."""
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    x_z = x.detach().clone().requires_grad_(True)
+    F.cross_entropy(model(x_z), y, reduction="sum").backward()  # fills parameter gradients too
+    z = sign_direction(x_z.grad)
+    model.zero_grad(set_to_none=True)
+    x_req = x.detach().clone().requires_grad_(True)
+    loss_shifted = F.cross_entropy(model(x_req + H * z), y, reduction="sum")
+    loss_clean = F.cross_entropy(model(x_req), y, reduction="sum")
+    (difference,) = torch.autograd.grad(loss_shifted - loss_clean, x_req, create_graph=True)
+    penalty = difference.flatten(1).pow(2).sum(dim=1).mean()
+    model.train()
+    loss = F.cross_entropy(model(x), y) + LAM * penalty
+    loss.backward()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _clock(device: torch.device) -> Callable[[], float]:
+    return time.perf_counter if device.type == "cuda" else time.process_time
+
+
+@contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """The profiler's C++ side logs its start and stop to file descriptor 2; keep the table clean."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _measure_once(step: Step, model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
+    """(seconds, peak bytes above the memory allocated before the step) of one step."""
+    model.zero_grad(set_to_none=True)
+    clock = _clock(x.device)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        start = clock()
+        step(model, x, y)
+        torch.cuda.synchronize()
+        return clock() - start, float(torch.cuda.max_memory_allocated() - before)
+    from torch.profiler import ProfilerActivity, profile
+
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        start = clock()
+        step(model, x, y)
+        seconds = clock() - start
+    # Each event's own (self) allocations minus frees, replayed in time order.
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda event: event.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return seconds, float(peak)
+
+
+def _median_times(steps: dict[str, Step], model: nn.Module, x: Tensor, y: Tensor, repeat: int) -> dict[str, float]:
+    """Median seconds per step; repeats interleave the steps so that drift hits them alike."""
+    clock = _clock(x.device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeat):
+        for name, step in steps.items():
+            _sync(x.device)
+            start = clock()
+            step(model, x, y)
+            _sync(x.device)
+            times[name].append(clock() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _throughput(step: Step, model: nn.Module, x: Tensor, y: Tensor, steps: int) -> float:
+    """Training images per second (wall time), optimiser step included."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    step(model, x, y)
+    optimizer.step()
+    _sync(x.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(model, x, y)
+        optimizer.step()
+    _sync(x.device)
+    return steps * len(x) / (time.perf_counter() - start)
+
+
+def _model_rows(name: str, model: nn.Module, x: Tensor, y: Tensor, repeat: int, with_fraction: bool, throughput_steps: int) -> list[dict[str, Any]]:
+    model.train()
+    steps: dict[str, Step] = {
+        "plain": plain_step,
+        "cure batch": cure_step(CURE(lam=LAM, h=H, bn_mode="batch")),
+        "cure running": cure_step(CURE(lam=LAM, h=H, bn_mode="running")),
+        "reference": reference_step,
+    }
+    if with_fraction:
+        steps["cure batch f=0.25"] = cure_step(CURE(lam=LAM, h=H, bn_mode="batch", fraction=0.25))
+    if repeat > 1:
+        # The memory pass doubles as every step's warm-up; the times come from the repeats.
+        peaks = {step_name: _measure_once(step, model, x, y)[1] for step_name, step in steps.items()}
+        seconds = _median_times(steps, model, x, y, repeat)
+    else:
+        # The plain and CURE steps between them use every kernel shape the others use.
+        steps["plain"](model, x, y)
+        steps["cure batch"](model, x, y)
+        measured = {step_name: _measure_once(step, model, x, y) for step_name, step in steps.items()}
+        seconds = {step_name: value[0] for step_name, value in measured.items()}
+        peaks = {step_name: value[1] for step_name, value in measured.items()}
+    rows = []
+    for step_name in steps:
+        row: dict[str, Any] = {
+            "row": f"{name} {step_name}",
+            "ms/step": 1e3 * seconds[step_name],
+            "x plain": seconds[step_name] / seconds["plain"],
+            "x reference": seconds[step_name] / seconds["reference"],
+            "peak MB": peaks[step_name] / 2**20,
+            "mem x plain": peaks[step_name] / peaks["plain"],
+        }
+        if throughput_steps and step_name in ("plain", "cure batch", "cure running"):
+            row["train images/s"] = _throughput(steps[step_name], model, x, y, throughput_steps)
+        rows.append(row)
+    return rows
+
+
+def run() -> list[dict[str, Any]]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    generator = torch.Generator().manual_seed(0)
+    cases: list[tuple[str, nn.Module, DatasetInfo, int]] = [
+        ("smallcnn 8x8 b64", smallcnn(DigitsDataModule.info), DigitsDataModule.info, 64),
+        ("resnet18 32x32 b64", resnet18(CIFAR_LIKE), CIFAR_LIKE, 64),
+    ]
+    if gpu:
+        cases.append(("resnet18 64x64 b128", resnet18(TINY_LIKE), TINY_LIKE, 128))
+    threads = torch.get_num_threads()
+    if not gpu:
+        torch.set_num_threads(1)
+    try:
+        rows: list[dict[str, Any]] = []
+        for name, model, info, batch in cases:
+            x = torch.rand(batch, *info.image_shape, generator=generator).to(device)
+            y = torch.randint(0, info.num_classes, (batch,), generator=generator).to(device)
+            small = info.image_shape[-1] <= 8
+            repeat = 20 if gpu else (15 if small else 1)
+            throughput_steps = 20 if gpu and not small else 0
+            rows.extend(_model_rows(name, model.to(device), x, y, repeat, small or gpu, throughput_steps))
+        return rows
+    finally:
+        torch.set_num_threads(threads)
