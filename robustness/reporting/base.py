@@ -52,7 +52,7 @@ def format_cell(value: Any) -> str:
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     if not rows:
         return "(no rows)\n"
-    columns = list(rows[0].keys())
+    columns = list(dict.fromkeys(key for row in rows for key in row))  # union, in first-seen order
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(format_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -62,7 +62,7 @@ def write_table(rows: Sequence[dict[str, Any]], out_dir: str | Path, name: str, 
     out_dir = Path(out_dir)
     buffer = io.StringIO()
     if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()))
+        writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
         writer.writeheader()
         writer.writerows(rows)
     csv_path = atomic_write_text(out_dir / f"{name}.csv", buffer.getvalue())
