@@ -9,6 +9,7 @@ from typing import Iterator, Sequence
 
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
 
 from robustness.cli import CONFIG_DIR
 from robustness.pipeline import RunOutcome, compose_experiment, run
@@ -45,7 +46,7 @@ def hydra_initialized() -> Iterator[None]:
         yield
 
 
-def compose(name: str, overrides: Sequence[str] = ()) -> "DictConfig":  # noqa: F821
+def compose(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     with hydra_initialized():
         return compose_experiment(name, list(overrides))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -182,5 +182,5 @@ def missing_data_error(dataset: str, looked_in: Path, what: str) -> DataError:
     """The error for a dataset absent from disk with downloads off."""
     return DataError(
         f"{dataset} not found: looked for {what} in {looked_in}",
-        f"download it with 'dataset.download=true', or point 'paths.data_dir=...' at the folder that holds it",
+        "download it with 'dataset.download=true', or point 'paths.data_dir=...' at the folder that holds it",
     )

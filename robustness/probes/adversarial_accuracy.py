@@ -16,15 +16,15 @@ Per-variant results are kept in ``ctx.work_dir`` so an interrupted run resumes p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar, Any
 
 import torch
 from torch import Tensor, nn
 
 from robustness.errors import ConfigError
 from robustness.io import atomic_torch_save
-from robustness.probes.base import ProbeContext, ProbeResult, predict
+from robustness.probes.base import ProbeContext, ProbeOptions, ProbeResult, predict
 from robustness.registry import build_attack
 from robustness.store import config_hash, load_weights
 
@@ -32,8 +32,10 @@ NORMS = ("l2", "linf")
 
 
 @dataclass(frozen=True)
-class Options:
+class Options(ProbeOptions):
     """See conf/probe/adversarial_accuracy.yaml for their meaning."""
+
+    probe: ClassVar[str] = "adversarial_accuracy"
 
     eps: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5)
     split: str = "test"
@@ -43,21 +45,11 @@ class Options:
     relative_step: float | None = None
 
     @classmethod
-    def from_cfg(cls, cfg: dict[str, Any]) -> "Options":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known - {"name"})
-        if unknown:
-            raise ConfigError(
-                f"unknown option(s) for probe adversarial_accuracy: {', '.join(unknown)}",
-                f"valid options: {', '.join(sorted(known))} (see conf/probe/adversarial_accuracy.yaml)",
-            )
-        values = {key: cfg[key] for key in known if key in cfg and cfg[key] is not None}
+    def normalise(cls, values: dict[str, Any]) -> dict[str, Any]:
         if "eps" in values:
             raw = values["eps"]
             values["eps"] = tuple(float(e) for e in (raw if isinstance(raw, (list, tuple)) else [raw]))
-        options = cls(**values)
-        options.validate()
-        return options
+        return values
 
     def validate(self) -> None:
         if not self.eps:

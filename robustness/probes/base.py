@@ -7,16 +7,51 @@ result is saved, reloaded and drawn by the reporter of the same name in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from robustness.errors import StoreError
+from robustness.errors import ConfigError, StoreError
 from robustness.io import atomic_torch_save, atomic_write_json, read_json
+
+
+class ProbeOptions:
+    """Mixin for a probe's options dataclass: built from the probe's config node, where an
+    unknown key or a value of the wrong type is a ConfigError naming the valid options."""
+
+    probe: ClassVar[str] = ""
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any]) -> Any:
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(cfg) - known - {"name"})
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) for probe {cls.probe}: {', '.join(unknown)}",
+                f"valid options: {', '.join(sorted(known))} (see conf/probe/{cls.probe}.yaml)",
+            )
+        # A null in the config means "the default".
+        values = cls.normalise({key: cfg[key] for key in known if key in cfg and cfg[key] is not None})
+        options = cls(**values)
+        try:
+            options.validate()
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"an option of probe {cls.probe} has the wrong type: {exc}", f"see conf/probe/{cls.probe}.yaml") from None
+        return options
+
+    @classmethod
+    def normalise(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """Convert raw config values (lists from YAML, ...) before construction."""
+        return values
+
+    def validate(self) -> None:
+        """Check ranges; raise ConfigError with a hint."""
 
 
 @dataclass

@@ -25,9 +25,9 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import ClassVar, Any
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from robustness.attacks.deepfool import deepfool
 from robustness.errors import ConfigError
 from robustness.geometry.paths import PathResult, find_paths, path_metrics, resample_path
 from robustness.io import atomic_torch_save
-from robustness.probes.base import ProbeContext, ProbeResult, predict
+from robustness.probes.base import ProbeContext, ProbeOptions, ProbeResult, predict
 
 PAIR_TYPES = ("natural", "adversarial", "noise")
 # Keeps the pairs of each type independent of which other types a run asks for.
@@ -48,8 +48,10 @@ _OVERSAMPLE = 2
 
 
 @dataclass
-class PathOptions:
+class PathOptions(ProbeOptions):
     """The probe's options (conf/probe/path_connectivity.yaml documents each one)."""
+
+    probe: ClassVar[str] = "path_connectivity"
 
     pair_types: list[str] = field(default_factory=lambda: ["natural", "adversarial"])
     natural_pairs: int = 18
@@ -70,15 +72,10 @@ class PathOptions:
     pca_components: int = 10
 
     @classmethod
-    def from_cfg(cls, cfg: dict[str, Any]) -> "PathOptions":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known - {"name"})
-        if unknown:
-            raise ConfigError(f"unknown path_connectivity option(s): {', '.join(unknown)}", f"valid options: {', '.join(sorted(known))}")
-        options = cls(**{k: v for k, v in cfg.items() if k in known})
-        options.pair_types = list(options.pair_types)
-        options.validate()
-        return options
+    def normalise(cls, values: dict[str, Any]) -> dict[str, Any]:
+        if "pair_types" in values:
+            values["pair_types"] = list(values["pair_types"])
+        return values
 
     def validate(self) -> None:
         bad = [t for t in self.pair_types if t not in PAIR_TYPES]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
@@ -21,13 +21,13 @@ from torch import Tensor, nn
 
 from robustness.errors import ConfigError, StoreError
 from robustness.io import atomic_torch_save
-from robustness.probes.base import ProbeContext
+from robustness.probes.base import ProbeContext, ProbeOptions
 
 ChunkFn = Callable[[int, int], Mapping[str, Tensor]]
 
 
 @dataclass(frozen=True)
-class PerImageOptions:
+class PerImageOptions(ProbeOptions):
     """Which images, and how many per chunk (see conf/probe/hessian_norm.yaml for the meaning)."""
 
     probe: ClassVar[str] = ""
@@ -35,19 +35,6 @@ class PerImageOptions:
     num_images: int = 100
     split: str = "test"
     chunk_size: int = 25
-
-    @classmethod
-    def from_cfg(cls, cfg: Mapping[str, Any]):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known - {"name"})
-        if unknown:
-            raise ConfigError(
-                f"unknown option(s) for probe {cls.probe}: {', '.join(unknown)}",
-                f"valid options: {', '.join(sorted(known))} (see conf/probe/{cls.probe}.yaml)",
-            )
-        options = cls(**{key: cfg[key] for key in known if key in cfg and cfg[key] is not None})
-        options.validate()
-        return options
 
     def validate(self) -> None:
         require_positive_int(self.probe, "num_images", self.num_images, "the report uses 100")

@@ -9,21 +9,20 @@ class: a regular decision function shows few, wide regions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from robustness.errors import ConfigError, InputError
 from robustness.geometry.planes import classify_plane, direction_pair, region_statistics
-from robustness.probes.base import ProbeContext, ProbeResult, predict
+from robustness.probes.base import ProbeContext, ProbeOptions, ProbeResult, predict
 
-Options = TypeVar("Options", bound="PlaneOptions")
 
 
 @dataclass(frozen=True)
-class PlaneOptions:
+class PlaneOptions(ProbeOptions):
     """Options shared by the plane probes (see conf/probe/random_plane.yaml for their meaning).
 
     ``extent`` is the half-width of the square; its unit depends on the probe (here: the l2 norm of
@@ -39,24 +38,6 @@ class PlaneOptions:
     extent: float = 1.0
     clamp: bool = False
     batch_size: int = 1024
-
-    @classmethod
-    def from_cfg(cls: type[Options], cfg: dict[str, Any]) -> Options:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known - {"name"})
-        if unknown:
-            raise ConfigError(
-                f"unknown option(s) for probe {cls.probe}: {', '.join(unknown)}",
-                f"valid options: {', '.join(sorted(known))} (see conf/probe/{cls.probe}.yaml)",
-            )
-        options = cls(**{key: cfg[key] for key in known if key in cfg and cfg[key] is not None})
-        try:
-            options.validate()
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, ConfigError):
-                raise
-            raise ConfigError(f"an option of probe {cls.probe} has the wrong type: {exc}", f"see conf/probe/{cls.probe}.yaml") from None
-        return options
 
     def validate(self) -> None:
         where = f"probe.{{}} of {self.probe}"
