@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustness.bench import single_thread
 from robustness.attacks.base import l2_norm
 from robustness.attacks.deepfool import deepfool
 from robustness.attacks.pgd import PGDL2, PGDLinf
@@ -161,16 +162,12 @@ def _pgd_rows(model: nn.Module, x: Tensor, y: Tensor, repeats: int = 7) -> list[
 
 
 def run() -> list[dict]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         torch.manual_seed(0)
         model, splits = train_digits_smallcnn()
         x, y = correctly_classified(model, *splits["test"])
         rows = _deepfool_rows(model, x[:200], y[:200])
         rows += _pgd_rows(model, x[:256], y[:256])
-    finally:
-        torch.set_num_threads(threads)
     return rows
 
 

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustness.bench import single_thread
 from robustness.data.base import DatasetInfo
 from robustness.data.digits import DigitsDataModule
 from robustness.models.resnet import resnet18
@@ -207,10 +208,7 @@ def run() -> list[dict[str, Any]]:
     ]
     if gpu:
         cases.append(("resnet18 64x64 b128", resnet18(TINY_LIKE), TINY_LIKE, 128))
-    threads = torch.get_num_threads()
-    if not gpu:
-        torch.set_num_threads(1)
-    try:
+    with single_thread(enabled=not gpu):
         rows: list[dict[str, Any]] = []
         for name, model, info, batch in cases:
             x = torch.rand(batch, *info.image_shape, generator=generator).to(device)
@@ -220,5 +218,3 @@ def run() -> list[dict[str, Any]]:
             throughput_steps = 20 if gpu and not small else 0
             rows.extend(_model_rows(name, model.to(device), x, y, repeat, small or gpu, throughput_steps))
         return rows
-    finally:
-        torch.set_num_threads(threads)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from robustness.bench import single_thread
 from robustness.bench.attacks import train_digits_smallcnn
 from robustness.geometry.paths import PathResult, find_paths, path_metrics
 from robustness.probes.base import predict
@@ -68,9 +69,7 @@ def _row(name: str, model: nn.Module, pairs: Pairs, overshoot: float, options: P
 
 
 def run() -> list[dict]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         torch.manual_seed(0)
         model, splits = train_digits_smallcnn()
         x = splits["test"][0][:500]
@@ -84,5 +83,3 @@ def run() -> list[dict]:
             _row("adversarial", model, adversarial, options.pull_overshoot, options, compare_alone=True),
             _row("adversarial, pull overshoot 0.02", model, few, 0.02, options, compare_alone=False),
         ]
-    finally:
-        torch.set_num_threads(threads)
