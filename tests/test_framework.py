@@ -189,3 +189,32 @@ def test_sweep_through_submitit_local_writes_a_summary(tmp_path: Path) -> None:
     rows = list(csv.DictReader(summary))
     assert [float(r["optim.lr"]) for r in rows] == [1e-3, 1e-2]
     assert all(0.0 < float(r["test/acc"]) <= 1.0 and r["status"] == "done" for r in rows)
+
+
+def test_a_skipped_non_finite_step_leaves_weights_and_batch_norm_statistics_untouched() -> None:
+    import pytorch_lightning as pl
+
+    from robustness.data.digits import DigitsDataModule
+    from robustness.models.smallcnn import smallcnn
+    from robustness.training.module import ClassifierModule
+    from robustness.training.regularizer import Regularizer, StepOutput
+
+    class PoisonedBatches(Regularizer):
+        """Plain cross-entropy, except that every batch's loss is NaN after the real forward."""
+
+        def training_loss(self, model, x, y, epoch):
+            out = super().training_loss(model, x, y, epoch)
+            return StepOutput(out.loss * float("nan"), out.logits, out.logs)
+
+    datamodule = DigitsDataModule(data_dir="unused", batch_size=64, seed=0, train_fraction=0.2)
+    datamodule.setup()
+    model = smallcnn(datamodule.info, width=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    module = ClassifierModule(model, 10, PoisonedBatches(), max_bad_steps=1000)
+    trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=datamodule)
+    assert module.skipped_steps == 3
+    after = model.state_dict()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), f"{key} changed during skipped steps"

@@ -53,13 +53,28 @@ class ClassifierModule(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
+    @property
+    def _normalisation_buffers(self) -> list[Tensor]:
+        return [
+            buffer
+            for module in self.model.modules()
+            if isinstance(module, nn.modules.batchnorm._NormBase)
+            for buffer in module.buffers(recurse=False)
+        ]
+
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x, y = batch
+        # The forward of a bad batch already moved the normalisation statistics; a skipped step
+        # must leave the model exactly as it was, so keep a copy to put back.
+        statistics = [b.detach().clone() for b in self._normalisation_buffers]
         out = self.regularizer.training_loss(self.model, x, y, self.current_epoch)
         if not bool(torch.isfinite(out.loss)):
+            with torch.no_grad():
+                for buffer, saved in zip(self._normalisation_buffers, statistics):
+                    buffer.copy_(saved)
             self.consecutive_bad_steps += 1
             self.skipped_steps += 1
             self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
