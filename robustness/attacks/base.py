@@ -26,6 +26,17 @@ class AttackResult:
     norm: Tensor
     steps: Tensor
 
+    @classmethod
+    def unattacked(cls, x: Tensor) -> "AttackResult":
+        """The result for images left as they are: no success, zero norm, zero steps."""
+        n, device = x.shape[0], x.device
+        return cls(
+            x.detach().clone(),
+            torch.zeros(n, dtype=torch.bool, device=device),
+            torch.zeros(n, dtype=x.dtype, device=device),
+            torch.zeros(n, dtype=torch.long, device=device),
+        )
+
     def detach(self) -> "AttackResult":
         return AttackResult(self.x_adv.detach(), self.success.detach(), self.norm.detach(), self.steps.detach())
 

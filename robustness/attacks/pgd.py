@@ -44,8 +44,7 @@ def pgd(
     n = x0.shape[0]
     device = x0.device
     if n == 0:
-        empty = torch.zeros(0, device=device)
-        return AttackResult(x0.clone(), empty.bool(), empty.to(x0.dtype), empty.long())
+        return AttackResult.unattacked(x0)
 
     if y is None and target is None:
         with torch.no_grad():

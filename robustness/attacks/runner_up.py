@@ -50,7 +50,7 @@ class RunnerUp:
         steps = torch.zeros(n, dtype=torch.long, device=device)
         success = torch.zeros(n, dtype=torch.bool, device=device)
         if n == 0:
-            return AttackResult(x0.clone(), success, torch.zeros(0, dtype=x0.dtype, device=device), steps)
+            return AttackResult.unattacked(x0)
 
         x_adv = x0.clone()
         active = torch.arange(n, device=device)

@@ -10,7 +10,7 @@ import numpy as np
 
 from robustness.probes.base import ProbeResult
 from robustness.reporting.base import Artefact, save_figure, write_table
-from robustness.reporting.random_plane import PANEL_INCHES, class_colours, class_legend, class_name, draw_regions, ordered_rows
+from robustness.reporting.random_plane import PANEL_INCHES, class_colours, class_legend, draw_regions, ordered_rows, sample_phrase
 
 CURVATURE_COLUMNS = (
     "variant", "sample_class", "attack", "attack_success", "attack_distance", "boundary_distance",
@@ -52,7 +52,7 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     class_legend(fig, colours, class_names)
     fig.tight_layout()
 
-    sample = f"{meta['dataset']} {meta['split']} image #{meta['sample_index']} (true class '{class_name(class_names, meta['true_label'])}')"
+    sample = sample_phrase(meta, class_names)
     figure = save_figure(
         fig,
         out_dir,

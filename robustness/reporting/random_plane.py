@@ -76,6 +76,11 @@ def class_name(class_names: Sequence[str], index: int) -> str:
     return str(class_names[index]) if 0 <= index < len(class_names) else str(index)
 
 
+def sample_phrase(meta: dict, class_names: Sequence[str]) -> str:
+    """How captions name the probed image: dataset, split, index and true class."""
+    return f"{meta['dataset']} {meta['split']} image #{meta['sample_index']} (true class '{class_name(class_names, meta['true_label'])}')"
+
+
 def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     meta = result.meta
     variants: list[str] = meta["variants"]
@@ -96,7 +101,7 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     class_legend(fig, colours, class_names)
     fig.tight_layout()
 
-    sample = f"{meta['dataset']} {meta['split']} image #{meta['sample_index']} (true class '{class_name(class_names, meta['true_label'])}')"
+    sample = sample_phrase(meta, class_names)
     figure = save_figure(
         fig,
         out_dir,
