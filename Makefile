@@ -6,8 +6,8 @@ PYTEST_ARGS ?= -n 2 --dist loadfile
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-install:  ## install the package (editable) with test and benchmark extras
-	$(PYTHON) -m pip install -e ".[dev,bench]"
+install:  ## install the package (editable) with everything `make test` and `make bench` need
+	$(PYTHON) -m pip install -e ".[dev,bench,cluster]"
 
 test:  ## run the test suite (CPU, embedded data, no network)
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)

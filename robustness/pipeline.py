@@ -21,17 +21,17 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from robustness.data import ImageDataModule, build_datamodule
+from robustness.data import ImageDataModule
 from robustness.errors import ConfigError, StoreError
 from robustness.io import atomic_write_json
-from robustness.models import build_model
 from robustness.probes.base import ProbeContext, ProbeResult
-from robustness.registry import PROBES, REGULARIZERS, REPORTERS, resolve, split_name
+from robustness.registry import build, choices, lookup
 from robustness.reporting.base import Artefact
-from robustness.store import ModelStore, config_hash
+from robustness import fingerprint
+from robustness.store import ModelStore
 from robustness import tracking
 from robustness.training.module import ClassifierModule
-from robustness.training.regularizer import Regularizer, TrainContext
+from robustness.training.regularizer import TrainContext
 
 log = logging.getLogger("robustness")
 
@@ -105,22 +105,13 @@ def device_for(cfg: DictConfig) -> torch.device:
 
 
 def datamodule_for(cfg: DictConfig) -> ImageDataModule:
-    datamodule = build_datamodule(cfg.dataset, str(resolve_path(cfg.paths.data_dir)), int(cfg.seed))
+    datamodule = build("dataset", cfg.dataset, data_dir=str(resolve_path(cfg.paths.data_dir)), seed=int(cfg.seed))
     datamodule.setup("fit")
     return datamodule
 
 
 def store_for(cfg: DictConfig, info_name: str, tag: str = "") -> ModelStore:
     return ModelStore(resolve_path(cfg.paths.artifacts_dir), info_name, str(cfg.model.name), tag)
-
-
-def build_regularizer(regularizer_cfg: DictConfig) -> Regularizer:
-    name, kwargs = split_name(regularizer_cfg, "regularizer")
-    cls = resolve(REGULARIZERS, name, "regularizer")
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"bad option for regularizer '{name}': {exc}", f"see conf/regularizer/{name}.yaml for its options") from None
 
 
 def plain(node: Any) -> Any:
@@ -377,8 +368,8 @@ def train(cfg: DictConfig, output_dir: Path, tag: str = "") -> RunOutcome:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = datamodule_for(cfg)
     info = datamodule.info
-    model = build_model(cfg.model, info)
-    regularizer = build_regularizer(cfg.regularizer)
+    model = build("model", cfg.model, info=info)
+    regularizer = build("regularizer", cfg.regularizer)
     variant = regularizer.variant
     store = store_for(cfg, info.name, tag)
     device = device_for(cfg)
@@ -454,7 +445,7 @@ def _resume_fingerprint(resolved: dict[str, Any]) -> str:
     """A hash of everything that determines the trained weights; a resume checkpoint is used only when it matches."""
     keyed = {k: resolved.get(k) for k in ("dataset", "model", "regularizer", "optim", "trainer", "seed")}
     keyed["trainer"] = {k: v for k, v in (keyed["trainer"] or {}).items() if k not in _COSMETIC_TRAINER_KEYS}
-    return config_hash(keyed)
+    return fingerprint.of_config(keyed)
 
 
 def _scalars(values: Any) -> dict[str, float]:
@@ -473,7 +464,7 @@ def load_variants(cfg: DictConfig, datamodule: ImageDataModule, output_dir: Path
     store = store_for(cfg, datamodule.info.name)
     for variant in variants:
         ensure_variant(cfg, variant, output_dir, datamodule.info.name)
-        model = build_model(cfg.model, datamodule.info)
+        model = build("model", cfg.model, info=datamodule.info)
         store.load_into(variant, model, datamodule.info, model_cfg_dict(cfg))
         models[variant] = model.to(device).eval()
     return models
@@ -486,7 +477,7 @@ def probe_work_dir(cfg: DictConfig, info_name: str) -> Path:
     for variant in cfg.variants:
         weights = store.variant_dir(variant) / "model.pt"
         stamps[variant] = weights.stat().st_mtime_ns if weights.is_file() else None
-    key = config_hash({
+    key = fingerprint.of_config({
         "probe": plain(cfg.probe), "attack": plain(cfg.attack), "dataset": plain(cfg.dataset),
         "variants": list(cfg.variants), "seed": int(cfg.seed), "weights": stamps,
     })
@@ -496,11 +487,11 @@ def probe_work_dir(cfg: DictConfig, info_name: str) -> Path:
 def probe(cfg: DictConfig, output_dir: Path, wandb_run: Any = None) -> RunOutcome:
     """Run ``cfg.probe`` on the variants from the store, draw its figures and tables."""
     if cfg.get("probe") is None or "name" not in cfg.probe:
-        raise ConfigError("task=probe needs a probe", f"choose one with probe=NAME ({', '.join(sorted(PROBES))}) or an experiment=...")
+        raise ConfigError("task=probe needs a probe", f"choose one with probe=NAME ({', '.join(choices('probe'))}) or an experiment=...")
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     name = str(cfg.probe.name)
-    compute = resolve(PROBES, name, "probe").compute
-    draw = resolve(REPORTERS, name, "reporter").draw
+    compute = lookup("probe", name)
+    draw = lookup("reporter", name)
     device = device_for(cfg)
     datamodule = datamodule_for(cfg)
     models = load_variants(cfg, datamodule, output_dir, device)

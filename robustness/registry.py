@@ -1,93 +1,144 @@
-"""Name -> implementation tables for every config group.
+"""One registry for every config group: a component registers itself next to its definition.
 
-A config file names its implementation with ``name:``; the remaining keys are keyword
-arguments. The tables hold import paths so that importing the package stays cheap and a
-missing optional module fails only when it is asked for.
+    @register("attack", "deepfool")
+    class DeepFool: ...
+
+A config node names its component with ``name:``; the other keys are its keyword arguments, and
+:func:`build` is the one way to turn a node into an object. Registration happens when the
+component's module is imported, so the first look-up in a group imports every module of that
+group's package (``robustness.attacks`` for ``attack``, ...): adding a component is its class and
+its YAML file, nothing else.
+
+Probes and reporters are functions rather than classes: ``lookup("probe", name)`` returns the
+probe's ``compute(ctx)``, ``lookup("reporter", name)`` the reporter's ``draw(result, out_dir)``.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Mapping
+import inspect
+import pkgutil
+from typing import Any, Callable, Mapping, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
 from robustness.errors import ConfigError
 
-DATASETS = {
-    "digits": "robustness.data.digits:DigitsDataModule",
-    "colour_digits": "robustness.data.colour_digits:ColourDigitsDataModule",
-    "cifar10": "robustness.data.cifar:CIFAR10DataModule",
-    "svhn": "robustness.data.svhn:SVHNDataModule",
-    "tinyimagenet": "robustness.data.tinyimagenet:TinyImageNetDataModule",
+T = TypeVar("T")
+
+# The package whose modules hold each group's components.
+GROUP_PACKAGES = {
+    "dataset": "robustness.data",
+    "model": "robustness.models",
+    "regularizer": "robustness.training",
+    "attack": "robustness.attacks",
+    "probe": "robustness.probes",
+    "reporter": "robustness.reporting",
 }
 
-MODELS = {
-    "smallcnn": "robustness.models.smallcnn:smallcnn",
-    "resnet18": "robustness.models.resnet:resnet18",
-    "resnet50": "robustness.models.resnet:resnet50",
-}
-
-REGULARIZERS = {
-    "none": "robustness.training.regularizer:NoRegularizer",
-    "cure": "robustness.training.cure:CURE",
-    "adversarial_finetune": "robustness.training.adversarial:AdversarialFinetune",
-    "pgd": "robustness.training.adversarial:PGDTraining",
-    "distillation": "robustness.training.distillation:Distillation",
-}
-
-ATTACKS = {
-    "runner_up": "robustness.attacks.runner_up:RunnerUp",
-    "deepfool": "robustness.attacks.deepfool:DeepFool",
-    "pgd_linf": "robustness.attacks.pgd:PGDLinf",
-    "pgd_l2": "robustness.attacks.pgd:PGDL2",
-    "fgsm": "robustness.attacks.pgd:FGSM",
-    "colour": "robustness.attacks.colour:ColourAttack",
-}
-
-# Each probe module defines ``compute(ctx: ProbeContext) -> ProbeResult``; each reporter module
-# defines ``draw(result: ProbeResult, out_dir: Path) -> list[Artefact]``.
-PROBES = {
-    "boundary_plane": "robustness.probes.boundary_plane",
-    "random_plane": "robustness.probes.random_plane",
-    "hessian_norm": "robustness.probes.hessian_norm",
-    "min_perturbation": "robustness.probes.min_perturbation",
-    "curvature_profile": "robustness.probes.curvature_profile",
-    "path_connectivity": "robustness.probes.path_connectivity",
-    "perceptual": "robustness.probes.perceptual",
-    "adversarial_accuracy": "robustness.probes.adversarial_accuracy",
-    "table1": "robustness.probes.table1",
-}
-
-REPORTERS = {name: path.replace(".probes.", ".reporting.") for name, path in PROBES.items()}
+_TABLES: dict[str, dict[str, Any]] = {group: {} for group in GROUP_PACKAGES}
+_DISCOVERED: set[str] = set()
 
 
-def resolve(table: Mapping[str, str], name: str, group: str) -> Any:
-    """Import the object registered under ``name``; unknown names list the valid ones."""
+def register(group: str, name: str) -> Callable[[T], T]:
+    """Class or function decorator: make ``obj`` the ``name`` option of ``group``."""
+    if group not in _TABLES:
+        raise ValueError(f"unknown config group '{group}' (known: {', '.join(_TABLES)})")
+
+    def decorate(obj: T) -> T:
+        table = _TABLES[group]
+        if name in table and table[name] is not obj and _qualified(table[name]) != _qualified(obj):
+            raise ValueError(f"{group} '{name}' is registered twice: {_qualified(table[name])} and {_qualified(obj)}")
+        table[name] = obj
+        return obj
+
+    return decorate
+
+
+def _qualified(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def _discover(group: str) -> None:
+    if group in _DISCOVERED:
+        return
+    package = importlib.import_module(GROUP_PACKAGES[group])
+    for module in pkgutil.iter_modules(package.__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{module.name}")
+    _DISCOVERED.add(group)
+
+
+def choices(group: str) -> list[str]:
+    """The registered option names of ``group``, sorted."""
+    _discover(group)
+    return sorted(_TABLES[group])
+
+
+def lookup(group: str, name: str) -> Any:
+    """The object registered as ``name`` in ``group``; an unknown name lists the valid ones."""
+    _discover(group)
+    table = _TABLES[group]
     if name not in table:
-        raise ConfigError(
-            f"unknown {group} '{name}'",
-            f"choose one of: {', '.join(sorted(table))}",
-        )
-    module_name, _, attr = table[name].partition(":")
-    module = importlib.import_module(module_name)
-    return getattr(module, attr) if attr else module
+        raise ConfigError(f"unknown {group} '{name}'", f"choose one of: {', '.join(sorted(table))}")
+    return table[name]
 
 
-def split_name(cfg: DictConfig | Mapping[str, Any], group: str) -> tuple[str, dict[str, Any]]:
-    """Return (name, remaining keys as plain kwargs) of a group's config node."""
-    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+def split_name(node: DictConfig | Mapping[str, Any], group: str) -> tuple[str, dict[str, Any]]:
+    """``(name, the other keys as plain keyword arguments)`` of a group's config node."""
+    if isinstance(node, DictConfig):
+        data = OmegaConf.to_container(node, resolve=True)
+    elif isinstance(node, Mapping):
+        data = dict(node)
+    else:
+        raise ConfigError(f"the {group} config must be a mapping with a 'name' key, got {type(node).__name__}", f"e.g. {group}=<one of the {group} options>")
     if "name" not in data:
         raise ConfigError(f"the {group} config has no 'name' key", f"add 'name: <one of the {group} options>'")
     name = data.pop("name")
-    return name, data
+    return str(name), data  # type: ignore[return-value]
 
 
-def build_attack(cfg: DictConfig | Mapping[str, Any]) -> Any:
-    """Instantiate the attack named by an ``attack`` config node."""
-    name, kwargs = split_name(cfg, "attack")
-    cls = resolve(ATTACKS, name, "attack")
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"bad option for attack '{name}': {exc}", f"see conf/attack/{name}.yaml for its options") from None
+def accepted_options(factory: Any) -> tuple[list[str], bool]:
+    """The keyword arguments ``factory`` accepts, and whether it accepts any others too.
+
+    A class whose ``__init__`` passes ``**kwargs`` on to its base accepts the base's parameters
+    as well, so the walk continues up the method resolution order until an ``__init__`` without
+    ``**kwargs``.
+    """
+    callables = [cls.__init__ for cls in factory.__mro__ if "__init__" in vars(cls)] if inspect.isclass(factory) else [factory]
+    names: list[str] = []
+    for function in callables:
+        try:
+            parameters = inspect.signature(function).parameters
+        except (TypeError, ValueError):
+            return names, True
+        names += [p for p, spec in parameters.items() if p != "self" and spec.kind in (spec.POSITIONAL_OR_KEYWORD, spec.KEYWORD_ONLY) and p not in names]
+        if not any(spec.kind is spec.VAR_KEYWORD for spec in parameters.values()):
+            return names, False
+    return names, True
+
+
+def build(group: str, node: DictConfig | Mapping[str, Any], /, **context: Any) -> Any:
+    """Build the component a config node names: ``factory(**context, **options)``.
+
+    ``context`` holds what the run supplies rather than the config (a dataset's ``info`` for a
+    model, the data folder for a dataset). Options are checked against the factory's signature
+    before it is called, so an unknown or missing key is a ConfigError naming the valid ones and
+    a TypeError raised inside the factory stays the bug it is.
+    """
+    name, options = split_name(node, group)
+    factory = lookup(group, name)
+    accepted, open_ended = accepted_options(factory)
+    own = [p for p in accepted if p not in context]
+    unknown = sorted(set(options) - set(accepted)) if not open_ended else []
+    problem = f"unknown option(s) {', '.join(unknown)}" if unknown else None
+    if problem is None:
+        try:
+            inspect.signature(factory).bind(**context, **options)
+        except TypeError as exc:
+            problem = str(exc)
+        except ValueError:  # no signature to check against: let the call decide
+            pass
+    if problem:
+        raise ConfigError(f"bad option for {group} '{name}': {problem}", f"its options are: {', '.join(own) or '(none)'} (see conf/{group}/{name}.yaml)")
+    return factory(**context, **options)

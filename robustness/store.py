@@ -15,7 +15,6 @@ never write over each other.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import time
 import json
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from robustness.data.base import DatasetInfo
+from robustness import fingerprint
 from robustness.errors import StoreError
 from robustness.io import atomic_torch_save, atomic_write_json, atomic_write_text, read_json
 
@@ -41,19 +41,6 @@ FORMAT_VERSION = 1
 def safe_tag(text: str) -> str:
     """A file-name-safe version of a multirun job's override string."""
     return re.sub(r"[^A-Za-z0-9._=,+-]+", "_", text)[:120]
-
-
-def config_hash(obj: Any) -> str:
-    """A short stable hash of a JSON-able config, to key cached artefacts."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 _CONSISTENT_READ_ATTEMPTS = 5
@@ -122,7 +109,7 @@ class ModelStore:
         # meta.json last, holding the weights' digest: a save that died half-way (new weights,
         # old meta) is detected on load instead of serving weights its metadata does not describe.
         meta = self._meta(info, model_cfg, variant)
-        meta["weights_sha256"] = file_digest(directory / MODEL_FILE)
+        meta["weights_sha256"] = fingerprint.of_file(directory / MODEL_FILE)
         atomic_write_json(directory / META_FILE, meta)
         return directory
 
@@ -149,7 +136,7 @@ class ModelStore:
             self.check_meta(meta, info, model_cfg, directory)
             data = (directory / MODEL_FILE).read_bytes()
             state = load_weights(io.BytesIO(data), f"the '{variant}' checkpoint at {directory / MODEL_FILE}")
-            if meta.get("weights_sha256") in (None, hashlib.sha256(data).hexdigest()):
+            if meta.get("weights_sha256") in (None, fingerprint.of_bytes(data)):
                 break
             time.sleep(0.05 * (attempt + 1))
         else:

@@ -14,7 +14,7 @@ import torch
 
 from robustness.data.digits import DigitsDataModule
 from robustness.models.smallcnn import smallcnn
-from robustness.pipeline import build_regularizer
+from robustness.registry import build
 from robustness.training.module import ClassifierModule
 
 
@@ -24,7 +24,7 @@ def main(out_dir: str, regularizer_name: str) -> None:
     datamodule.setup()
     model = smallcnn(datamodule.info, width=8)
     regularizer_cfg = {"name": "none", "variant": "base"} if regularizer_name == "none" else {"name": "cure", "variant": "cure", "lam": 1.0, "h": 0.5}
-    module = ClassifierModule(model, 10, build_regularizer(regularizer_cfg), lr=1e-2)
+    module = ClassifierModule(model, 10, build("regularizer", regularizer_cfg), lr=1e-2)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=4, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,

@@ -13,7 +13,7 @@ from robustness.attacks import FGSM, PGDL2, AttackResult, DeepFool, PGDLinf, Run
 from robustness.attacks.deepfool import _NUDGE
 from robustness.bench.attacks import correctly_classified, rho, train_digits_smallcnn
 from robustness.errors import InputError
-from robustness.registry import build_attack
+from robustness.registry import build
 
 OVERSHOOT = 0.02
 
@@ -295,7 +295,7 @@ def test_attack_configs_build(name):
     from omegaconf import OmegaConf
 
     conf = Path(__file__).resolve().parents[1] / "conf" / "attack" / f"{name}.yaml"
-    attack = build_attack(OmegaConf.load(conf))
+    attack = build("attack", OmegaConf.load(conf))
     assert type(attack).__name__ == type(ATTACKS[IDS.index(name)]).__name__
 
 

@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from robustness.data.digits import DigitsDataModule
 from robustness.errors import ConfigError, InputError, TrainingError
-from robustness.models import build_model
+from robustness.registry import build
 from robustness.models.smallcnn import smallcnn
-from robustness.pipeline import build_regularizer, model_cfg_dict
+from robustness.pipeline import model_cfg_dict
 from robustness.store import ModelStore
 from robustness.training.cure import (
     CURE,
@@ -365,12 +365,12 @@ def test_cure_digits_experiment_lowers_held_out_curvature_below_base(tmp_path: P
     assert {"train/ce_epoch", "train/cure_penalty_epoch", "train/grad_norm_epoch"} <= set(outcome.metrics)
 
     cfg = compose("cure_digits", small)
-    h = build_regularizer(cfg.regularizer).h_at(cfg.trainer.max_epochs - 1)  # the step it trained with last
+    h = build("regularizer", cfg.regularizer).h_at(cfg.trainer.max_epochs - 1)  # the step it trained with last
     store = ModelStore(store_dir, "digits", "smallcnn")
     x, y = DigitsDataModule(seed=0).split_tensors("test")
     penalty, accuracy = {}, {}
     for variant in ("base", "cure"):
-        model = store.load_into(variant, build_model(cfg.model, DIGITS), DIGITS, model_cfg_dict(cfg)).eval()
+        model = store.load_into(variant, build("model", cfg.model, info=DIGITS), DIGITS, model_cfg_dict(cfg)).eval()
         penalty[variant] = mean_curvature_penalty(model, x, y, h)
         with torch.no_grad():
             accuracy[variant] = float((model(x).argmax(1) == y).float().mean())

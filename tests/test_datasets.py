@@ -26,7 +26,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from robustness.data import build_datamodule
+from robustness.registry import build
 from robustness.data import cifar as cifar_mod
 from robustness.data import svhn as svhn_mod
 from robustness.data import tinyimagenet as tiny_mod
@@ -548,7 +548,7 @@ def test_dataset_configs_build_their_modules(tmp_path: Path, monkeypatch: pytest
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
     assert cfg.name == name and cfg.download is False
     make(tmp_path)
-    dm = build_datamodule(cfg, str(tmp_path), seed=0)
+    dm = build("dataset", cfg, data_dir=str(tmp_path), seed=0)
     dm.setup()
     assert dm.info.name == name and dm.batch_size == cfg.batch_size and dm.val_fraction == cfg.val_fraction
     assert len(dm.info.class_names) == dm.info.num_classes

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from helpers import compose, run_outcome
-from robustness.data import build_datamodule
 from robustness.errors import ConfigError, StoreError
-from robustness.models import build_model
+from robustness.registry import build
 from robustness.store import ModelStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,9 +55,9 @@ def test_train_digits_end_to_end_writes_a_loadable_checkpoint(tmp_path: Path) ->
     assert not (variant_dir / "resume").exists()  # resume checkpoints are dropped once the run completes
 
     cfg = compose("base_digits", ["logger=csv"])
-    dm = build_datamodule(cfg.dataset, str(tmp_path / "data"), 0)
+    dm = build("dataset", cfg.dataset, data_dir=str(tmp_path / "data"), seed=0)
     dm.setup()
-    model = ModelStore(artifacts, "digits", "smallcnn").load_into("base", build_model(cfg.model, dm.info), dm.info, {"name": "smallcnn"})
+    model = ModelStore(artifacts, "digits", "smallcnn").load_into("base", build("model", cfg.model, info=dm.info), dm.info, {"name": "smallcnn"})
     x, y = dm.split_tensors("test")
     accuracy = (model.eval()(x).argmax(1) == y).float().mean().item()
     assert accuracy == pytest.approx(outcome.metrics["test/acc"], abs=1e-6)
@@ -87,9 +86,9 @@ def test_multirun_jobs_write_separate_artefacts(tmp_path: Path) -> None:
 
 def test_same_seed_same_split_and_initialisation(tmp_path: Path) -> None:
     cfg = compose("base_digits", ["logger=csv"])
-    a = build_datamodule(cfg.dataset, str(tmp_path), 3)
-    b = build_datamodule(cfg.dataset, str(tmp_path), 3)
-    c = build_datamodule(cfg.dataset, str(tmp_path), 4)
+    a = build("dataset", cfg.dataset, data_dir=str(tmp_path), seed=3)
+    b = build("dataset", cfg.dataset, data_dir=str(tmp_path), seed=3)
+    c = build("dataset", cfg.dataset, data_dir=str(tmp_path), seed=4)
     for dm in (a, b, c):
         dm.setup()
     assert torch.equal(a.split_tensors("test")[0], b.split_tensors("test")[0])
@@ -106,16 +105,16 @@ class TestStore:
     @pytest.fixture()
     def trained(self, tmp_path: Path):
         cfg = compose("base_digits", ["logger=csv"])
-        dm = build_datamodule(cfg.dataset, str(tmp_path), 0)
+        dm = build("dataset", cfg.dataset, data_dir=str(tmp_path), seed=0)
         dm.setup()
-        model = build_model(cfg.model, dm.info)
+        model = build("model", cfg.model, info=dm.info)
         store = ModelStore(tmp_path / "store", "digits", "smallcnn")
         store.save("base", model, dm.info, {"name": "smallcnn"}, {"test/acc": 0.5}, "seed: 0\n")
         return store, model, dm.info, cfg
 
     def test_round_trip_is_exact(self, trained) -> None:
         store, model, info, cfg = trained
-        loaded = store.load_into("base", build_model(cfg.model, info), info, {"name": "smallcnn"})
+        loaded = store.load_into("base", build("model", cfg.model, info=info), info, {"name": "smallcnn"})
         for (k, v), (_, w) in zip(model.state_dict().items(), loaded.state_dict().items()):
             assert torch.equal(v, w), k
         assert store.metrics("base") == {"test/acc": 0.5}

@@ -17,7 +17,8 @@ from robustness.data.base import DatasetInfo
 from robustness.errors import ConfigError, InputError
 from robustness.geometry.paths import check_fractions, find_paths, path_metrics, resample_path
 from robustness.probes import path_connectivity as probe
-from robustness.probes.base import ProbeContext, ProbeResult, predict
+from robustness.probes.base import ProbeContext, ProbeResult
+from robustness.tensors import predict
 from robustness.reporting import path_connectivity as reporter
 
 ROOT = Path(__file__).resolve().parents[1]

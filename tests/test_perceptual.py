@@ -27,7 +27,8 @@ from robustness.geometry.colour import (
 )
 from robustness.models.smallcnn import smallcnn
 from robustness.probes import perceptual
-from robustness.probes.base import ProbeContext, ProbeResult, predict
+from robustness.probes.base import ProbeContext, ProbeResult
+from robustness.tensors import predict
 from robustness.probes.perceptual import choose_figure, flip_rate_and_accuracy, hue_sweep_predictions, minimal_flip_angle
 
 

@@ -259,14 +259,14 @@ def test_probe_twice_gives_identical_tables(tmp_path: Path) -> None:
 
 def _digits_models():
     from robustness.data.digits import DigitsDataModule
-    from robustness.models import build_model
+    from robustness.registry import build
 
     cfg = compose("base_digits", ["logger=csv"])
     info = DigitsDataModule.info
     torch.manual_seed(1)
-    a = build_model(cfg.model, info)
+    a = build("model", cfg.model, info=info)
     torch.manual_seed(2)
-    b = build_model(cfg.model, info)
+    b = build("model", cfg.model, info=info)
     return cfg, info, a, b
 
 
@@ -274,7 +274,7 @@ def _digits_models():
 def test_failed_save_leaves_the_previous_model_and_no_temporary_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException) -> None:
     import io as _io
 
-    from robustness.models import build_model
+    from robustness.registry import build
     from robustness.store import ModelStore
 
     cfg, info, old, new = _digits_models()
@@ -296,7 +296,7 @@ def test_failed_save_leaves_the_previous_model_and_no_temporary_files(tmp_path: 
     directory = store.variant_dir("base")
     assert sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp")) == []
     assert store.has("base")
-    loaded = store.load_into("base", build_model(cfg.model, info), info, {"name": "smallcnn"})
+    loaded = store.load_into("base", build("model", cfg.model, info=info), info, {"name": "smallcnn"})
     for (name, a), (_, b) in zip(old.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -304,7 +304,7 @@ def test_failed_save_leaves_the_previous_model_and_no_temporary_files(tmp_path: 
 def test_reader_never_sees_a_half_written_model(tmp_path: Path) -> None:
     import threading
 
-    from robustness.models import build_model
+    from robustness.registry import build
     from robustness.store import ModelStore
 
     cfg, info, a, b = _digits_models()
@@ -323,7 +323,7 @@ def test_reader_never_sees_a_half_written_model(tmp_path: Path) -> None:
     reads = 0
     try:
         while not done.is_set() or reads < 5:
-            state = store.load_into("base", build_model(cfg.model, info), info, {"name": "smallcnn"}).state_dict()
+            state = store.load_into("base", build("model", cfg.model, info=info), info, {"name": "smallcnn"}).state_dict()
             assert any(all(torch.equal(state[k], v[k]) for k in state) for v in versions)
             reads += 1
     finally:

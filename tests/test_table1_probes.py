@@ -17,7 +17,7 @@ from robustness.models.smallcnn import smallcnn
 from robustness.probes import curvature_profile, min_perturbation, table1
 from robustness.probes.base import ProbeContext, ProbeResult
 from robustness.probes.min_perturbation import minimal_perturbation, shrink_to_boundary
-from robustness.registry import build_attack
+from robustness.registry import build
 from robustness.reporting import curvature_profile as curvature_profile_report
 from robustness.reporting import hessian_norm as hessian_norm_report
 from robustness.reporting import min_perturbation as min_perturbation_report
@@ -56,7 +56,7 @@ def test_min_perturbation_on_a_linear_classifier_is_the_closed_form_distance():
     model, x = linear_problem()
     expected = closed_form_distance(model, x)
     assert float(expected.max()) < 0.25  # the perturbations stay inside [0, 1]
-    attack = build_attack(DEEPFOOL)
+    attack = build("attack", DEEPFOOL)
     refined = minimal_perturbation(model, x, attack, refine_steps=30)
     assert bool(refined["found"].all())
     torch.testing.assert_close(refined["norm"], expected, rtol=1e-4, atol=1e-7)
@@ -134,7 +134,7 @@ def test_table1_numbers_equal_the_underlying_estimators_and_the_single_probes(di
         assert rows[variant]["fro2_mean"] == pytest.approx(float(direct.mean.mean()), rel=1e-4)
         assert rows[variant]["fro2_stderr"] == pytest.approx(float(direct.mean.std() / 10**0.5), rel=1e-4)
         assert rows[variant]["fro2_median"] == pytest.approx(float(direct.mean.median()), rel=1e-4)
-        smallest = minimal_perturbation(model, x, build_attack(DEEPFOOL), refine_steps=12)
+        smallest = minimal_perturbation(model, x, build("attack", DEEPFOOL), refine_steps=12)
         torch.testing.assert_close(result.arrays[f"{variant}/norm"], smallest["norm"], rtol=1e-5, atol=1e-7, equal_nan=True)
         found = smallest["found"]
         assert rows[variant]["found"] == int(found.sum()) > 0

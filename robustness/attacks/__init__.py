@@ -1,12 +1,12 @@
 """Batched attacks in pixel space [0, 1]; all share ``(model, x, y) -> AttackResult``.
 
-Probes reach attacks through the ``attack`` config group (``registry.build_attack``); the
+Probes reach attacks through the ``attack`` config group (``registry.build("attack", ...)``); the
 classes are exported here for code that composes attacks directly (training, geometry).
 """
 
-from robustness.attacks.base import AttackResult, check_attack_inputs, l2_norm
+from robustness.attacks.base import AttackResult
 from robustness.attacks.deepfool import DeepFool, deepfool
 from robustness.attacks.pgd import FGSM, PGDL2, PGDLinf, pgd
 from robustness.attacks.runner_up import RunnerUp
 
-__all__ = ["AttackResult", "check_attack_inputs", "l2_norm", "DeepFool", "deepfool", "PGDLinf", "PGDL2", "FGSM", "pgd", "RunnerUp"]
+__all__ = ["AttackResult", "DeepFool", "deepfool", "PGDLinf", "PGDL2", "FGSM", "pgd", "RunnerUp"]

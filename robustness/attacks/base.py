@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from robustness.errors import InputError
+from robustness.tensors import check_images
 
 
 @dataclass
@@ -41,43 +42,6 @@ class AttackResult:
         return AttackResult(self.x_adv.detach(), self.success.detach(), self.norm.detach(), self.steps.detach())
 
 
-def l2_norm(delta: Tensor) -> Tensor:
-    """Per-sample l2 norm of a batch of perturbations."""
-    return delta.flatten(1).norm(dim=1)
-
-
-def check_attack_inputs(model: nn.Module, x: Tensor, y: Tensor | None = None, num_classes: int | None = None) -> None:
-    """Raise an :class:`InputError` naming the problem when inputs to an attack are unusable."""
-    if model.training:
-        raise InputError(
-            "the model is in training mode; attacks need deterministic outputs (dropout, batch-norm statistics)",
-            "call model.eval() before attacking it",
-        )
-    if not torch.is_tensor(x) or not x.is_floating_point():
-        raise InputError(f"images must be a floating-point tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}")
-    if x.dim() < 2:
-        raise InputError(f"images must be batched (N, ...), got shape {tuple(x.shape)}", "add a batch dimension with x.unsqueeze(0)")
-    if not torch.isfinite(x).all():
-        bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
-        raise InputError(f"{bad} of {len(x)} images contain NaN or infinite pixels", "clean or drop those images before attacking")
-    lo, hi = (float(x.min()), float(x.max())) if x.numel() else (0.0, 0.0)
-    if lo < 0.0 or hi > 1.0:
-        raise InputError(
-            f"pixels must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]",
-            "attacks work in pixel space: pass un-normalised images (normalisation lives inside the model)",
-        )
-    if y is not None:
-        if y.shape[0] != x.shape[0]:
-            raise InputError(f"got {x.shape[0]} images but {y.shape[0]} labels")
-        if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise InputError(f"labels must be integer class indices, got dtype {y.dtype}")
-        if num_classes is not None and len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-            raise InputError(
-                f"labels must lie in [0, {num_classes - 1}], got values in [{int(y.min())}, {int(y.max())}]",
-                "check that the labels belong to the dataset the model was trained on",
-            )
-
-
 def check_nonnegative(name: str, value: float) -> None:
     if value < 0:
         raise InputError(f"{name} must be >= 0, got {value}", f"set attack.{name} to a non-negative number")
@@ -87,14 +51,14 @@ def prepare_attack_inputs(model: nn.Module, x: Tensor, y: Tensor | None = None, 
     """Every check an attack can make before its first forward pass; raises :class:`InputError`.
 
     Label ranges need the number of classes, which only the model's output tells: call
-    :func:`check_attack_inputs` again with ``num_classes`` once the first logits exist.
+    :func:`robustness.tensors.check_images` again with ``num_classes`` once the first logits exist.
     """
     if torch.is_inference_mode_enabled():
         raise InputError(
             "attacks need gradients, but inference mode is on (Lightning runs validation and test under it)",
             "run the attack outside the Trainer, or build the Trainer with inference_mode=False",
         )
-    check_attack_inputs(model, x, y)
+    check_images(model, x, y)
     if target is not None:
         if not torch.is_tensor(target) or target.dim() != 1 or target.shape[0] != x.shape[0]:
             raise InputError(
@@ -115,7 +79,7 @@ def check_attack_classes(model: nn.Module, x: Tensor, y: Tensor | None, target: 
     """The checks that need the model's class count (read off its first logits); raises :class:`InputError`."""
     if num_classes < 2:
         raise InputError(f"the model has {num_classes} output, attacks need at least 2 classes", "attack a classifier's logits")
-    check_attack_inputs(model, x, y, num_classes)
+    check_images(model, x, y, num_classes)
     if target is not None and len(target) and (int(target.min()) < 0 or int(target.max()) >= num_classes):
         raise InputError(
             f"target classes must lie in [0, {num_classes - 1}], got values in [{int(target.min())}, {int(target.max())}]",

@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustness.attacks.base import AttackResult, check_attack_classes, l2_norm, prepare_attack_inputs
+from robustness.attacks.base import AttackResult, check_attack_classes, prepare_attack_inputs
+from robustness.tensors import l2_norm
 from robustness.errors import InputError
 from robustness.geometry.colour import recolour, region_mask
+from robustness.registry import register
 
 
 def _margin(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
@@ -41,6 +43,7 @@ def _margin(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
     return other - wanted
 
 
+@register("attack", "colour")
 class ColourAttack:
     """Smooth hue/saturation fields optimised by gradient to flip (or target) the label."""
 

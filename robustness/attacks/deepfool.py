@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from robustness.attacks.base import AttackResult, check_attack_classes, l2_norm, prepare_attack_inputs
+from robustness.attacks.base import AttackResult, check_attack_classes, prepare_attack_inputs
+from robustness.tensors import l2_norm
 from robustness.errors import InputError
+from robustness.registry import register
 
 # Added to each step's distance so that a step lands past a boundary rather than on it even
 # with overshoot 0 (the reference implementation adds 1e-4; smaller keeps the linear-model
@@ -93,6 +95,7 @@ def deepfool(
     return AttackResult(x_adv, success, l2_norm(x_adv - x0), steps)
 
 
+@register("attack", "deepfool")
 @dataclass
 class DeepFool:
     """``attack=deepfool``: see :func:`deepfool`."""

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustness.attacks.base import AttackResult, check_attack_classes, check_nonnegative, l2_norm, prepare_attack_inputs
+from robustness.attacks.base import AttackResult, check_attack_classes, check_nonnegative, prepare_attack_inputs
+from robustness.tensors import l2_norm
 from robustness.errors import InputError
+from robustness.registry import register
 
 _TINY = 1e-12
 
@@ -72,6 +74,7 @@ def pgd(
     return AttackResult(x_adv, success, l2_norm(x_adv - x0), torch.full((n,), steps, dtype=torch.long, device=device))
 
 
+@register("attack", "pgd_linf")
 @dataclass
 class PGDLinf:
     """``attack=pgd_linf``: PGD in the l-inf ball of radius ``eps``, sign-gradient steps."""
@@ -88,6 +91,7 @@ class PGDLinf:
         return pgd(model, x, y, target=target, eps=self.eps, step_size=self.step_size, steps=self.steps, norm="linf", random_start=self.random_start)
 
 
+@register("attack", "pgd_l2")
 @dataclass
 class PGDL2:
     """``attack=pgd_l2``: PGD in the l2 ball of radius ``eps``, normalised-gradient steps."""
@@ -104,6 +108,7 @@ class PGDL2:
         return pgd(model, x, y, target=target, eps=self.eps, step_size=self.step_size, steps=self.steps, norm="l2", random_start=self.random_start)
 
 
+@register("attack", "fgsm")
 @dataclass
 class FGSM:
     """``attack=fgsm``: one sign-gradient step of size ``eps`` from ``x`` (PGD l-inf, one step, no random start)."""

@@ -15,12 +15,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from robustness.attacks.base import AttackResult, check_attack_classes, l2_norm, prepare_attack_inputs
+from robustness.attacks.base import AttackResult, check_attack_classes, prepare_attack_inputs
+from robustness.tensors import l2_norm
 from robustness.errors import InputError
+from robustness.registry import register
 
 _TINY = 1e-12
 
 
+@register("attack", "runner_up")
 @dataclass
 class RunnerUp:
     """``attack=runner_up``.

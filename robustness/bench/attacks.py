@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustness.bench import single_thread
-from robustness.attacks.base import l2_norm
+from robustness.tensors import l2_norm
 from robustness.attacks.deepfool import deepfool
 from robustness.attacks.pgd import PGDL2, PGDLinf
 from robustness.data.digits import DigitsDataModule, load_digit_splits

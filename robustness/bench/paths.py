@@ -26,7 +26,7 @@ from torch import nn
 from robustness.bench import single_thread
 from robustness.bench.attacks import train_digits_smallcnn
 from robustness.geometry.paths import PathResult, find_paths, path_metrics
-from robustness.probes.base import predict
+from robustness.tensors import predict
 from robustness.probes.path_connectivity import Pairs, PathOptions, make_pairs
 
 

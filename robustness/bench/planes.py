@@ -28,7 +28,7 @@ from robustness.data.digits import DigitsDataModule
 from robustness.geometry.planes import classify_plane, direction_pair
 from robustness.models.resnet import resnet18
 from robustness.models.smallcnn import smallcnn
-from robustness.probes.base import predict
+from robustness.tensors import predict
 
 COLOUR_32 = DatasetInfo(
     name="colour32", num_classes=10, image_shape=(3, 32, 32), class_names=tuple(str(i) for i in range(10)),

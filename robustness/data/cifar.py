@@ -22,6 +22,7 @@ from torchvision.datasets.utils import download_url, extract_archive
 
 from robustness.data.base import DatasetInfo, ImageDataModule, TensorImageDataset, _random_crop_flip, missing_data_error
 from robustness.errors import ConfigError, DataError
+from robustness.registry import register
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -218,6 +219,7 @@ def read_cifar_batch(path: Path, num_classes: int) -> tuple[Tensor, Tensor]:
     return images, labels_t
 
 
+@register("dataset", "cifar10")
 class CIFAR10DataModule(ImageDataModule):
     """CIFAR-10: 50k training images (a seeded stratified part held out for validation), 10k test images.
 

@@ -29,6 +29,7 @@ from robustness.data.base import DatasetInfo, ImageDataModule, TensorImageDatase
 from robustness.data.digits import load_digit_splits
 from robustness.errors import ConfigError
 from robustness.geometry.colour import equal_luma_colours
+from robustness.registry import register
 
 NUM_CLASSES = 10
 
@@ -60,6 +61,7 @@ def colourise(
     return images * colours[:, :, None, None], hue
 
 
+@register("dataset", "colour_digits")
 class ColourDigitsDataModule(ImageDataModule):
     """scikit-learn's 8x8 digits in colour; colour follows the class in train/val, not in test."""
 

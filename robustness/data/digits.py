@@ -7,6 +7,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from robustness.data.base import DatasetInfo, ImageDataModule, TensorImageDataset
+from robustness.registry import register
 
 # The bundled images hold integers 0..16.
 _DIGITS_MAX = 16.0
@@ -26,6 +27,7 @@ def load_digit_splits(seed: int, val_fraction: float = 0.15, test_fraction: floa
     return {"train": pick(train), "val": pick(val), "test": pick(test)}
 
 
+@register("dataset", "digits")
 class DigitsDataModule(ImageDataModule):
     info = DatasetInfo(
         name="digits",

@@ -13,6 +13,7 @@ from torch import Tensor
 from robustness.data.base import DatasetInfo, ImageDataModule, missing_data_error
 from robustness.data.cifar import UInt8ImageDataset, check_val_fraction, fetch_file, stratified_holdout
 from robustness.errors import ConfigError, DataError
+from robustness.registry import register
 
 SVHN_URLS = {
     "train": ("http://ufldl.stanford.edu/housenumbers/train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373"),
@@ -51,6 +52,7 @@ def read_svhn_mat(path: Path) -> tuple[Tensor, Tensor]:
     return images, torch.from_numpy(labels % 10)
 
 
+@register("dataset", "svhn")
 class SVHNDataModule(ImageDataModule):
     """SVHN: 73,257 training images (a seeded stratified part held out for validation), 26,032 test images.
 

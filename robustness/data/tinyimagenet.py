@@ -35,6 +35,7 @@ from robustness.data.base import DatasetInfo, ImageDataModule, _random_crop_flip
 from robustness.data.cifar import check_val_fraction, fetch_archive, stratified_holdout
 from robustness.errors import DataError
 from robustness.io import atomic_write_text
+from robustness.registry import register
 
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
@@ -227,6 +228,7 @@ def _read_lines(path: Path) -> list[str]:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}", "check the file's permissions") from None
 
 
+@register("dataset", "tinyimagenet")
 class TinyImageNetDataModule(ImageDataModule):
     """Tiny-ImageNet-200: 100k training images (a seeded stratified part held out for validation);
     the official 10k validation images are the test split.

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustness.attacks.base import check_attack_inputs
+from robustness.tensors import check_images
 from robustness.errors import InputError
 
 ESTIMATORS = ("exact", "finite_difference")
@@ -66,7 +66,7 @@ class InputHessian:
     """
 
     def __init__(self, model: nn.Module, x: Tensor, y: Tensor, estimator: str = "exact", h: float = 1e-2) -> None:
-        check_attack_inputs(model, x, y)
+        check_images(model, x, y)
         if estimator not in ESTIMATORS:
             raise InputError(f"unknown Hessian estimator '{estimator}'", f"choose one of: {', '.join(ESTIMATORS)}")
         if estimator == "finite_difference" and not (math.isfinite(h) and h > 0):

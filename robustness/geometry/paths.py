@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from robustness.errors import ConfigError, InputError
-from robustness.probes.base import predict
+from robustness.tensors import predict
 
 # ``pull(x, target) -> (x_pulled, forwards)``: move each image of ``x`` into class ``target``
 # with a small perturbation; ``forwards`` counts the model evaluations each image used.

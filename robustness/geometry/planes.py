@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from robustness.errors import InputError
-from robustness.probes.base import predict
+from robustness.tensors import predict
 
 # Directions are orthogonalised in double precision so that <u, v> stays at float32 round-off.
 _GS_DTYPE = torch.float64

@@ -7,6 +7,7 @@ from torchvision.models import resnet as tv_resnet
 
 from robustness.data.base import DatasetInfo
 from robustness.models.normalize import Normalize, PixelClassifier
+from robustness.registry import register
 
 
 def _small_image_resnet(builder, info: DatasetInfo) -> PixelClassifier:
@@ -18,9 +19,11 @@ def _small_image_resnet(builder, info: DatasetInfo) -> PixelClassifier:
     return PixelClassifier(Normalize(info.mean, info.std), net)
 
 
+@register("model", "resnet18")
 def resnet18(info: DatasetInfo) -> PixelClassifier:
     return _small_image_resnet(tv_resnet.resnet18, info)
 
 
+@register("model", "resnet50")
 def resnet50(info: DatasetInfo) -> PixelClassifier:
     return _small_image_resnet(tv_resnet.resnet50, info)

@@ -4,10 +4,12 @@ from torch import nn
 
 from robustness.data.base import DatasetInfo
 from robustness.models.normalize import Normalize, PixelClassifier
+from robustness.registry import register
 
 _ACTIVATIONS = {"relu": nn.ReLU, "softplus": nn.Softplus, "elu": nn.ELU, "tanh": nn.Tanh}
 
 
+@register("model", "smallcnn")
 def smallcnn(info: DatasetInfo, width: int = 32, activation: str = "relu", batch_norm: bool = True) -> PixelClassifier:
     """A three-block CNN sized for small images such as the 8x8 digits.
 

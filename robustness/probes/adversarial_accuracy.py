@@ -24,9 +24,12 @@ from torch import Tensor, nn
 
 from robustness.errors import ConfigError
 from robustness.io import atomic_torch_save
-from robustness.probes.base import ProbeContext, ProbeOptions, ProbeResult, predict
-from robustness.registry import build_attack
-from robustness.store import config_hash, load_weights
+from robustness.probes.base import ProbeContext, ProbeOptions, ProbeResult
+from robustness.tensors import predict
+from robustness.registry import build
+from robustness import fingerprint
+from robustness.store import load_weights
+from robustness.registry import register
 
 NORMS = ("l2", "linf")
 
@@ -100,12 +103,12 @@ def robust_masks(model: nn.Module, x: Tensor, y: Tensor, attack_cfg: dict[str, A
             cfg = {**attack_cfg, "eps": eps}
             if options.relative_step is not None and "step_size" in cfg:  # fgsm has none: its step is eps
                 cfg["step_size"] = options.relative_step * eps
-            x_adv = _attack_batches(build_attack(cfg), model, x[idx], y[idx], batch)
+            x_adv = _attack_batches(build("attack", cfg), model, x[idx], y[idx], batch)
             robust[row, idx] = predict(model, x_adv, batch) == y[idx]
         return correct, robust, distance
     distance.fill_(float("inf"))
     if len(idx):
-        x_adv = _attack_batches(build_attack(attack_cfg), model, x[idx], y[idx], batch)
+        x_adv = _attack_batches(build("attack", attack_cfg), model, x[idx], y[idx], batch)
         fooled = predict(model, x_adv, batch) != y[idx]
         norms = perturbation_norm(x_adv - x[idx], options.norm)
         distance[idx] = torch.where(fooled, norms, torch.full_like(norms, float("inf")))
@@ -114,6 +117,7 @@ def robust_masks(model: nn.Module, x: Tensor, y: Tensor, attack_cfg: dict[str, A
     return correct, robust, distance
 
 
+@register("probe", "adversarial_accuracy")
 def compute(ctx: ProbeContext) -> ProbeResult:
     options = Options.from_cfg(ctx.cfg)
     attack_cfg = dict(ctx.attack)
@@ -127,7 +131,7 @@ def compute(ctx: ProbeContext) -> ProbeResult:
     rows: list[dict[str, Any]] = []
     arrays: dict[str, Tensor] = {"eps": torch.tensor(options.eps), "labels": y.cpu()}
     for done, (variant, model) in enumerate(ctx.models.items()):
-        key = config_hash({"options": options.__dict__, "attack": attack_cfg, "variant": variant, "n": len(y)})
+        key = fingerprint.of_config({"options": options.__dict__, "attack": attack_cfg, "variant": variant, "n": len(y)})
         partial = ctx.work_dir / f"{variant}-{key}.pt"
         if partial.is_file():
             saved = load_weights(partial, f"partial adversarial_accuracy result of '{variant}'")

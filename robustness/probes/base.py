@@ -102,9 +102,3 @@ class ProbeResult:
         except FileNotFoundError as exc:
             raise StoreError(f"no probe result in {directory}: {exc.filename} is missing", "run the probe's experiment first") from None
         return cls(probe=header["probe"], arrays=arrays, tables=header["tables"], meta=header["meta"])
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: Tensor, batch_size: int = 4096) -> Tensor:
-    """Predicted labels of ``x`` in batches, without gradients."""
-    return torch.cat([model(chunk).argmax(1) for chunk in x.split(batch_size)]) if len(x) else torch.empty(0, dtype=torch.long, device=x.device)

@@ -41,9 +41,11 @@ from robustness.geometry.planes import (
     origin_index,
     quadratic_values,
 )
-from robustness.probes.base import ProbeContext, ProbeResult, predict
+from robustness.probes.base import ProbeContext, ProbeResult
+from robustness.tensors import predict
 from robustness.probes.random_plane import PlaneOptions, load_sample, sample_meta
-from robustness.registry import build_attack
+from robustness.registry import build
+from robustness.registry import register
 
 
 @dataclass(frozen=True)
@@ -64,10 +66,11 @@ class BoundaryPlaneOptions(PlaneOptions):
             raise ConfigError(f"probe.fit_halfwidth must be positive, got {self.fit_halfwidth}", "e.g. probe.fit_halfwidth=1.0")
 
 
+@register("probe", "boundary_plane")
 def compute(ctx: ProbeContext) -> ProbeResult:
     options = BoundaryPlaneOptions.from_cfg(ctx.cfg)
     x0, true_label = load_sample(ctx, options)
-    attack = build_attack(ctx.attack)
+    attack = build("attack", ctx.attack)
     attack_name = str(ctx.attack.get("name", "attack"))
     class_names = ctx.data.info.class_names
 

@@ -18,11 +18,13 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from robustness import fingerprint
 from robustness.errors import ConfigError
 from robustness.geometry.hessian import InputHessian, top_eigenvalues
 from robustness.probes.base import ProbeContext, ProbeResult
 from robustness.probes.hessian_norm import HessianOptions, accuracy
-from robustness.probes.per_image import load_images, model_digest, require_positive_int, run_in_chunks, tensor_digest
+from robustness.probes.per_image import load_images, require_positive_int, run_in_chunks
+from robustness.registry import register
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ def eigenvalues_per_image(model: nn.Module, x: Tensor, y: Tensor, image_ids: ran
     return {"eigenvalues": values}
 
 
+@register("probe", "curvature_profile")
 def compute(ctx: ProbeContext) -> ProbeResult:
     options = CurvatureProfileOptions.from_cfg(ctx.cfg)
     x, y = load_images(ctx, options)
@@ -64,9 +67,9 @@ def compute(ctx: ProbeContext) -> ProbeResult:
     arrays: dict[str, Tensor] = {"labels": y.cpu()}
     rows: list[dict[str, Any]] = []
     for variant, model in ctx.models.items():
-        fingerprint = {**options.fingerprint(keys), "seed": ctx.seed, "images": tensor_digest(x, y), "model": model_digest(model)}
+        identity = {**options.fingerprint(keys), "seed": ctx.seed, "images": fingerprint.of_tensors(x, y), "model": fingerprint.of_state(model)}
         measured = run_in_chunks(
-            ctx.work_dir, f"curvature_profile-{variant}", fingerprint, len(x), int(options.chunk_size),
+            ctx.work_dir, f"curvature_profile-{variant}", identity, len(x), int(options.chunk_size),
             lambda a, b, model=model: eigenvalues_per_image(model, x[a:b], y[a:b], range(a, b), options, ctx.seed),
             lambda d, t, w, variant=variant: ctx.progress(d, t, f"Hessian eigenvalues {variant}"),
         )

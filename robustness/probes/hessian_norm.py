@@ -19,10 +19,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from robustness import fingerprint
 from robustness.errors import ConfigError
 from robustness.geometry.hessian import ESTIMATORS, InputHessian, frobenius_norm_sq
-from robustness.probes.base import ProbeContext, ProbeResult, predict
-from robustness.probes.per_image import PerImageOptions, require_positive_int, load_images, model_digest, run_in_chunks, tensor_digest
+from robustness.probes.base import ProbeContext, ProbeResult
+from robustness.tensors import predict
+from robustness.probes.per_image import PerImageOptions, require_positive_int, load_images, run_in_chunks
+from robustness.registry import register
 
 
 @dataclass(frozen=True)
@@ -73,12 +76,12 @@ def hessian_norm_per_image(model: nn.Module, x: Tensor, y: Tensor, image_ids: ra
 
 def measure_hessian_norm(ctx: ProbeContext, variant: str, model: nn.Module, x: Tensor, y: Tensor, options: HessianNormOptions) -> dict[str, Tensor]:
     """:func:`hessian_norm_per_image` over all images, resumable chunk by chunk from ``ctx.work_dir``."""
-    fingerprint = {**options.fingerprint(_HESSIAN_KEYS), "seed": ctx.seed, "images": tensor_digest(x, y), "model": model_digest(model)}
+    identity = {**options.fingerprint(_HESSIAN_KEYS), "seed": ctx.seed, "images": fingerprint.of_tensors(x, y), "model": fingerprint.of_state(model)}
 
     def chunk(start: int, stop: int) -> dict[str, Tensor]:
         return hessian_norm_per_image(model, x[start:stop], y[start:stop], range(start, stop), options, ctx.seed)
 
-    return run_in_chunks(ctx.work_dir, f"hessian_norm-{variant}", fingerprint, len(x), int(options.chunk_size), chunk, lambda d, t, w: ctx.progress(d, t, f"||H||_F^2 {variant}"))
+    return run_in_chunks(ctx.work_dir, f"hessian_norm-{variant}", identity, len(x), int(options.chunk_size), chunk, lambda d, t, w: ctx.progress(d, t, f"||H||_F^2 {variant}"))
 
 
 def mean_and_stderr(values: Tensor) -> tuple[float, float]:
@@ -107,6 +110,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return float((predict(model, x) == y).double().mean())
 
 
+@register("probe", "hessian_norm")
 def compute(ctx: ProbeContext) -> ProbeResult:
     options = HessianNormOptions.from_cfg(ctx.cfg)
     x, y = load_images(ctx, options)

@@ -17,12 +17,16 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from robustness.attacks.base import AttackResult, l2_norm
+from robustness.attacks.base import AttackResult
+from robustness.tensors import l2_norm
+from robustness import fingerprint
 from robustness.errors import ConfigError, InputError
-from robustness.probes.base import ProbeContext, ProbeResult, predict
+from robustness.probes.base import ProbeContext, ProbeResult
+from robustness.tensors import predict
 from robustness.probes.hessian_norm import accuracy, mean_and_stderr
-from robustness.probes.per_image import PerImageOptions, load_images, model_digest, run_in_chunks, tensor_digest
-from robustness.registry import build_attack
+from robustness.probes.per_image import PerImageOptions, load_images, run_in_chunks
+from robustness.registry import build
+from robustness.registry import register
 
 Attack = Callable[[nn.Module, Tensor, Tensor], AttackResult]
 
@@ -89,16 +93,16 @@ def minimal_perturbation(model: nn.Module, x: Tensor, attack: Attack, refine_ste
 
 def measure_min_perturbation(ctx: ProbeContext, variant: str, model: nn.Module, x: Tensor, options: MinPerturbationOptions) -> dict[str, Tensor]:
     """:func:`minimal_perturbation` over all images with the ``attack`` group, resumable from ``ctx.work_dir``."""
-    attack = build_attack(ctx.attack)
-    fingerprint = {
+    attack = build("attack", ctx.attack)
+    identity = {
         "refine_steps": int(options.refine_steps), "attack": dict(ctx.attack),
-        "images": tensor_digest(x), "model": model_digest(model),
+        "images": fingerprint.of_tensors(x), "model": fingerprint.of_state(model),
     }
 
     def chunk(start: int, stop: int) -> dict[str, Tensor]:
         return minimal_perturbation(model, x[start:stop], attack, int(options.refine_steps))
 
-    return run_in_chunks(ctx.work_dir, f"min_perturbation-{variant}", fingerprint, len(x), int(options.chunk_size), chunk, lambda d, t, w: ctx.progress(d, t, f"min perturbation {variant}"))
+    return run_in_chunks(ctx.work_dir, f"min_perturbation-{variant}", identity, len(x), int(options.chunk_size), chunk, lambda d, t, w: ctx.progress(d, t, f"min perturbation {variant}"))
 
 
 def min_perturbation_row(variant: str, measured: dict[str, Tensor]) -> dict[str, Any]:
@@ -121,6 +125,7 @@ def attack_description(attack_cfg: dict[str, Any], refine_steps: int) -> str:
     return text + (f", refined by {refine_steps} bisection steps along r" if refine_steps else "")
 
 
+@register("probe", "min_perturbation")
 def compute(ctx: ProbeContext) -> ProbeResult:
     options = MinPerturbationOptions.from_cfg(ctx.cfg)
     x, y = load_images(ctx, options)

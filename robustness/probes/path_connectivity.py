@@ -21,8 +21,6 @@ same options and model reuses them and only searches the pairs still missing.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,10 +33,13 @@ from sklearn.decomposition import PCA
 from torch import Tensor, nn
 
 from robustness.attacks.deepfool import deepfool
+from robustness import fingerprint
 from robustness.errors import ConfigError
 from robustness.geometry.paths import PathResult, find_paths, path_metrics, resample_path
 from robustness.io import atomic_torch_save
-from robustness.probes.base import ProbeContext, ProbeOptions, ProbeResult, predict
+from robustness.probes.base import ProbeContext, ProbeOptions, ProbeResult
+from robustness.tensors import predict
+from robustness.registry import register
 
 PAIR_TYPES = ("natural", "adversarial", "noise")
 # Keeps the pairs of each type independent of which other types a run asks for.
@@ -235,6 +236,7 @@ def path_pca(vertices: Tensor, num_points: int, components: int) -> dict[str, Te
     }
 
 
+@register("probe", "path_connectivity")
 def compute(ctx: ProbeContext) -> ProbeResult:
     options = PathOptions.from_cfg(dict(ctx.cfg))
     data = ctx.data
@@ -325,13 +327,8 @@ def _num_classes(model: nn.Module, x: Tensor) -> int:
 
 def _fingerprint(model: nn.Module, options: PathOptions, seed: int, dataset: str) -> str:
     """Identifies the model weights and options that saved partial results depend on."""
-    digest = hashlib.sha1()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     settings = {k: v for k, v in asdict(options).items() if k not in ("pair_types", "pairs_per_batch", "batch_size", "pca_points", "pca_components")}
-    digest.update(json.dumps({"options": settings, "seed": seed, "dataset": dataset}, sort_keys=True).encode())
-    return digest.hexdigest()
+    return fingerprint.of_config({"weights": fingerprint.of_state(model), "options": settings, "seed": seed, "dataset": dataset})
 
 
 def _load_saved(path: Path, fingerprint: str) -> dict[str, Any] | None:

@@ -10,15 +10,14 @@ or a retrained model never picks up stale chunks.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from robustness import fingerprint as fingerprint_of
 from robustness.errors import ConfigError, StoreError
 from robustness.io import atomic_torch_save
 from robustness.probes.base import ProbeContext, ProbeOptions
@@ -60,20 +59,6 @@ def load_images(ctx: ProbeContext, options: PerImageOptions) -> tuple[Tensor, Te
     return x.to(ctx.device), y.to(ctx.device)
 
 
-def tensor_digest(*tensors: Tensor) -> str:
-    """A short content hash of tensors (shape, dtype and values)."""
-    digest = hashlib.sha1()
-    for tensor in tensors:
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()[:16]
-
-
-def model_digest(model: nn.Module) -> str:
-    return tensor_digest(*model.state_dict().values())
-
-
 def run_in_chunks(
     work_dir: str | Path,
     name: str,
@@ -88,7 +73,7 @@ def run_in_chunks(
     Returns every key's chunks concatenated along dimension 0 (on the CPU). Chunks already saved
     under ``work_dir/name-<fingerprint>/`` are loaded instead of recomputed.
     """
-    key = hashlib.sha1(json.dumps(dict(fingerprint), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = fingerprint_of.of_config(dict(fingerprint))
     folder = Path(work_dir) / f"{name}-{key}"
     parts: list[dict[str, Tensor]] = []
     bounds = [(start, min(start + chunk_size, num_items)) for start in range(0, num_items, chunk_size)]

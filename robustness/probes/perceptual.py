@@ -33,14 +33,17 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from robustness.attacks.base import l2_norm
+from robustness.tensors import l2_norm
+from robustness import fingerprint
 from robustness.errors import ConfigError, InputError
 from robustness.geometry.colour import hue_rotate, region_mask
-from robustness.probes.base import ProbeContext, ProbeResult, predict
+from robustness.probes.base import ProbeContext, ProbeResult
+from robustness.tensors import predict
 from robustness.probes.hessian_norm import mean_and_stderr
 from robustness.probes.min_perturbation import attack_description, minimal_perturbation
-from robustness.probes.per_image import PerImageOptions, load_images, model_digest, run_in_chunks, tensor_digest
-from robustness.registry import build_attack
+from robustness.probes.per_image import PerImageOptions, load_images, run_in_chunks
+from robustness.registry import build
+from robustness.registry import register
 
 _DEFAULT_L2_ATTACK = {"name": "deepfool", "overshoot": 0.02, "max_iter": 50, "num_candidates": 10}
 
@@ -227,21 +230,21 @@ def _measure_chunk(model: nn.Module, x: Tensor, y: Tensor, options: PerceptualOp
 
 def measure_perceptual(ctx: ProbeContext, variant: str, model: nn.Module, x: Tensor, y: Tensor, options: PerceptualOptions) -> dict[str, Tensor]:
     """:func:`_measure_chunk` over all images, resumable from ``ctx.work_dir``."""
-    attack = build_attack(ctx.attack)
-    l2_attack = None if options.l2_attack is None else build_attack(options.l2_attack)
+    attack = build("attack", ctx.attack)
+    l2_attack = None if options.l2_attack is None else build("attack", options.l2_attack)
     keys = ("angle_step", "region", "soft_mask", "mask_half_width", "search_step", "search_tol", "max_angle", "l2_attack", "refine_steps")
-    fingerprint = {
+    identity = {
         **options.fingerprint(keys),
         "attack": dict(ctx.attack),
-        "images": tensor_digest(x, y),
-        "model": model_digest(model),
+        "images": fingerprint.of_tensors(x, y),
+        "model": fingerprint.of_state(model),
     }
 
     def chunk(start: int, stop: int) -> dict[str, Tensor]:
         return _measure_chunk(model, x[start:stop], y[start:stop], options, attack, l2_attack)
 
     return run_in_chunks(
-        ctx.work_dir, f"perceptual-{variant}", fingerprint, len(x), int(options.chunk_size), chunk,
+        ctx.work_dir, f"perceptual-{variant}", identity, len(x), int(options.chunk_size), chunk,
         lambda done, total, what: ctx.progress(done, total, f"perceptual {variant}"),
     )
 
@@ -333,6 +336,7 @@ def _summary_row(variant: str, measured: dict[str, Tensor], flip: Tensor, accura
     }
 
 
+@register("probe", "perceptual")
 def compute(ctx: ProbeContext) -> ProbeResult:
     options = PerceptualOptions.from_cfg(ctx.cfg)
     info = ctx.data.info

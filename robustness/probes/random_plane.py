@@ -17,7 +17,9 @@ from torch import Tensor
 
 from robustness.errors import ConfigError, InputError
 from robustness.geometry.planes import classify_plane, direction_pair, region_statistics
-from robustness.probes.base import ProbeContext, ProbeOptions, ProbeResult, predict
+from robustness.probes.base import ProbeContext, ProbeOptions, ProbeResult
+from robustness.tensors import predict
+from robustness.registry import register
 
 
 
@@ -78,6 +80,7 @@ def sample_meta(ctx: ProbeContext, options: PlaneOptions, true_label: int) -> di
     }
 
 
+@register("probe", "random_plane")
 def compute(ctx: ProbeContext) -> ProbeResult:
     options = PlaneOptions.from_cfg(ctx.cfg)
     x0, true_label = load_sample(ctx, options)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from robustness.attacks.base import l2_norm
+from robustness.tensors import l2_norm
 from robustness.probes.base import ProbeContext, ProbeResult
 from robustness.probes.hessian_norm import HessianNormOptions, accuracy, hessian_norm_row, measure_hessian_norm
 from robustness.probes.min_perturbation import (
@@ -28,6 +28,7 @@ from robustness.probes.min_perturbation import (
     min_perturbation_row,
 )
 from robustness.probes.per_image import load_images
+from robustness.registry import register
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Table1Options(HessianNormOptions, MinPerturbationOptions):
     probe: ClassVar[str] = "table1"
 
 
+@register("probe", "table1")
 def compute(ctx: ProbeContext) -> ProbeResult:
     options = Table1Options.from_cfg(ctx.cfg)
     x, y = load_images(ctx, options)

@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 
 from robustness.probes.base import ProbeResult
 from robustness.reporting.base import Artefact, save_figure, write_table
+from robustness.registry import register
 
 
 def _attack_label(meta: dict) -> str:
@@ -15,6 +16,7 @@ def _attack_label(meta: dict) -> str:
     return f"{attack.get('name', '?')} ({meta.get('attack_kind', '')}, {meta.get('norm', '')})"
 
 
+@register("reporter", "adversarial_accuracy")
 def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     meta = result.meta
     rows = result.tables["robust_accuracy"]

@@ -11,6 +11,7 @@ import numpy as np
 from robustness.probes.base import ProbeResult
 from robustness.reporting.base import Artefact, save_figure, write_table
 from robustness.reporting.random_plane import PANEL_INCHES, class_colours, class_legend, draw_regions, ordered_rows, sample_phrase
+from robustness.registry import register
 
 CURVATURE_COLUMNS = (
     "variant", "sample_class", "attack", "attack_success", "attack_distance", "boundary_distance",
@@ -18,6 +19,7 @@ CURVATURE_COLUMNS = (
 )
 
 
+@register("reporter", "boundary_plane")
 def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     meta = result.meta
     variants: list[str] = meta["variants"]

@@ -11,8 +11,10 @@ from matplotlib.ticker import MaxNLocator
 from robustness.probes.base import ProbeResult
 from robustness.reporting.base import Artefact, save_figure, write_table
 from robustness.reporting.hessian_norm import HESSIAN_MEANING, images_phrase, variant_title
+from robustness.registry import register
 
 
+@register("reporter", "curvature_profile")
 def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     meta = result.meta
     profiles = {v: result.arrays[f"{v}/eigenvalues"].double().numpy() for v in meta["variants"]}

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from robustness.probes.base import ProbeResult
 from robustness.reporting.base import Artefact, save_figure, write_table
+from robustness.registry import register
 
 # The report's names for its three models (Table 1's rows); other variants keep their own name.
 VARIANT_TITLES = {"base": "Base model", "adversarial": "Adversarial training", "cure": "CURE training"}
@@ -52,6 +53,7 @@ def per_image_figure(values: dict[str, Tensor], ylabel: str, title: str) -> Any:
     return fig
 
 
+@register("reporter", "hessian_norm")
 def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     meta = result.meta
     rows = [

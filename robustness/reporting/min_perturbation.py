@@ -7,6 +7,7 @@ from pathlib import Path
 from robustness.probes.base import ProbeResult
 from robustness.reporting.base import Artefact, save_figure, write_table
 from robustness.reporting.hessian_norm import images_phrase, per_image_figure, variant_title
+from robustness.registry import register
 
 IMAGES_RULE = (
     "Every image counts, correctly classified or not (so all models see the same images); the perturbation "
@@ -14,6 +15,7 @@ IMAGES_RULE = (
 )
 
 
+@register("reporter", "min_perturbation")
 def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     meta = result.meta
     rows = [

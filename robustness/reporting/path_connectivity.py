@@ -11,6 +11,7 @@ import numpy as np
 
 from robustness.probes.base import ProbeResult
 from robustness.reporting.base import Artefact, save_figure, write_table
+from robustness.registry import register
 
 # pair type -> (projection figure name, variance figure name, the report's figure numbers, wording)
 _FIGURES = {
@@ -20,6 +21,7 @@ _FIGURES = {
 }
 
 
+@register("reporter", "path_connectivity")
 def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     out_dir = Path(out_dir)
     artefacts: list[Artefact] = []

@@ -13,6 +13,7 @@ from torch import Tensor
 from robustness.probes.base import ProbeResult
 from robustness.reporting.base import Artefact, save_figure, write_table
 from robustness.reporting.hessian_norm import images_phrase, variant_title
+from robustness.registry import register
 
 ROTATION_MEANING = (
     "Hue rotation in YIQ: the chroma plane is rotated, luma (the grey-level image, hence shape) is kept exactly, "
@@ -111,6 +112,7 @@ def _number(value: Any) -> Any:
     return "–" if isinstance(value, float) and math.isnan(value) else value
 
 
+@register("reporter", "perceptual")
 def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     meta = result.meta
     images = images_phrase(meta)

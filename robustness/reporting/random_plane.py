@@ -13,6 +13,7 @@ from torch import Tensor
 
 from robustness.probes.base import ProbeResult
 from robustness.reporting.base import Artefact, save_figure, write_table
+from robustness.registry import register
 
 PANEL_INCHES = 3.6
 # Saved results come back with keys sorted (JSON); tables keep this order.
@@ -81,6 +82,7 @@ def sample_phrase(meta: dict, class_names: Sequence[str]) -> str:
     return f"{meta['dataset']} {meta['split']} image #{meta['sample_index']} (true class '{class_name(class_names, meta['true_label'])}')"
 
 
+@register("reporter", "random_plane")
 def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     meta = result.meta
     variants: list[str] = meta["variants"]

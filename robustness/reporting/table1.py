@@ -11,8 +11,10 @@ from robustness.probes.base import ProbeResult
 from robustness.reporting.base import Artefact, save_figure, write_table
 from robustness.reporting.hessian_norm import HESSIAN_MEANING, images_phrase, variant_title
 from robustness.reporting.min_perturbation import IMAGES_RULE
+from robustness.registry import register
 
 
+@register("reporter", "table1")
 def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     meta = result.meta
     rows = [

@@ -11,7 +11,6 @@ the current weights.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
@@ -23,24 +22,15 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from robustness.data.base import TensorImageDataset
+from robustness import fingerprint
 from robustness.errors import ConfigError, TrainingError
 from robustness.io import atomic_write_json
-from robustness.probes.base import predict
-from robustness.registry import build_attack
-from robustness.store import config_hash
+from robustness.tensors import predict
+from robustness.registry import build
 from robustness.training.regularizer import Regularizer, StepOutput, TrainContext
+from robustness.registry import register
 
 log = logging.getLogger(__name__)
-
-
-def weights_digest(model: nn.Module) -> str:
-    """A hash of a model's exact weights and buffers, so caches derived from them go stale with them."""
-    digest = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(value.dtype).encode())
-        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -145,6 +135,7 @@ class AdversarialSetStop(pl.Callback):
         pl_module.log("adv_set/initial_acc", self.initial, on_step=False, on_epoch=True)
 
 
+@register("regularizer", "adversarial_finetune")
 class AdversarialFinetune(Regularizer):
     """Fine-tune ``base`` on a fixed runner-up adversarial set mixed with clean images.
 
@@ -212,9 +203,9 @@ class AdversarialFinetune(Regularizer):
             "seed": self.seed,
             "dataset": dm.info.name,
             "train_fraction": getattr(dm, "train_fraction", 1.0),
-            "source_weights": weights_digest(ctx.model),
+            "source_weights": fingerprint.of_state(ctx.model),
         }
-        self.cache_name = f"adv_set-{config_hash(recipe)}"
+        self.cache_name = f"adv_set-{fingerprint.of_config(recipe)}"
         cached = ctx.store.load_tensors(self.variant, self.cache_name)
         if cached is not None and {"x", "y", "success"} <= set(cached):
             self.from_cache = True
@@ -274,7 +265,7 @@ class AdversarialFinetune(Regularizer):
 
     def _build(self, ctx: TrainContext) -> dict[str, Tensor]:
         x, y, source = self._select_sources(ctx)
-        attack = build_attack(self.attack_cfg)
+        attack = build("attack", self.attack_cfg)
         device = model_device(ctx.model)
         xs, successes, norms = [], [], []
         for xb, yb in zip(x.split(self.attack_batch_size), y.split(self.attack_batch_size)):
@@ -325,6 +316,7 @@ class AdversarialFinetune(Regularizer):
         }
 
 
+@register("regularizer", "pgd")
 class PGDTraining(Regularizer):
     """Online adversarial training (Madry et al.): each batch is attacked against the current weights.
 
@@ -352,7 +344,7 @@ class PGDTraining(Regularizer):
         self.init_from = init_from
         self.attack_cfg = _attack_config(attack, self.DEFAULT_ATTACK)
         self.adv_fraction = _check_fraction("adv_fraction", adv_fraction, "1.0 trains on adversarial examples only (Madry et al.), 0.5 on a half-half mix")
-        self.attack = build_attack(self.attack_cfg)
+        self.attack = build("attack", self.attack_cfg)
 
     def adversarial_batch(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, int]:
         """The training batch: the first ``n_clean`` images as they are, the rest attacked.

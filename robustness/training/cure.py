@@ -42,6 +42,7 @@ from torch.func import functional_call
 
 from robustness.errors import ConfigError, InputError
 from robustness.training.regularizer import Regularizer, StepOutput
+from robustness.registry import register
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Forward = Callable[[Tensor], Tensor]
@@ -213,6 +214,7 @@ def _check_h(h: float | Sequence[float]) -> tuple[float, ...]:
     return schedule
 
 
+@register("regularizer", "cure")
 class CURE(Regularizer):
     """Cross-entropy plus ``lam`` times the CURE curvature penalty (variant ``cure``).
 

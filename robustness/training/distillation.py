@@ -24,9 +24,10 @@ from torch import Tensor, nn
 
 from robustness.errors import ConfigError, InputError
 from robustness.io import atomic_write_json
-from robustness.store import config_hash
-from robustness.training.adversarial import run_seed, accuracy, weights_digest
+from robustness import fingerprint
+from robustness.training.adversarial import run_seed, accuracy
 from robustness.training.regularizer import Regularizer, StepOutput, TrainContext
+from robustness.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class TemperatureCrossEntropy(Regularizer):
         return StepOutput(loss=loss, logits=logits, logs={"ce_T": loss.detach()})
 
 
+@register("regularizer", "distillation")
 class Distillation(Regularizer):
     """The student of defensive distillation.
 
@@ -106,9 +108,9 @@ class Distillation(Regularizer):
             "dataset": dm.info.name,
             "train_fraction": getattr(dm, "train_fraction", 1.0),
             "batch_size": getattr(dm, "batch_size", None),
-            "initial_weights": weights_digest(ctx.model),
+            "initial_weights": fingerprint.of_state(ctx.model),
         }
-        self.teacher_name = f"teacher-{config_hash(recipe)}"
+        self.teacher_name = f"teacher-{fingerprint.of_config(recipe)}"
         teacher = copy.deepcopy(ctx.model)
         cached = ctx.store.load_tensors(TEACHER_VARIANT, self.teacher_name)
         if cached is not None:

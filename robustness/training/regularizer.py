@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
+from robustness.registry import register
 
 if TYPE_CHECKING:  # pragma: no cover
     import pytorch_lightning as pl
@@ -70,6 +71,7 @@ class Regularizer:
         return {"variant": self.variant, "init_from": self.init_from}
 
 
+@register("regularizer", "none")
 class NoRegularizer(Regularizer):
     """Plain cross-entropy training: the ``base`` variant."""
 

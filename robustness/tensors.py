@@ -1,0 +1,57 @@
+"""Small tensor helpers every floor may use: predictions, norms and input checks.
+
+This module sits at the bottom of the house beside ``errors``: geometry, attacks, probes and
+training all import it, and it imports nothing of the project but ``errors``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from robustness.errors import InputError
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, batch_size: int = 4096) -> Tensor:
+    """Predicted labels of ``x`` in batches, without gradients."""
+    return torch.cat([model(chunk).argmax(1) for chunk in x.split(batch_size)]) if len(x) else torch.empty(0, dtype=torch.long, device=x.device)
+
+
+def l2_norm(delta: Tensor) -> Tensor:
+    """Per-sample l2 norm of a batch of perturbations."""
+    return delta.flatten(1).norm(dim=1)
+
+
+def check_images(model: nn.Module, x: Tensor, y: Tensor | None = None, num_classes: int | None = None) -> None:
+    """Raise an :class:`InputError` naming the problem when images (and labels) cannot be fed to ``model``
+    for an attack or a geometric probe: a model in training mode, non-float or unbatched
+    images, non-finite pixels, pixels outside [0, 1], or labels that do not fit."""
+    if model.training:
+        raise InputError(
+            "the model is in training mode; attacks need deterministic outputs (dropout, batch-norm statistics)",
+            "call model.eval() before attacking it",
+        )
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise InputError(f"images must be a floating-point tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}")
+    if x.dim() < 2:
+        raise InputError(f"images must be batched (N, ...), got shape {tuple(x.shape)}", "add a batch dimension with x.unsqueeze(0)")
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+        raise InputError(f"{bad} of {len(x)} images contain NaN or infinite pixels", "clean or drop those images before attacking")
+    lo, hi = (float(x.min()), float(x.max())) if x.numel() else (0.0, 0.0)
+    if lo < 0.0 or hi > 1.0:
+        raise InputError(
+            f"pixels must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]",
+            "attacks work in pixel space: pass un-normalised images (normalisation lives inside the model)",
+        )
+    if y is not None:
+        if y.shape[0] != x.shape[0]:
+            raise InputError(f"got {x.shape[0]} images but {y.shape[0]} labels")
+        if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise InputError(f"labels must be integer class indices, got dtype {y.dtype}")
+        if num_classes is not None and len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise InputError(
+                f"labels must lie in [0, {num_classes - 1}], got values in [{int(y.min())}, {int(y.max())}]",
+                "check that the labels belong to the dataset the model was trained on",
+            )
