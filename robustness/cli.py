@@ -23,7 +23,9 @@ log = logging.getLogger("robustness")
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def _main(cfg: DictConfig) -> float | None:
-    from robustness.pipeline import run
+    from robustness.stages import run
+
+    quiet_third_party_noise()
 
     hydra_cfg = HydraConfig.get()
     overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("experiment=")]
@@ -65,10 +67,29 @@ def user_message(exc: RobustnessError) -> str:
 
 def _fail(exc: RobustnessError, to_log: bool = True) -> NoReturn:
     message = user_message(exc)
-    if to_log:  # into the run's log file too (Hydra's logging is set up inside a job only)
-        log.error("%s", message)
+    if to_log:  # into the run's log file only: the console gets the message once, below
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (message,), None))
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2) from None
+
+
+def quiet_third_party_noise() -> None:
+    """Keep the libraries' advertising and repeated deprecation notes out of a researcher's log."""
+    import warnings
+
+    for pattern in (".*LeafSpec.*", ".*litlogger.*", ".*Consider setting `persistent_workers=True`.*",
+                    ".*does not have many workers.*", ".*number of training batches.*smaller than the logging interval.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_drop_tips)
+
+
+def _drop_tips(record: logging.LogRecord) -> bool:
+    text = record.getMessage()
+    return "litlogger" not in text and "💡" not in text and "Tip:" not in text
 
 
 # Options with which Hydra creates no output directory.
@@ -81,7 +102,7 @@ def _requested_output_dir(argv: list[str]) -> str | None:
     Hydra creates that directory, and writes into it, before any of our code runs, so an
     unwritable place would surface as a traceback from inside Hydra. Only plain paths are
     judged here; anything with an interpolation or a sweep is left to Hydra and to
-    ``pipeline._check_writable``.
+    ``stages.checks``.
     """
     if any(arg.split("=", 1)[0] in _NO_OUTPUT_FLAGS for arg in argv):
         return None
@@ -122,7 +143,22 @@ def _check_output_dir(argv: list[str]) -> None:
         ), to_log=False)
 
 
+def _check_launcher(argv: list[str]) -> None:
+    """A submitit launcher needs its optional package; without it Hydra fails with a traceback."""
+    for arg in argv:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key == "hydra/launcher" and value.startswith("submitit"):
+            try:
+                import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+            except ImportError:
+                _fail(ConfigError(
+                    f"hydra/launcher={value} needs the hydra-submitit-launcher package, which is not installed",
+                    'install the cluster extra: pip install -e ".[cluster]"',
+                ), to_log=False)
+
+
 def main() -> None:
+    _check_launcher(sys.argv[1:])
     _check_output_dir(sys.argv[1:])
     _main()
 

@@ -87,3 +87,62 @@ def of_file(path: str | Path) -> str:
 def of_parts(parts: Iterable[str]) -> str:
     """The digest of several digests (or other strings) taken together, in order."""
     return of_config(list(parts))
+
+
+# ---- what identifies a trained model, and a probe result -----------------------------------
+
+IDENTITY_FORMAT = 1
+# Dataset options that change where or how fast images are read, never which images or labels
+# a model is trained on.
+DATASET_KEYS_OUTSIDE_IDENTITY = frozenset({"eval_batch_size", "num_workers", "download"})
+# Trainer options that change how a run looks or which hardware runs it, not what it computes.
+TRAINER_KEYS_OUTSIDE_IDENTITY = frozenset({
+    "accelerator", "deterministic", "enable_progress_bar", "enable_model_summary", "log_every_n_steps", "plugins", "default_root_dir",
+})
+
+
+def dataset_identity(dataset: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """What determines a dataset's splits and training images: its options and the seed that splits it."""
+    return {"options": {k: v for k, v in dataset.items() if k not in DATASET_KEYS_OUTSIDE_IDENTITY}, "split_seed": int(seed)}
+
+
+# Dataset options that choose which training images are used, not how the data is split.
+TRAINING_ONLY_DATASET_KEYS = frozenset({"train_fraction", "batch_size", "augment"})
+
+
+def split_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a :func:`dataset_identity` that decides the validation and test splits."""
+    options = {k: v for k, v in dict(identity.get("options") or {}).items() if k not in TRAINING_ONLY_DATASET_KEYS}
+    return {"options": options, "split_seed": identity.get("split_seed")}
+
+
+def training_identity(config: Mapping[str, Any], init_fingerprint: str | None) -> dict[str, Any]:
+    """Everything that determines a trained model's weights, from a resolved training config.
+
+    ``init_fingerprint`` is the fingerprint of the model the training starts from (the
+    regularizer's ``init_from``), so a fine-tuned model changes identity with its parent.
+    """
+    trainer = {k: v for k, v in dict(config.get("trainer") or {}).items() if k not in TRAINER_KEYS_OUTSIDE_IDENTITY}
+    return {
+        "format": IDENTITY_FORMAT,
+        "dataset": dataset_identity(config["dataset"], config["seed"]),
+        "model": dict(config["model"]),
+        "regularizer": dict(config["regularizer"]),
+        "init_from": init_fingerprint,
+        "optim": dict(config["optim"]),
+        "trainer": trainer,
+        "seed": int(config["seed"]),
+    }
+
+
+def identity_differences(saved: Mapping[str, Any], wanted: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two identities, with both values, in key order."""
+    differences: list[str] = []
+    for key in sorted(set(saved) | set(wanted), key=str):
+        a, b = saved.get(key, "<absent>"), wanted.get(key, "<absent>")
+        dotted = f"{prefix}{key}"
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            differences += identity_differences(a, b, f"{dotted}.")
+        elif a != b:
+            differences.append(f"{dotted}: {a!r} in the store, {b!r} asked for")
+    return differences

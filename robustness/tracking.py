@@ -73,6 +73,8 @@ def log_artefacts(run: Any, artefacts: Iterable[Any], prefix: str = "") -> None:
         return
     import wandb
 
+    from robustness.reporting.base import table_columns
+
     payload: dict[str, Any] = {}
     for artefact in artefacts:
         key = f"{prefix}{artefact.name}"
@@ -81,7 +83,7 @@ def log_artefacts(run: Any, artefacts: Iterable[Any], prefix: str = "") -> None:
             if png is not None:
                 payload[f"figures/{key}"] = wandb.Image(str(png), caption=artefact.caption)
         elif artefact.kind == "table" and artefact.rows:
-            columns = list(artefact.rows[0].keys())
+            columns = table_columns(artefact.rows)
             data = [[_plain(row.get(c)) for c in columns] for row in artefact.rows]
             payload[f"tables/{key}"] = wandb.Table(columns=columns, data=data)
     if payload:

@@ -12,7 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from robustness.cli import CONFIG_DIR
-from robustness.pipeline import RunOutcome, compose_experiment, run
+from robustness.stages import RunOutcome, compose_experiment, run
 
 # One store for the whole session: variants trained by the first experiment that needs them
 # are reused by the others (set by conftest.py).
@@ -66,3 +66,19 @@ def run_outcome(name: str, overrides: Sequence[str], tmp_path: Path, artifacts_d
     with hydra_initialized():
         cfg = compose_experiment(name, all_overrides)
         return run(cfg, output_dir, overrides=all_overrides)
+
+
+def stored_model(artifacts_dir: str | Path, alias: str, dataset: str = "digits", model: str = "smallcnn") -> Path:
+    """The live version folder (model.pt, meta.json, ...) of the model the store's ``alias`` names."""
+    from robustness.store import ModelStore
+
+    store = ModelStore(artifacts_dir, dataset, model)
+    key = store.aliases()[alias]
+    directory = store.version_dir(key)
+    assert directory is not None, f"alias {alias} points at {key}, which has no complete save"
+    return directory
+
+
+def resume_checkpoints(artifacts_dir: str | Path, dataset: str = "digits", model: str = "smallcnn") -> list[Path]:
+    """Every ``last.ckpt`` of an unfinished training run in the store."""
+    return sorted(Path(artifacts_dir).glob(f"{dataset}/{model}/entries/*/resume/last.ckpt"))

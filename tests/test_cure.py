@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,7 +18,6 @@ from robustness.data.digits import DigitsDataModule
 from robustness.errors import ConfigError, InputError, TrainingError
 from robustness.registry import build
 from robustness.models.smallcnn import smallcnn
-from robustness.pipeline import model_cfg_dict
 from robustness.store import ModelStore
 from robustness.training.cure import (
     CURE,
@@ -370,7 +370,7 @@ def test_cure_digits_experiment_lowers_held_out_curvature_below_base(tmp_path: P
     x, y = DigitsDataModule(seed=0).split_tensors("test")
     penalty, accuracy = {}, {}
     for variant in ("base", "cure"):
-        model = store.load_into(variant, build("model", cfg.model, info=DIGITS), DIGITS, model_cfg_dict(cfg)).eval()
+        model = store.load_into(store.aliases()[variant], build("model", cfg.model, info=DIGITS), DIGITS, OmegaConf.to_container(cfg.model)).eval()
         penalty[variant] = mean_curvature_penalty(model, x, y, h)
         with torch.no_grad():
             accuracy[variant] = float((model(x).argmax(1) == y).float().mean())

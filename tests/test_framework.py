@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from helpers import compose, run_outcome
+from helpers import compose, resume_checkpoints, run_outcome, stored_model
 from robustness.errors import ConfigError, StoreError
 from robustness.registry import build
 from robustness.store import ModelStore
@@ -50,14 +51,15 @@ def test_train_digits_end_to_end_writes_a_loadable_checkpoint(tmp_path: Path) ->
     artifacts = tmp_path / "store"
     outcome = run_outcome("base_digits", ["trainer.max_epochs=3"], tmp_path, artifacts_dir=artifacts)
     assert outcome.metrics["test/acc"] > 0.9  # chance is 0.1
-    variant_dir = artifacts / "digits" / "smallcnn" / "base"
+    variant_dir = stored_model(artifacts, "base")
     assert {"model.pt", "meta.json", "config.yaml", "metrics.json"} <= {p.name for p in variant_dir.iterdir()}
-    assert not (variant_dir / "resume").exists()  # resume checkpoints are dropped once the run completes
+    assert resume_checkpoints(artifacts) == []  # resume checkpoints are dropped once the run completes
 
     cfg = compose("base_digits", ["logger=csv"])
     dm = build("dataset", cfg.dataset, data_dir=str(tmp_path / "data"), seed=0)
     dm.setup()
-    model = ModelStore(artifacts, "digits", "smallcnn").load_into("base", build("model", cfg.model, info=dm.info), dm.info, {"name": "smallcnn"})
+    store = ModelStore(artifacts, "digits", "smallcnn")
+    model = store.load_into(store.aliases()["base"], build("model", cfg.model, info=dm.info), dm.info, OmegaConf.to_container(cfg.model))
     x, y = dm.split_tensors("test")
     accuracy = (model.eval()(x).argmax(1) == y).float().mean().item()
     assert accuracy == pytest.approx(outcome.metrics["test/acc"], abs=1e-6)
@@ -134,16 +136,16 @@ class TestStore:
 
     def test_truncated_checkpoint_is_reported(self, trained) -> None:
         store, model, info, _ = trained
-        path = store.variant_dir("base") / "model.pt"
+        path = store.version_dir("base") / "model.pt"
         path.write_bytes(path.read_bytes()[:200])
         with pytest.raises(StoreError, match="truncated or corrupted"):
             store.load_into("base", model, info, {"name": "smallcnn"})
 
     def test_weights_not_described_by_meta_are_refused(self, trained) -> None:
         store, model, info, _ = trained
-        state = torch.load(store.variant_dir("base") / "model.pt", weights_only=True)
+        state = torch.load(store.version_dir("base") / "model.pt", weights_only=True)
         state["net.0.bias"] += 1.0  # as if a save had replaced the weights but died before meta.json
-        torch.save(state, store.variant_dir("base") / "model.pt")
+        torch.save(state, store.version_dir("base") / "model.pt")
         with pytest.raises(StoreError, match="not the ones its meta.json describes"):
             store.load_into("base", model, info, {"name": "smallcnn"})
 
@@ -155,17 +157,17 @@ class TestStore:
             def __reduce__(self):
                 return (os.system, (f"touch {marker}",))
 
-        torch.save({"payload": Exploit()}, store.variant_dir("base") / "model.pt")
+        torch.save({"payload": Exploit()}, store.version_dir("base") / "model.pt")
         with pytest.raises(StoreError, match="refusing to load"):
             store.load_into("base", model, info, {"name": "smallcnn"})
         assert not marker.exists()
 
     def test_missing_variant_names_the_command(self, tmp_path: Path) -> None:
-        from robustness.pipeline import ensure_variant
+        from robustness.stages import variants
 
         cfg = compose("base_digits", ["logger=csv", "store.train_missing=false", f"paths.artifacts_dir={tmp_path}"])
         with pytest.raises(StoreError, match="python -m robustness experiment=cure_digits dataset=digits model=smallcnn"):
-            ensure_variant(cfg, "cure", tmp_path, "digits")
+            variants.ensure_trained(variants.resolve(cfg, "cure"), tmp_path)
 
 
 def test_bad_learning_rate_is_a_config_error(tmp_path: Path) -> None:

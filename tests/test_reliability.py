@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import compose, run_outcome
+from helpers import compose, resume_checkpoints, run_outcome, stored_model
 from robustness.errors import ConfigError
 
 # A short, fully specified digits run: about 10 optimiser steps per epoch, CPU, CSV logging.
@@ -82,18 +82,18 @@ def test_interrupted_training_resumes_to_identical_weights(tmp_path: Path) -> No
     overrides = [*SMALL_TRAIN, "trainer.max_epochs=6"]
     command = ["experiment=base_digits", "logger=csv", *overrides, f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}"]
     store = tmp_path / "store"
-    variant = store / "digits" / "smallcnn" / "base"
-    last = variant / "resume" / "last.ckpt"
     interrupted = [*command, f"paths.artifacts_dir={store}"]
 
     # Run 1: Ctrl-C once the first epoch's checkpoint exists.
     first = _cli(interrupted, cwd=tmp_path)
-    _wait_for(last.is_file, first, "the first epoch's checkpoint")
+    _wait_for(lambda: bool(resume_checkpoints(store)), first, "the first epoch's checkpoint")
+    (last,) = resume_checkpoints(store)
+    entry = last.parent.parent
     first.send_signal(signal.SIGINT)
     out1 = first.communicate(timeout=240)[0]
     assert first.returncode == 130, out1[-3000:]
     assert "interrupted" in out1 and "run the same command again to resume" in out1
-    assert last.is_file() and not (variant / "model.pt").exists()
+    assert last.is_file() and not (entry / "current").exists()
     assert "Traceback" not in out1
 
     # Run 2: the same command resumes; SIGTERM (a scheduler's stop) once it has saved a later epoch.
@@ -106,14 +106,14 @@ def test_interrupted_training_resumes_to_identical_weights(tmp_path: Path) -> No
     assert second.returncode == 143, out2[-3000:]
     assert "resuming 'base' from" in out2
     assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] > epoch_before
-    assert not (variant / "model.pt").exists()
+    assert not (entry / "current").exists()
 
     # Run 3: resumes again and completes.
     third = _cli(interrupted, cwd=tmp_path)
     out3 = third.communicate(timeout=300)[0]
     assert third.returncode == 0, out3[-3000:]
     assert "resuming 'base' from" in out3
-    assert not (variant / "resume").exists()  # dropped once the run is complete
+    assert not (entry / "resume").exists()  # dropped once the run is complete
 
     # The uninterrupted run (in this process: same code, same config, one thread like the CLI runs).
     threads = torch.get_num_threads()
@@ -122,7 +122,8 @@ def test_interrupted_training_resumes_to_identical_weights(tmp_path: Path) -> No
         run_outcome("base_digits", overrides, tmp_path, artifacts_dir=tmp_path / "reference")
     finally:
         torch.set_num_threads(threads)
-    ref_variant = tmp_path / "reference" / "digits" / "smallcnn" / "base"
+    ref_variant = stored_model(tmp_path / "reference", "base")
+    variant = stored_model(store, "base")
     _assert_same_weights(ref_variant / "model.pt", variant / "model.pt")
     ref_metrics = json.loads((ref_variant / "metrics.json").read_text())
     metrics = json.loads((variant / "metrics.json").read_text())
@@ -159,57 +160,52 @@ class _StopAt(pl.Callback):
             raise KeyboardInterrupt
 
 
-def _fit_noisy(directory: Path, fingerprint: str, stop_at: int | None = None, resume: bool = False):
+def _fit_noisy(directory: Path, stop_at: int | None = None, resume: bool = False):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
     from robustness.data.base import EpochSeededSampler
-    from robustness.pipeline import EpochCheckpoint
+    from robustness.training.resume import AtomicCheckpointIO, RandomState, last_checkpoint
 
     pl.seed_everything(7, verbose=False)
     module = _NoisyModule()
     data = torch.utils.data.TensorDataset(torch.randn(48, 6), torch.randint(0, 3, (48,)))
-    loader = torch.utils.data.DataLoader(data, batch_size=8, sampler=EpochSeededSampler(48, 7))
-    checkpoint = EpochCheckpoint(directory, fingerprint)
-    trainer = pl.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[checkpoint, *([_StopAt(stop_at)] if stop_at is not None else [])])
-    ckpt = checkpoint.resumable() if resume else None
+    loader = torch.utils.data.DataLoader(data, batch_size=8, sampler=EpochSeededSampler(48, 7), generator=torch.Generator().manual_seed(7))
+    checkpoint = ModelCheckpoint(dirpath=directory, save_last=True, save_top_k=0, every_n_epochs=1, save_on_train_epoch_end=True,
+                                 enable_version_counter=False)
+    trainer = pl.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_progress_bar=False, plugins=[AtomicCheckpointIO()],
+                         enable_model_summary=False, callbacks=[checkpoint, RandomState(), *([_StopAt(stop_at)] if stop_at is not None else [])])
+    ckpt = last_checkpoint(directory) if resume else None
     assert (ckpt is not None) == resume
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt, weights_only=True)
     return module, trainer
 
 
 def test_resume_restores_random_streams_optimiser_and_schedule(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Unit level: a fit stopped after epoch 2 and resumed from EpochCheckpoint's file draws the same
+    """Unit level: a fit stopped after epoch 2 and resumed from Lightning's last.ckpt draws the same
     random numbers, reaches the same learning rate and ends with the same weights as one never stopped."""
-    whole, whole_trainer = _fit_noisy(tmp_path / "whole", "config-a")
+    from robustness.training.resume import discard_checkpoints, last_checkpoint
+
+    whole, whole_trainer = _fit_noisy(tmp_path / "whole")
     sigint = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SystemExit):  # Lightning's answer to a KeyboardInterrupt inside fit()
-            _fit_noisy(tmp_path / "split", "config-a", stop_at=2)
+            _fit_noisy(tmp_path / "split", stop_at=2)
     finally:
         signal.signal(signal.SIGINT, sigint)  # Lightning left Ctrl-C ignored in this process
-    resumed, resumed_trainer = _fit_noisy(tmp_path / "split", "config-a", resume=True)
+    resumed, resumed_trainer = _fit_noisy(tmp_path / "split", resume=True)
     assert resumed.draws == whole.draws[2:]  # epochs 2 and 3 drew exactly what the uninterrupted run drew
     assert resumed_trainer.optimizers[0].param_groups[0]["lr"] == whole_trainer.optimizers[0].param_groups[0]["lr"]
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
 
-    # The same file under another config fingerprint, or damaged, is not resumed from.
-    from robustness.pipeline import EpochCheckpoint
-
+    # A damaged checkpoint is not resumed from; a completed run removes its own.
     last = tmp_path / "split" / "last.ckpt"
-    assert EpochCheckpoint(last.parent, "config-a").resumable() == last
+    assert last_checkpoint(last.parent) == last
     with caplog.at_level(logging.WARNING, logger="robustness"):
-        assert EpochCheckpoint(last.parent, "config-b").resumable() is None
-        assert "written by a run with a different configuration" in caplog.text
-        intact = last.read_bytes()
-        last.write_bytes(intact[:300])
-        assert EpochCheckpoint(last.parent, "config-a").resumable() is None
+        last.write_bytes(last.read_bytes()[:300])
+        assert last_checkpoint(last.parent) is None
         assert "cannot be read safely" in caplog.text
-
-    # A completed run removes its own resume checkpoint, never one another config's run has written.
-    last.write_bytes(intact)
-    EpochCheckpoint(last.parent, "config-b").discard()
-    assert last.is_file()
-    EpochCheckpoint(last.parent, "config-a").discard()
+    discard_checkpoints(last.parent)
     assert not last.parent.exists()
 
 
@@ -218,19 +214,22 @@ def test_resume_restores_random_streams_optimiser_and_schedule(tmp_path: Path, c
 
 
 def test_training_twice_gives_identical_metrics_and_weights(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Also: a resume checkpoint left by a run with another config is ignored, not resumed from."""
+    """Also: a damaged resume checkpoint in the entry is ignored, not resumed from."""
+    from robustness.stages import variants
+
     overrides = [*SMALL_TRAIN, "trainer.max_epochs=2"]
     first = run_outcome("base_digits", overrides, tmp_path / "a", artifacts_dir=tmp_path / "a" / "store")
-    foreign = tmp_path / "b" / "store" / "digits" / "smallcnn" / "base" / "resume" / "last.ckpt"
-    foreign.parent.mkdir(parents=True)
-    # Were it used, Lightning would fail on it (no weights) or start at epoch 5.
-    torch.save({"robustness_resume": {"fingerprint": "another-config"}, "epoch": 5, "state_dict": {}}, foreign)
+    key = variants.of_training_config(compose("base_digits", overrides)).key
+    assert first.metrics["fingerprint"] == key
+    damaged = tmp_path / "b" / "store" / "digits" / "smallcnn" / "entries" / key / "resume" / "last.ckpt"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"not a checkpoint")
     with caplog.at_level(logging.WARNING, logger="robustness"):
         second = run_outcome("base_digits", overrides, tmp_path / "b", artifacts_dir=tmp_path / "b" / "store")
-    assert "written by a run with a different configuration" in caplog.text
+    assert "cannot be read safely" in caplog.text
     assert first.metrics == second.metrics and first.metrics["epochs"] == 2
-    _assert_same_weights(tmp_path / "a" / "store" / "digits" / "smallcnn" / "base" / "model.pt", foreign.parent.parent / "model.pt")
-    assert not foreign.parent.exists()
+    _assert_same_weights(stored_model(tmp_path / "a" / "store", "base") / "model.pt", stored_model(tmp_path / "b" / "store", "base") / "model.pt")
+    assert not damaged.parent.exists()
 
 
 def test_probe_twice_gives_identical_tables(tmp_path: Path) -> None:
@@ -293,8 +292,9 @@ def test_failed_save_leaves_the_previous_model_and_no_temporary_files(tmp_path: 
         store.save("base", new, info, {"name": "smallcnn"})
     monkeypatch.undo()
 
-    directory = store.variant_dir("base")
-    assert sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp")) == []
+    entry = store.entry_dir("base")
+    assert sorted(p.name for p in entry.rglob("*.tmp")) == []
+    assert [p.name for p in entry.iterdir() if p.name.startswith("v-")] == [store.version_dir("base").name]
     assert store.has("base")
     loaded = store.load_into("base", build("model", cfg.model, info=info), info, {"name": "smallcnn"})
     for (name, a), (_, b) in zip(old.state_dict().items(), loaded.state_dict().items()):
@@ -348,7 +348,7 @@ def test_unwritable_output_directory_is_a_clear_error(tmp_path: Path) -> None:
         assert "Traceback" not in out.stderr
 
     # Called from Python (report sections, tests) the pipeline checks too.
-    from robustness.pipeline import run
+    from robustness.stages import run
 
     cfg = compose("base_digits", ["logger=csv"])
     with pytest.raises(ConfigError, match=r"cannot write to the output directory .*a-file/sub") as err:

@@ -7,7 +7,7 @@ from pathlib import Path
 from omegaconf import open_dict
 
 from helpers import compose, fast_overrides, hydra_initialized
-from robustness.pipeline import run
+from robustness.stages import run
 
 # Per-section reductions: the same probes and code paths as the default run, on less data.
 REDUCED = {

@@ -97,6 +97,9 @@ class ImageDataModule(pl.LightningDataModule):
             sampler=EpochSeededSampler(len(dataset), self.seed) if shuffle else None,  # type: ignore[arg-type]
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # Creating a batch iterator draws the workers' base seed: from a generator of the
+            # loader's own, so that it never moves the global random stream (exact resume).
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -101,4 +101,12 @@ class ProbeResult:
             arrays = torch.load(directory / "arrays.pt", map_location="cpu", weights_only=True)
         except FileNotFoundError as exc:
             raise StoreError(f"no probe result in {directory}: {exc.filename} is missing", "run the probe's experiment first") from None
+        except Exception as exc:  # noqa: BLE001 - truncated JSON, damaged arrays: the file is unusable either way
+            raise StoreError(f"the probe result in {directory} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                             "it is recomputed when the probe runs again (or delete that folder)") from None
+        shape_ok = (isinstance(header, dict) and isinstance(header.get("probe"), str) and isinstance(header.get("tables"), dict)
+                    and isinstance(header.get("meta"), dict) and isinstance(arrays, dict))
+        if not shape_ok:
+            raise StoreError(f"the probe result in {directory} is not one this project wrote (missing or mistyped keys)",
+                             "it is recomputed when the probe runs again (or delete that folder)")
         return cls(probe=header["probe"], arrays=arrays, tables=header["tables"], meta=header["meta"])

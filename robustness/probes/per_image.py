@@ -10,6 +10,7 @@ or a retrained model never picks up stale chunks.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
@@ -18,9 +19,11 @@ import torch
 from torch import Tensor
 
 from robustness import fingerprint as fingerprint_of
-from robustness.errors import ConfigError, StoreError
+from robustness.errors import ConfigError
 from robustness.io import atomic_torch_save
 from robustness.probes.base import ProbeContext, ProbeOptions
+
+log = logging.getLogger("robustness")
 
 ChunkFn = Callable[[int, int], Mapping[str, Tensor]]
 
@@ -82,9 +85,14 @@ def run_in_chunks(
         if path.is_file():
             try:
                 part = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # a chunk cut short by a crash during its (atomic) write cannot exist, but a foreign file can
-                raise StoreError(f"cannot read the partial result {path}: {exc}", f"delete {folder} to recompute it") from None
+                if not isinstance(part, dict) or not all(torch.is_tensor(v) for v in part.values()):
+                    raise TypeError("not a dict of tensors")
+            except Exception as exc:  # noqa: BLE001 - writes are atomic, so this is a damaged or foreign file
+                log.warning("recomputing the partial result %s: it cannot be read (%s)", path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                part = None
         else:
+            part = None
+        if part is None:
             part = {k: v.detach().cpu() for k, v in compute_chunk(start, stop).items()}
             atomic_torch_save(part, path)
         parts.append(part)

@@ -49,10 +49,16 @@ def format_cell(value: Any) -> str:
     return str(value)
 
 
+def table_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The columns of a table: the union of its rows' keys, in first-seen order. Markdown, HTML,
+    CSV and W&B tables all take their columns from here, so they always agree."""
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     if not rows:
         return "(no rows)\n"
-    columns = list(dict.fromkeys(key for row in rows for key in row))  # union, in first-seen order
+    columns = table_columns(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(format_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -62,7 +68,7 @@ def write_table(rows: Sequence[dict[str, Any]], out_dir: str | Path, name: str, 
     out_dir = Path(out_dir)
     buffer = io.StringIO()
     if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
+        writer = csv.DictWriter(buffer, fieldnames=table_columns(rows))
         writer.writeheader()
         writer.writerows(rows)
     csv_path = atomic_write_text(out_dir / f"{name}.csv", buffer.getvalue())

@@ -206,7 +206,7 @@ class AdversarialFinetune(Regularizer):
             "source_weights": fingerprint.of_state(ctx.model),
         }
         self.cache_name = f"adv_set-{fingerprint.of_config(recipe)}"
-        cached = ctx.store.load_tensors(self.variant, self.cache_name)
+        cached = ctx.store.load_tensors(ctx.cache_key or self.variant, self.cache_name)
         if cached is not None and {"x", "y", "success"} <= set(cached):
             self.from_cache = True
             tensors = cached
@@ -214,8 +214,8 @@ class AdversarialFinetune(Regularizer):
         else:
             self.from_cache = False
             tensors = self._build(ctx)
-            ctx.store.save_tensors(self.variant, self.cache_name, tensors)
-            atomic_write_json(ctx.store.tensors_path(self.variant, self.cache_name).with_suffix(".json"), recipe)
+            ctx.store.save_tensors(ctx.cache_key or self.variant, self.cache_name, tensors)
+            atomic_write_json(ctx.store.tensors_path(ctx.cache_key or self.variant, self.cache_name).with_suffix(".json"), recipe)
         self.adv_x, self.adv_y = tensors["x"].float(), tensors["y"].long()
         self.attack_success = float(tensors["success"].float().mean())
         self.initial_accuracy = accuracy(ctx.model, self.adv_x, self.adv_y)

@@ -112,7 +112,7 @@ class Distillation(Regularizer):
         }
         self.teacher_name = f"teacher-{fingerprint.of_config(recipe)}"
         teacher = copy.deepcopy(ctx.model)
-        cached = ctx.store.load_tensors(TEACHER_VARIANT, self.teacher_name)
+        cached = ctx.store.load_tensors(ctx.cache_key or TEACHER_VARIANT, self.teacher_name)
         if cached is not None:
             teacher.load_state_dict(cached)
             self.teacher_from_cache = True
@@ -120,8 +120,8 @@ class Distillation(Regularizer):
         else:
             self.teacher_from_cache = False
             train_teacher(teacher, dm, self.temperature, self.teacher_epochs, ctx.device, optim)
-            ctx.store.save_tensors(TEACHER_VARIANT, self.teacher_name, teacher.state_dict())
-            atomic_write_json(ctx.store.tensors_path(TEACHER_VARIANT, self.teacher_name).with_suffix(".json"), recipe)
+            ctx.store.save_tensors(ctx.cache_key or TEACHER_VARIANT, self.teacher_name, teacher.state_dict())
+            atomic_write_json(ctx.store.tensors_path(ctx.cache_key or TEACHER_VARIANT, self.teacher_name).with_suffix(".json"), recipe)
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)

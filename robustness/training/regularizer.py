@@ -40,6 +40,7 @@ class TrainContext:
     store: "ModelStore"
     device: torch.device
     config: Any = None  # the whole resolved run config
+    cache_key: str | None = None  # the store entry that caches what the regularizer derives (default: its variant name)
 
 
 class Regularizer:

@@ -1,0 +1,139 @@
+"""What every stage needs: composing experiments, plain values, devices, data and the store."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from robustness.data.base import ImageDataModule
+from robustness.errors import ConfigError
+from robustness.registry import build
+from robustness.store import ModelStore
+
+log = logging.getLogger("robustness")
+
+# Overrides that say *where* and *on what* a run happens; a variant that a run needs is composed
+# with them, so that `dataset=cifar10 model.activation=tanh` reaches every model it loads or
+# trains. Everything else on the command line (optim.lr, probe.*, variants) stays with the run.
+INHERITED_OVERRIDES = ("dataset", "model", "seed", "paths", "logger", "store", "debug", "trainer.accelerator", "trainer.precision")
+
+
+@dataclass
+class RunOutcome:
+    """What a run produced: metrics (train), artefacts (probe, report), results (probe) and where."""
+
+    task: str
+    output_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    artefacts: list[Any] = field(default_factory=list)
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain Python values (resolved); anything else unchanged."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) or OmegaConf.is_list(node) else node
+
+
+def resolve_path(path: Any) -> Path:
+    return Path(str(path)).expanduser().absolute()
+
+
+def inherited(overrides: Sequence[str]) -> list[str]:
+    """The overrides a variant composed for this run inherits (see ``INHERITED_OVERRIDES``)."""
+    kept = []
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if any(key == p or key.startswith(p + ".") or key.startswith(p + "/") for p in INHERITED_OVERRIDES):
+            kept.append(override)
+    return kept
+
+
+def compose_experiment(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose ``experiment=name`` plus overrides with the project's config (Hydra must be initialised)."""
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = compose(config_name="config", overrides=[f"experiment={name}", *overrides])
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"cannot compose experiment '{name}': {str(exc).splitlines()[0]}",
+                          "check the experiment name and overrides (`python -m robustness --help` lists them)") from None
+    with open_dict(cfg):
+        cfg.experiment_name = name
+    return cfg
+
+
+def device_for(cfg: DictConfig) -> torch.device:
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def make_datamodule(cfg: DictConfig, setup: bool = True) -> ImageDataModule:
+    datamodule = build("dataset", cfg.dataset, data_dir=str(resolve_path(cfg.paths.data_dir)), seed=int(cfg.seed))
+    if setup:
+        datamodule.setup("fit")
+    return datamodule
+
+
+def store_for(cfg: DictConfig, dataset_name: str) -> ModelStore:
+    return ModelStore(resolve_path(cfg.paths.artifacts_dir), dataset_name, str(cfg.model.name))
+
+
+def writable_problem(directory: Path) -> str | None:
+    """Why ``directory`` (or the nearest existing folder above it) cannot take new files, or None."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:  # a real write: permission bits say nothing for root or on a read-only mount
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        return f"{existing} is not writable: {exc.strerror or exc}"
+    return None
+
+
+def check_writable(directory: Path, what: str, hint: str) -> None:
+    problem = writable_problem(directory)
+    if problem is None:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+    if problem:
+        raise ConfigError(f"cannot write to the {what} {directory} ({problem})", hint)
+
+
+def apply_debug(cfg: DictConfig) -> None:
+    """Shrink the run's probe, regularizer and attack by ``debug.shrink`` (``debug=rehearsal``),
+    for the keys those components have; nothing else changes."""
+    debug = cfg.get("debug")
+    shrink = debug.get("shrink") if isinstance(debug, DictConfig) else None
+    if not shrink:
+        return
+    with open_dict(cfg):
+        for group in ("probe", "regularizer", "attack"):
+            node = cfg.get(group)
+            if isinstance(node, DictConfig) and group in shrink:
+                _set_existing(node, shrink[group])
+
+
+def _set_existing(node: DictConfig, values: DictConfig) -> None:
+    for key, value in values.items():
+        if key not in node:
+            continue
+        if isinstance(node[key], DictConfig):
+            if isinstance(value, DictConfig):
+                _set_existing(node[key], value)
+        else:
+            node[key] = value

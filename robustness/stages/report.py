@@ -1,0 +1,81 @@
+"""The report stage: run a list of experiments, then write report.md and report.html.
+
+Each section is an experiment (a probe, or itself a report); its figures and tables are embedded
+with their captions and the exact command that reproduces that section. Every number in the
+report comes from this run (or from cached results of the same configs and weights).
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig
+
+from robustness import tracking
+from robustness.errors import ConfigError
+from robustness.io import atomic_write_text
+from robustness.reporting.document import Section, render_html, render_markdown
+from robustness.stages.common import RunOutcome, compose_experiment, plain
+
+log = logging.getLogger("robustness")
+
+
+def reproduce_command(experiment: str, overrides: Sequence[str]) -> str:
+    return " ".join(["python -m robustness", f"experiment={experiment}", *(shlex.quote(o) for o in overrides)])
+
+
+def report(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag: str = "", wandb_run: Any = None, _depth: int = 0) -> RunOutcome:
+    """``task=report``: every section in order, then the documents."""
+    from robustness.stages import run_stage
+
+    sections = list(cfg.report.get("sections") or [])
+    if not sections:
+        raise ConfigError("a report needs at least one section", "list experiments under report.sections, e.g. - {experiment: fig2_boundary}")
+    for index, section in enumerate(sections, start=1):
+        if not plain(section).get("experiment"):
+            raise ConfigError(f"report section {index} names no experiment", "write each section as {experiment: NAME, overrides: [...]}")
+    title = cfg.report.get("title") or f"Report: {cfg.get('experiment_name')}"
+    own_run = wandb_run is None and cfg.logger.name == "wandb"
+    if own_run:
+        wandb_run = tracking.start_wandb_run(
+            plain(cfg.logger), output_dir, name=str(cfg.get("experiment_name") or "report"),
+            config=tracking.plain_config(cfg), tags=[f"experiment:{cfg.get('experiment_name')}", "report"],
+        )
+    started = time.monotonic()
+    entries: list[Section] = []
+    results: dict[str, Any] = {}
+    for index, raw in enumerate(sections, start=1):
+        section = plain(raw)
+        experiment = section["experiment"]
+        # Report-wide overrides first, then the command line's, then the section's own.
+        extra = [*(cfg.report.get("overrides") or []), *overrides, *section.get("overrides", [])]
+        log.info("[report %d/%d] %s (elapsed %.0f s)", index, len(sections), experiment, time.monotonic() - started)
+        child = compose_experiment(experiment, extra)
+        outcome = run_stage(child, output_dir / f"{index:02d}_{experiment}", overrides=extra, wandb_run=wandb_run, _depth=_depth + 1)
+        entries.append(Section(
+            title=section.get("title") or experiment,
+            caption=section.get("caption", ""),
+            command=reproduce_command(experiment, extra),
+            artefacts=list(outcome.artefacts),
+        ))
+        for key, result in outcome.results.items():
+            results[f"{index:02d}_{experiment}/{key}" if key in results else key] = result
+    if _depth == 0:
+        log.info("[report] all %d sections done in %.0f s", len(sections), time.monotonic() - started)
+
+    md_path = atomic_write_text(output_dir / "report.md", render_markdown(title, entries, output_dir))
+    html_path = atomic_write_text(output_dir / "report.html", render_html(title, entries))
+    artefacts = [artefact for entry in entries for artefact in entry.artefacts]
+    if wandb_run is not None and _depth == 0:
+        import wandb
+
+        wandb_run.log({"report": wandb.Html(html_path.read_text(encoding="utf-8"))})
+    if own_run:
+        wandb_run.finish()
+    if _depth == 0:
+        log.info("report written to %s and %s", md_path, html_path)
+    return RunOutcome("report", output_dir, artefacts=artefacts, results=results)

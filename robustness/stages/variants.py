@@ -1,0 +1,175 @@
+"""Variants: from a name a run asks for (``base``, ``cure@regularizer.lam=8``) to a model in the store.
+
+A variant name is an alias. Its model is found by the fingerprint of the training config that
+produces it: the variant's experiment (``store.variant_experiments``) composed for this run's
+dataset, model and seed, plus the overrides after ``@``. So a probe never loads weights that
+were trained with other options, and two trainings with different configs never share an entry.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from omegaconf import DictConfig, open_dict
+
+from robustness import fingerprint
+from robustness.data.base import ImageDataModule
+from robustness.errors import ConfigError, StoreError
+from robustness.registry import build
+from robustness.stages.common import apply_debug, compose_experiment, inherited, plain, store_for
+from robustness.store import ModelStore
+
+log = logging.getLogger("robustness")
+
+# Nodes of the run a variant's training config takes over as they are: where things go and how
+# they are logged never change what is trained (``seed`` does, and is taken on purpose).
+_TAKEN_FROM_RUN = ("paths", "logger", "store", "debug")
+
+
+@dataclass
+class Variant:
+    """A variant resolved for one run."""
+
+    name: str          # as asked for, e.g. 'cure@regularizer.lam=8'
+    variant: str       # the regularizer's variant, e.g. 'cure'
+    config: DictConfig  # the composed config that trains it
+    identity: dict[str, Any]
+    key: str           # the fingerprint of ``identity``: its entry in the store
+    parent: "Variant | None"
+
+
+def training_config(cfg: DictConfig, name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """The composed training config of variant ``name`` for the run ``cfg``."""
+    variant, _, extra = name.partition("@")
+    experiments = cfg.store.variant_experiments
+    experiment = experiments.get(variant)
+    if experiment is None:
+        raise ConfigError(
+            f"no experiment trains variant '{variant}' (store.variant_experiments has: {', '.join(experiments)})",
+            f"add one with store.variant_experiments.{variant}=EXPERIMENT, or pick variants among those",
+        )
+    choice = [f"dataset={cfg.dataset.name}", f"model={cfg.model.name}"]
+    child = compose_experiment(str(experiment), [*choice, *inherited(overrides), *cfg.store.train_overrides, *(extra.split(",") if extra else [])])
+    with open_dict(child):
+        for key in _TAKEN_FROM_RUN:
+            if key in cfg:
+                child[key] = cfg[key]
+        child.seed = cfg.seed
+        child.trainer.accelerator = cfg.trainer.accelerator
+    apply_debug(child)
+    if child.regularizer.variant != variant:
+        raise ConfigError(
+            f"store.variant_experiments maps '{variant}' to experiment '{experiment}', which trains variant '{child.regularizer.variant}'",
+            f"point store.variant_experiments.{variant} at an experiment that trains '{variant}'",
+        )
+    return child
+
+
+def resolve(cfg: DictConfig, name: str, overrides: Sequence[str] = (), _seen: tuple[str, ...] = ()) -> Variant:
+    """Variant ``name`` for run ``cfg``: its training config, identity and fingerprint (parents first)."""
+    if name in _seen:
+        raise ConfigError(f"variants start from each other in a circle: {' -> '.join([*_seen, name])}", "fix the regularizers' init_from")
+    child = training_config(cfg, name, overrides)
+    return of_training_config(child, overrides, name, _seen)
+
+
+def of_training_config(child: DictConfig, overrides: Sequence[str] = (), name: str | None = None, _seen: tuple[str, ...] = ()) -> Variant:
+    """The variant a composed training config trains (its parent resolved from ``init_from``)."""
+    variant = str(child.regularizer.variant)
+    parent = None
+    init_from = child.regularizer.get("init_from")
+    if init_from:
+        parent = resolve(child, str(init_from), overrides, (*_seen, name or variant))
+    identity = fingerprint.training_identity(
+        {key: plain(child[key]) for key in ("dataset", "model", "regularizer", "optim", "trainer", "seed")},
+        parent.key if parent else None,
+    )
+    return Variant(name or variant, variant, child, identity, fingerprint.of_config(identity), parent)
+
+
+def missing_model_error(store: ModelStore, wanted: Variant, train_command: str) -> StoreError:
+    """The store lacks ``wanted``: say which options differ from the model its alias points at."""
+    aliased = store.aliases().get(wanted.name) or store.aliases().get(wanted.variant)
+    detail = ""
+    if aliased and store.has(aliased):
+        try:
+            saved = store.meta(aliased).get("identity") or {}
+        except StoreError:
+            saved = {}
+        differences = fingerprint.identity_differences(saved, wanted.identity)
+        if differences:
+            shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
+            detail = f". The store's '{wanted.variant}' was trained with other options: {shown}"
+    return StoreError(
+        f"the store has no '{wanted.name}' model trained with this config for {store.dataset}/{store.model} "
+        f"(fingerprint {wanted.key[:16]}..., looked in {store.entry_dir(wanted.key)}){detail}",
+        f"train it with: {train_command}, or allow it here with store.train_missing=true",
+    )
+
+
+def train_command(v: Variant) -> str:
+    cfg = v.config
+    extra = v.name.partition("@")[2]
+    return " ".join(filter(None, [
+        "python -m robustness", f"experiment={cfg.experiment_name}", f"dataset={cfg.dataset.name}", f"model={cfg.model.name}",
+        f"seed={cfg.seed}", f"paths.artifacts_dir={cfg.paths.artifacts_dir}", " ".join(extra.split(",")) if extra else "",
+    ]))
+
+
+def ensure_trained(v: Variant, output_dir: Path, overrides: Sequence[str] = ()) -> None:
+    """Make sure the store holds ``v``: train it (under the entry's lock) where allowed, else explain."""
+    from robustness.stages.train import train_variant
+
+    cfg = v.config
+    store = store_for(cfg, str(cfg.dataset.name))
+    if store.has(v.key):
+        return
+    if not cfg.store.train_missing:
+        raise missing_model_error(store, v, train_command(v))
+    log.info("variant '%s' is not in the store for this config: training it with experiment=%s", v.name, cfg.experiment_name)
+    train_variant(v, output_dir / f"train_{v.name.replace('/', '_')}", overrides)
+
+
+def split_problem(v: Variant, probe_cfg: DictConfig, store: ModelStore) -> str | None:
+    """Why the images a probe reads are not from the split ``v`` was trained with, or None."""
+    meta = store.meta(v.key)
+    trained = (meta.get("identity") or {}).get("dataset")
+    wanted = fingerprint.dataset_identity(plain(probe_cfg.dataset), int(probe_cfg.seed))
+    if trained is None:
+        return None
+    a, b = fingerprint.split_identity(trained), fingerprint.split_identity(wanted)
+    if a == b:
+        return None
+    differences = fingerprint.identity_differences(a, b)
+    return "; ".join(d.replace("in the store", "when trained").replace("asked for", "for this probe") for d in differences[:3])
+
+
+def load_models(cfg: DictConfig, datamodule: ImageDataModule, output_dir: Path, device: torch.device,
+                overrides: Sequence[str] = ()) -> tuple[dict[str, torch.nn.Module], dict[str, Variant]]:
+    """Every variant ``cfg.variants`` asks for, trained first where missing and allowed, in eval mode."""
+    names = [str(v) for v in cfg.variants]
+    if not names:
+        raise ConfigError("no model variants to probe", "set variants=[base,adversarial,cure] (or a subset)")
+    models: dict[str, torch.nn.Module] = {}
+    resolved: dict[str, Variant] = {}
+    store = store_for(cfg, datamodule.info.name)
+    for name in names:
+        v = resolve(cfg, name, overrides)
+        ensure_trained(v, output_dir, overrides)
+        problem = split_problem(v, cfg, store)
+        if problem:
+            raise ConfigError(
+                f"variant '{name}' was trained on another split of {datamodule.info.name} than this probe reads ({problem}), "
+                "so its 'test' images could be training images",
+                "probe with the seed and dataset options the variant was trained with",
+            )
+        # Built as it was trained: a variant's experiment may set options of its own.
+        model = build("model", v.config.model, info=datamodule.info)
+        store.load_into(v.key, model, datamodule.info, plain(v.config.model), what=f"the '{name}' weights")
+        models[name] = model.to(device).eval()
+        resolved[name] = v
+    return models, resolved
