@@ -1,4 +1,5 @@
-"""CIFAR-10, SVHN and Tiny-ImageNet loaders on tiny fake copies in each official on-disk layout.
+"""CIFAR-10, SVHN and Tiny-ImageNet loaders on small copies in each official on-disk layout,
+written by :mod:`robustness.data.layouts`.
 
 Nothing here reaches the internet: downloads are exercised against a local HTTP server (or a
 closed local port) and every test with ``download=False`` fails if a download function is called.
@@ -26,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from robustness.data import layouts
 from robustness.registry import build
 from robustness.data import cifar as cifar_mod
 from robustness.data import svhn as svhn_mod
@@ -104,36 +106,26 @@ class _Exploit:
 
 
 def make_fake_cifar(data_dir: Path, per_class: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Five training batches of ``per_class`` images per class each, a test batch, batches.meta."""
-    rng = np.random.default_rng(seed)
-    root = data_dir / "cifar-10-batches-py"
-    root.mkdir(parents=True)
-    train_images, train_labels = [], []
-    for i in range(1, 6):
-        labels = np.tile(np.arange(10), per_class)
-        images = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
-        batch = {"batch_label": f"training batch {i} of 5", "labels": labels.tolist(), "data": images, "filenames": [f"f{j}.png" for j in range(len(labels))]}
-        (root / f"data_batch_{i}").write_bytes(pickle.dumps(batch, protocol=2))
-        train_images.append(images)
-        train_labels.append(labels)
-    test_labels = np.repeat(np.arange(10), 2)
-    test_images = rng.integers(0, 256, size=(20, 3072), dtype=np.uint8)
-    # bytes keys, as Python 3 sees them with encoding="bytes": the reader accepts both kinds
-    test = {b"batch_label": b"testing batch 1 of 1", b"labels": test_labels.tolist(), b"data": test_images}
-    (root / "test_batch").write_bytes(pickle.dumps(test, protocol=2))
-    meta = {"label_names": FAKE_CIFAR_NAMES, "num_cases_per_batch": 10 * per_class, "num_vis": 3072}
-    (root / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    """layouts' CIFAR-10 pickles (``per_class`` images of every class in each training batch, two in
+    the test batch, our own class names), and their contents read back with the plain unpickler."""
+    root = layouts.write_cifar10(data_dir, per_class, seed, test_per_class=2, label_names=FAKE_CIFAR_NAMES)
+    batches = [pickle.loads((root / f"data_batch_{i}").read_bytes(), encoding="latin1") for i in range(1, 6)]
+    test = pickle.loads((root / "test_batch").read_bytes(), encoding="latin1")
     return {
-        "train_images": np.concatenate(train_images),
-        "train_labels": np.concatenate(train_labels),
-        "test_images": test_images,
-        "test_labels": test_labels,
+        "train_images": np.concatenate([b["data"] for b in batches]),
+        "train_labels": np.concatenate([b["labels"] for b in batches]),
+        "test_images": test["data"],
+        "test_labels": np.asarray(test["labels"]),
     }
 
 
 def test_cifar_reads_official_pickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _forbid_downloads(monkeypatch)
     fake = make_fake_cifar(tmp_path, per_class=1)
+    # bytes keys, as Python 3 sees the official files with encoding="bytes": the reader accepts both kinds
+    test_batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    as_bytes = {key.encode(): value for key, value in pickle.loads(test_batch.read_bytes(), encoding="latin1").items()}
+    test_batch.write_bytes(pickle.dumps(as_bytes, protocol=2))
     dm = CIFAR10DataModule(data_dir=tmp_path, seed=0, val_fraction=0.2, batch_size=8)
     dm.setup()
     assert dm.info.class_names == tuple(FAKE_CIFAR_NAMES)  # from batches.meta, not the built-in names
@@ -259,15 +251,15 @@ def test_cifar_download_unpacks_and_keeps_existing_files(tmp_path: Path, http_di
 
 
 def make_fake_svhn(folder: Path, n_train_per_class: int = 4, n_test_per_class: int = 2) -> dict[str, np.ndarray]:
-    """Official layout: X is (32, 32, 3, N) uint8, y is (N, 1) with labels 1..10 (10 = digit 0)."""
-    rng = np.random.default_rng(0)
+    """layouts' SVHN .mat files moved into ``folder``, and their X (32, 32, 3, N) and y (N, 1) read back."""
+    written = layouts.write_svhn(folder / ".layouts", n_train_per_class, seed=0, test_per_class=n_test_per_class)
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
-    for split, per in (("train", n_train_per_class), ("test", n_test_per_class)):
-        y = np.tile(np.arange(1, 11, dtype=np.uint8), per).reshape(-1, 1)
-        x = rng.integers(0, 256, size=(32, 32, 3, len(y)), dtype=np.uint8)
-        scipy.io.savemat(str(folder / f"{split}_32x32.mat"), {"X": x, "y": y})
-        out[f"{split}_x"], out[f"{split}_y"] = x, y
+    for split in ("train", "test"):
+        path = shutil.move(written / f"{split}_32x32.mat", folder / f"{split}_32x32.mat")
+        mat = scipy.io.loadmat(str(path))
+        out[f"{split}_x"], out[f"{split}_y"] = mat["X"], mat["y"]
+    shutil.rmtree(folder / ".layouts")
     return out
 
 
@@ -339,39 +331,25 @@ def test_svhn_download_failure_and_success(tmp_path: Path, http_dir: tuple[Path,
 
 # --------------------------------------------------------------------------- Tiny-ImageNet fakes
 
-WNIDS = ["n01629819", "n01443537", "n01641577"]  # deliberately unsorted, as the official file is
-COLOURS = {"n01443537": (220, 40, 30), "n01629819": (30, 200, 40), "n01641577": (40, 50, 210)}
-NAMES = {"n01443537": "goldfish", "n01629819": "European fire salamander", "n01641577": "bullfrog"}
+TINY_CLASSES = layouts.tiny_imagenet_classes(3)
+WNIDS = [wnid for wnid, _ in TINY_CLASSES]  # in wnids.txt order, which is unsorted, as the official file is
+NAMES = dict(TINY_CLASSES)
+COLOURS = {wnid: tuple(layouts.class_colours(3)[i].tolist()) for i, wnid in enumerate(sorted(WNIDS))}
+GREY_WNID = WNIDS[-1]  # layouts writes its first training image as a greyscale JPEG, as the real set has some
 
 
-def _jpeg(path: Path, colour: tuple[int, int, int], grey: bool = False, size: int = 64) -> None:
+def _jpeg(path: Path, colour: tuple[int, int, int], size: int = 64) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.new("RGB", (size, size), colour)
-    (image.convert("L") if grey else image).save(path, format="JPEG", quality=95)
+    Image.new("RGB", (size, size), colour).save(path, format="JPEG", quality=95)
 
 
 def make_fake_tiny(data_dir: Path, train_per_class: int = 4, val_per_class: int = 2) -> Path:
-    root = data_dir / "tiny-imagenet-200"
-    root.mkdir(parents=True)
-    (root / "wnids.txt").write_text("\n".join(WNIDS) + "\n")
-    words = ["n00001740\tentity"] + [f"{w}\t{NAMES[w]}, other name" for w in sorted(WNIDS)] + ["n99999999\tunused, thing"]
-    (root / "words.txt").write_text("\n".join(words) + "\n")
-    for wnid in WNIDS:
-        for i in range(train_per_class):
-            # one greyscale image per class, as the real set has some
-            _jpeg(root / "train" / wnid / "images" / f"{wnid}_{i}.JPEG", COLOURS[wnid], grey=(i == 0 and wnid == "n01641577"))
-        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("".join(f"{wnid}_{i}.JPEG\t0\t0\t63\t63\n" for i in range(train_per_class)))
-    lines, k = [], 0
-    for j in range(val_per_class):
-        for wnid in WNIDS:
-            name = f"val_{k}.JPEG"
-            _jpeg(root / "val" / "images" / name, COLOURS[wnid])
-            lines.append(f"{name}\t{wnid}\t0\t3\t60\t61")
-            k += 1
-    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
-    (root / "test" / "images").mkdir(parents=True)
-    _jpeg(root / "test" / "images" / "test_0.JPEG", (0, 0, 0))
-    return root
+    return layouts.write_tinyimagenet(data_dir, train_per_class, seed=0, val_per_class=val_per_class, num_classes=3)
+
+
+def _val_labels(root: Path) -> dict[str, str]:
+    """file name -> wnid, as val/val_annotations.txt labels them."""
+    return dict(line.split("\t")[:2] for line in (root / "val" / "val_annotations.txt").read_text().splitlines())
 
 
 def _tree(folder: Path) -> list[str]:
@@ -394,7 +372,7 @@ def test_tinyimagenet_loads_and_restructures_val(tmp_path: Path, monkeypatch: py
         for image, label in zip(x, y.tolist()):
             colour = torch.tensor(COLOURS[ordered[label]]).float() / 255
             if (image[0] == image[1]).all() and (image[1] == image[2]).all():
-                assert ordered[label] == "n01641577"  # the greyscale one, widened to three equal channels
+                assert ordered[label] == GREY_WNID  # the greyscale one, widened to three equal channels
             else:
                 torch.testing.assert_close(image.mean(dim=(1, 2)), colour, atol=4 / 255, rtol=0)
     assert sorted(dm.split_tensors("test")[1].tolist()) == [0, 0, 1, 1, 2, 2]
@@ -402,7 +380,9 @@ def test_tinyimagenet_loads_and_restructures_val(tmp_path: Path, monkeypatch: py
     # val/ now has the layout of train/, with a marker; the annotations stay
     val = root / "val"
     assert (val / RESTRUCTURED_MARKER).is_file() and not (val / "images").exists() and (val / "val_annotations.txt").is_file()
-    assert sorted(p.name for p in (val / "n01443537" / "images").iterdir()) == ["val_1.JPEG", "val_4.JPEG"]
+    labelled = _val_labels(root)
+    assert sorted(p.name for p in (val / WNIDS[0] / "images").iterdir()) == sorted(n for n, w in labelled.items() if w == WNIDS[0])
+    assert len(labelled) == 6
 
     # a second run on the restructured folder changes nothing and loads the same test split
     before = _tree(root)
@@ -419,8 +399,9 @@ def test_tinyimagenet_loads_and_restructures_val(tmp_path: Path, monkeypatch: py
 def test_tinyimagenet_interrupted_restructure_is_completed(tmp_path: Path) -> None:
     root = make_fake_tiny(tmp_path)
     # an earlier run moved two files and was then stopped before writing the marker
-    for name, wnid in (("val_0.JPEG", WNIDS[0]), ("val_4.JPEG", WNIDS[1])):
-        (root / "val" / wnid / "images").mkdir(parents=True)
+    labelled = _val_labels(root)
+    for name, wnid in (("val_0.JPEG", labelled["val_0.JPEG"]), ("val_4.JPEG", labelled["val_4.JPEG"])):
+        (root / "val" / wnid / "images").mkdir(parents=True, exist_ok=True)
         shutil.move(root / "val" / "images" / name, root / "val" / wnid / "images" / name)
     dm = TinyImageNetDataModule(data_dir=tmp_path, augment=True)
     dm.setup()
@@ -445,9 +426,9 @@ def test_tinyimagenet_accepts_val_already_in_class_folders(tmp_path: Path) -> No
     [
         ("val_2.JPEG", "line 3 is malformed"),
         ("val_2.JPEG\tn00000000\t0\t0\t1\t1", "line 3: class 'n00000000' is not listed in wnids.txt"),
-        ("../../escape.JPEG\tn01443537\t0\t0\t1\t1", "line 3: '../../escape.JPEG' is not the name of an image file"),
-        ("val_0.JPEG\tn01443537\t0\t0\t1\t1", "line 3: val_0.JPEG is already labelled on line 1"),
-        ("val_99.JPEG\tn01443537\t0\t0\t1\t1", "line 3 labels val_99.JPEG, but neither"),
+        (f"../../escape.JPEG\t{WNIDS[1]}\t0\t0\t1\t1", "line 3: '../../escape.JPEG' is not the name of an image file"),
+        (f"val_0.JPEG\t{WNIDS[1]}\t0\t0\t1\t1", "line 3: val_0.JPEG is already labelled on line 1"),
+        (f"val_99.JPEG\t{WNIDS[1]}\t0\t0\t1\t1", "line 3 labels val_99.JPEG, but neither"),
     ],
 )
 def test_tinyimagenet_malformed_annotations_name_the_line(tmp_path: Path, line: str, expected: str) -> None:
@@ -481,16 +462,16 @@ def test_tinyimagenet_missing_files_are_data_errors(tmp_path: Path, monkeypatch:
         TinyImageNetDataModule(data_dir=tmp_path / "b").setup()
 
     root = make_fake_tiny(tmp_path / "c")
-    shutil.rmtree(root / "train" / "n01443537" / "images")
-    with pytest.raises(DataError, match=r"class folder .*n01443537.* is missing"):
+    shutil.rmtree(root / "train" / WNIDS[1] / "images")
+    with pytest.raises(DataError, match=rf"class folder .*{WNIDS[1]}.* is missing"):
         TinyImageNetDataModule(data_dir=tmp_path / "c").setup()
 
 
 def test_tinyimagenet_non_image_file_is_named_at_setup(tmp_path: Path) -> None:
     root = make_fake_tiny(tmp_path)
-    stray = root / "train" / "n01443537" / "images" / "notes.txt"
+    stray = root / "train" / WNIDS[1] / "images" / "notes.txt"
     stray.write_text("not an image")
-    (root / "train" / "n01443537" / "images" / ".DS_Store").write_bytes(b"\x00")  # hidden metadata is skipped
+    (root / "train" / WNIDS[1] / "images" / ".DS_Store").write_bytes(b"\x00")  # hidden metadata is skipped
     with pytest.raises(DataError) as err:
         TinyImageNetDataModule(data_dir=tmp_path).setup()
     assert f"{stray} is not an image file" in str(err.value)
@@ -511,7 +492,7 @@ def test_tinyimagenet_unreadable_image_is_named_when_loaded(tmp_path: Path, dama
     dm = TinyImageNetDataModule(data_dir=tmp_path)
     dm.setup()  # names are fine, so setup passes; the content is checked when the item loads
     index = [Path(p).name for p in dm.test_set.paths].index("val_2.JPEG")
-    moved = root / "val" / WNIDS[2] / "images" / "val_2.JPEG"
+    moved = root / "val" / _val_labels(root)["val_2.JPEG"] / "images" / "val_2.JPEG"
     with pytest.raises(DataError) as err:
         dm.test_set[index]
     assert str(moved) in str(err.value)
