@@ -11,6 +11,7 @@ import functools
 import hashlib
 import http.server
 import io
+import json
 import pickle
 import shutil
 import socket
@@ -28,6 +29,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from robustness.data import layouts
+from robustness.data.base import random_crop_flip_batch
 from robustness.registry import build
 from robustness.data import cifar as cifar_mod
 from robustness.data import svhn as svhn_mod
@@ -478,7 +480,7 @@ def test_tinyimagenet_non_image_file_is_named_at_setup(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_size"])
-def test_tinyimagenet_unreadable_image_is_named_when_loaded(tmp_path: Path, damage: str) -> None:
+def test_tinyimagenet_unreadable_image_is_named_when_the_cache_is_built(tmp_path: Path, damage: str) -> None:
     root = make_fake_tiny(tmp_path)
     bad = root / "val" / "images" / "val_2.JPEG"
     if damage == "garbage":
@@ -489,16 +491,98 @@ def test_tinyimagenet_unreadable_image_is_named_when_loaded(tmp_path: Path, dama
         bad.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     else:
         _jpeg(bad, (1, 2, 3), size=40)
-    dm = TinyImageNetDataModule(data_dir=tmp_path)
-    dm.setup()  # names are fine, so setup passes; the content is checked when the item loads
-    index = [Path(p).name for p in dm.test_set.paths].index("val_2.JPEG")
     moved = root / "val" / _val_labels(root)["val_2.JPEG"] / "images" / "val_2.JPEG"
+    # names are fine, so the index is built; the content is checked when the cache decodes it, before any training
     with pytest.raises(DataError) as err:
-        dm.test_set[index]
+        TinyImageNetDataModule(data_dir=tmp_path).setup()
     assert str(moved) in str(err.value)
     assert ("40x40 pixels" if damage == "wrong_size" else "cannot read image") in str(err.value)
+    # a failed build leaves neither a cache nor its staging folder behind, so the next setup fails alike
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-imagenet-200"]
     with pytest.raises(DataError):
-        list(dm.test_dataloader())
+        TinyImageNetDataModule(data_dir=tmp_path).setup()
+
+
+def _decoded(path: Path) -> torch.Tensor:
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+
+
+def test_tinyimagenet_cache_is_built_once_and_serves_decoded_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_fake_tiny(tmp_path)
+    dm = TinyImageNetDataModule(data_dir=tmp_path, val_fraction=0.25)
+    dm.setup()
+    cache = tmp_path / "tiny-imagenet-200.cache"
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["counts"] == {"train": 12, "test": 6} and manifest["source"] == str(root)
+    images = np.load(cache / "train_images.npy", mmap_mode="r")
+    assert images.shape == (12, 3, 64, 64) and images.dtype == np.uint8
+    assert np.load(cache / "train_labels.npy").tolist() == [0] * 4 + [1] * 4 + [2] * 4
+
+    # pixel for pixel what PIL decodes from the file, in sorted wnid then file order
+    first_of_class_1 = root / "train" / sorted(WNIDS)[1] / "images" / f"{sorted(WNIDS)[1]}_0.JPEG"
+    torch.testing.assert_close(torch.from_numpy(np.array(images[4])).float() / 255, _decoded(first_of_class_1), rtol=0, atol=0)
+    x_test = dm.split_tensors("test")[0]
+    expected = torch.stack([_decoded(p) for w in sorted(WNIDS) for p in sorted((root / "val" / w / "images").iterdir())])
+    torch.testing.assert_close(x_test, expected, rtol=0, atol=0)
+
+    # a second module reads the cache and decodes nothing
+    monkeypatch.setattr(tiny_mod, "load_rgb", lambda *a, **k: pytest.fail("a JPEG was decoded although the cache is current"))
+    again = TinyImageNetDataModule(data_dir=tmp_path, val_fraction=0.25)
+    again.setup()
+    torch.testing.assert_close(again.split_tensors("val")[0], dm.split_tensors("val")[0], rtol=0, atol=0)
+
+    # the datasets pickle without their mapping (a spawned worker maps the file, never copies it)
+    blob = pickle.dumps(again.test_set)
+    assert len(blob) < 10_000
+    torch.testing.assert_close(pickle.loads(blob)[3][0], x_test[3], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change", ["replaced image", "added image", "damaged cache", "cache from elsewhere"])
+def test_tinyimagenet_cache_is_rebuilt_when_it_no_longer_matches(tmp_path: Path, change: str) -> None:
+    root = make_fake_tiny(tmp_path)
+    TinyImageNetDataModule(data_dir=tmp_path).setup()
+    cache = tmp_path / "tiny-imagenet-200.cache"
+    target = root / "train" / sorted(WNIDS)[0] / "images" / f"{sorted(WNIDS)[0]}_1.JPEG"
+    expected_train = 12
+    if change == "replaced image":
+        _jpeg(target, (1, 250, 3))
+    elif change == "added image":
+        _jpeg(target.with_name("extra.JPEG"), (1, 250, 3))
+        expected_train = 13
+    elif change == "damaged cache":
+        path = cache / "train_images.npy"
+        path.write_bytes(path.read_bytes()[:1000])
+    else:
+        manifest = json.loads((cache / "manifest.json").read_text())
+        (cache / "manifest.json").write_text(json.dumps({**manifest, "fingerprint": "0" * 64}))
+    dm = TinyImageNetDataModule(data_dir=tmp_path, val_fraction=0.25)
+    dm.setup()
+    assert json.loads((cache / "manifest.json").read_text())["counts"]["train"] == expected_train
+    images = np.load(cache / "train_images.npy", mmap_mode="r")
+    assert images.shape[0] == expected_train
+    if change != "damaged cache":
+        row = 0 if change == "added image" else 1  # "extra.JPEG" sorts before the numbered files
+        torch.testing.assert_close(torch.from_numpy(np.array(images[row])).float() / 255, _decoded(target.with_name("extra.JPEG") if change == "added image" else target), rtol=0, atol=0)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging or retired folders left
+
+
+def test_random_crop_flip_batch_crops_flipped_reflect_padded_images() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(64, 2, 5, 6)
+    out = random_crop_flip_batch(images, padding=2)
+    assert out.shape == images.shape
+    flipped = 0
+    for image, crop in zip(images, out):
+        matches = [
+            flip
+            for flip in (False, True)
+            for top in range(5)
+            for left in range(5)
+            if torch.equal(torch.nn.functional.pad((image.flip(-1) if flip else image)[None], (2,) * 4, mode="reflect")[0, :, top : top + 5, left : left + 6], crop)
+        ]
+        assert matches, "an output is no crop of the padded (flipped) image"
+        flipped += matches[0]
+    assert 16 <= flipped <= 48  # about half flipped
 
 
 def test_tinyimagenet_download_failure_and_success(tmp_path: Path, http_dir: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
