@@ -1,4 +1,5 @@
-"""CIFAR-10, SVHN and Tiny-ImageNet loaders on tiny fake copies in each official on-disk layout.
+"""CIFAR-10, SVHN and Tiny-ImageNet loaders on small copies in each official on-disk layout,
+written by :mod:`robustness.data.layouts`.
 
 Nothing here reaches the internet: downloads are exercised against a local HTTP server (or a
 closed local port) and every test with ``download=False`` fails if a download function is called.
@@ -10,6 +11,7 @@ import functools
 import hashlib
 import http.server
 import io
+import json
 import pickle
 import shutil
 import socket
@@ -26,6 +28,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from robustness.data import layouts
+from robustness.data.base import random_crop_flip_batch
 from robustness.registry import build
 from robustness.data import cifar as cifar_mod
 from robustness.data import svhn as svhn_mod
@@ -104,36 +108,26 @@ class _Exploit:
 
 
 def make_fake_cifar(data_dir: Path, per_class: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Five training batches of ``per_class`` images per class each, a test batch, batches.meta."""
-    rng = np.random.default_rng(seed)
-    root = data_dir / "cifar-10-batches-py"
-    root.mkdir(parents=True)
-    train_images, train_labels = [], []
-    for i in range(1, 6):
-        labels = np.tile(np.arange(10), per_class)
-        images = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
-        batch = {"batch_label": f"training batch {i} of 5", "labels": labels.tolist(), "data": images, "filenames": [f"f{j}.png" for j in range(len(labels))]}
-        (root / f"data_batch_{i}").write_bytes(pickle.dumps(batch, protocol=2))
-        train_images.append(images)
-        train_labels.append(labels)
-    test_labels = np.repeat(np.arange(10), 2)
-    test_images = rng.integers(0, 256, size=(20, 3072), dtype=np.uint8)
-    # bytes keys, as Python 3 sees them with encoding="bytes": the reader accepts both kinds
-    test = {b"batch_label": b"testing batch 1 of 1", b"labels": test_labels.tolist(), b"data": test_images}
-    (root / "test_batch").write_bytes(pickle.dumps(test, protocol=2))
-    meta = {"label_names": FAKE_CIFAR_NAMES, "num_cases_per_batch": 10 * per_class, "num_vis": 3072}
-    (root / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    """layouts' CIFAR-10 pickles (``per_class`` images of every class in each training batch, two in
+    the test batch, our own class names), and their contents read back with the plain unpickler."""
+    root = layouts.write_cifar10(data_dir, per_class, seed, test_per_class=2, label_names=FAKE_CIFAR_NAMES)
+    batches = [pickle.loads((root / f"data_batch_{i}").read_bytes(), encoding="latin1") for i in range(1, 6)]
+    test = pickle.loads((root / "test_batch").read_bytes(), encoding="latin1")
     return {
-        "train_images": np.concatenate(train_images),
-        "train_labels": np.concatenate(train_labels),
-        "test_images": test_images,
-        "test_labels": test_labels,
+        "train_images": np.concatenate([b["data"] for b in batches]),
+        "train_labels": np.concatenate([b["labels"] for b in batches]),
+        "test_images": test["data"],
+        "test_labels": np.asarray(test["labels"]),
     }
 
 
 def test_cifar_reads_official_pickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _forbid_downloads(monkeypatch)
     fake = make_fake_cifar(tmp_path, per_class=1)
+    # bytes keys, as Python 3 sees the official files with encoding="bytes": the reader accepts both kinds
+    test_batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    as_bytes = {key.encode(): value for key, value in pickle.loads(test_batch.read_bytes(), encoding="latin1").items()}
+    test_batch.write_bytes(pickle.dumps(as_bytes, protocol=2))
     dm = CIFAR10DataModule(data_dir=tmp_path, seed=0, val_fraction=0.2, batch_size=8)
     dm.setup()
     assert dm.info.class_names == tuple(FAKE_CIFAR_NAMES)  # from batches.meta, not the built-in names
@@ -259,15 +253,15 @@ def test_cifar_download_unpacks_and_keeps_existing_files(tmp_path: Path, http_di
 
 
 def make_fake_svhn(folder: Path, n_train_per_class: int = 4, n_test_per_class: int = 2) -> dict[str, np.ndarray]:
-    """Official layout: X is (32, 32, 3, N) uint8, y is (N, 1) with labels 1..10 (10 = digit 0)."""
-    rng = np.random.default_rng(0)
+    """layouts' SVHN .mat files moved into ``folder``, and their X (32, 32, 3, N) and y (N, 1) read back."""
+    written = layouts.write_svhn(folder / ".layouts", n_train_per_class, seed=0, test_per_class=n_test_per_class)
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
-    for split, per in (("train", n_train_per_class), ("test", n_test_per_class)):
-        y = np.tile(np.arange(1, 11, dtype=np.uint8), per).reshape(-1, 1)
-        x = rng.integers(0, 256, size=(32, 32, 3, len(y)), dtype=np.uint8)
-        scipy.io.savemat(str(folder / f"{split}_32x32.mat"), {"X": x, "y": y})
-        out[f"{split}_x"], out[f"{split}_y"] = x, y
+    for split in ("train", "test"):
+        path = shutil.move(written / f"{split}_32x32.mat", folder / f"{split}_32x32.mat")
+        mat = scipy.io.loadmat(str(path))
+        out[f"{split}_x"], out[f"{split}_y"] = mat["X"], mat["y"]
+    shutil.rmtree(folder / ".layouts")
     return out
 
 
@@ -339,39 +333,25 @@ def test_svhn_download_failure_and_success(tmp_path: Path, http_dir: tuple[Path,
 
 # --------------------------------------------------------------------------- Tiny-ImageNet fakes
 
-WNIDS = ["n01629819", "n01443537", "n01641577"]  # deliberately unsorted, as the official file is
-COLOURS = {"n01443537": (220, 40, 30), "n01629819": (30, 200, 40), "n01641577": (40, 50, 210)}
-NAMES = {"n01443537": "goldfish", "n01629819": "European fire salamander", "n01641577": "bullfrog"}
+TINY_CLASSES = layouts.tiny_imagenet_classes(3)
+WNIDS = [wnid for wnid, _ in TINY_CLASSES]  # in wnids.txt order, which is unsorted, as the official file is
+NAMES = dict(TINY_CLASSES)
+COLOURS = {wnid: tuple(layouts.class_colours(3)[i].tolist()) for i, wnid in enumerate(sorted(WNIDS))}
+GREY_WNID = WNIDS[-1]  # layouts writes its first training image as a greyscale JPEG, as the real set has some
 
 
-def _jpeg(path: Path, colour: tuple[int, int, int], grey: bool = False, size: int = 64) -> None:
+def _jpeg(path: Path, colour: tuple[int, int, int], size: int = 64) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.new("RGB", (size, size), colour)
-    (image.convert("L") if grey else image).save(path, format="JPEG", quality=95)
+    Image.new("RGB", (size, size), colour).save(path, format="JPEG", quality=95)
 
 
 def make_fake_tiny(data_dir: Path, train_per_class: int = 4, val_per_class: int = 2) -> Path:
-    root = data_dir / "tiny-imagenet-200"
-    root.mkdir(parents=True)
-    (root / "wnids.txt").write_text("\n".join(WNIDS) + "\n")
-    words = ["n00001740\tentity"] + [f"{w}\t{NAMES[w]}, other name" for w in sorted(WNIDS)] + ["n99999999\tunused, thing"]
-    (root / "words.txt").write_text("\n".join(words) + "\n")
-    for wnid in WNIDS:
-        for i in range(train_per_class):
-            # one greyscale image per class, as the real set has some
-            _jpeg(root / "train" / wnid / "images" / f"{wnid}_{i}.JPEG", COLOURS[wnid], grey=(i == 0 and wnid == "n01641577"))
-        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("".join(f"{wnid}_{i}.JPEG\t0\t0\t63\t63\n" for i in range(train_per_class)))
-    lines, k = [], 0
-    for j in range(val_per_class):
-        for wnid in WNIDS:
-            name = f"val_{k}.JPEG"
-            _jpeg(root / "val" / "images" / name, COLOURS[wnid])
-            lines.append(f"{name}\t{wnid}\t0\t3\t60\t61")
-            k += 1
-    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
-    (root / "test" / "images").mkdir(parents=True)
-    _jpeg(root / "test" / "images" / "test_0.JPEG", (0, 0, 0))
-    return root
+    return layouts.write_tinyimagenet(data_dir, train_per_class, seed=0, val_per_class=val_per_class, num_classes=3)
+
+
+def _val_labels(root: Path) -> dict[str, str]:
+    """file name -> wnid, as val/val_annotations.txt labels them."""
+    return dict(line.split("\t")[:2] for line in (root / "val" / "val_annotations.txt").read_text().splitlines())
 
 
 def _tree(folder: Path) -> list[str]:
@@ -394,7 +374,7 @@ def test_tinyimagenet_loads_and_restructures_val(tmp_path: Path, monkeypatch: py
         for image, label in zip(x, y.tolist()):
             colour = torch.tensor(COLOURS[ordered[label]]).float() / 255
             if (image[0] == image[1]).all() and (image[1] == image[2]).all():
-                assert ordered[label] == "n01641577"  # the greyscale one, widened to three equal channels
+                assert ordered[label] == GREY_WNID  # the greyscale one, widened to three equal channels
             else:
                 torch.testing.assert_close(image.mean(dim=(1, 2)), colour, atol=4 / 255, rtol=0)
     assert sorted(dm.split_tensors("test")[1].tolist()) == [0, 0, 1, 1, 2, 2]
@@ -402,7 +382,9 @@ def test_tinyimagenet_loads_and_restructures_val(tmp_path: Path, monkeypatch: py
     # val/ now has the layout of train/, with a marker; the annotations stay
     val = root / "val"
     assert (val / RESTRUCTURED_MARKER).is_file() and not (val / "images").exists() and (val / "val_annotations.txt").is_file()
-    assert sorted(p.name for p in (val / "n01443537" / "images").iterdir()) == ["val_1.JPEG", "val_4.JPEG"]
+    labelled = _val_labels(root)
+    assert sorted(p.name for p in (val / WNIDS[0] / "images").iterdir()) == sorted(n for n, w in labelled.items() if w == WNIDS[0])
+    assert len(labelled) == 6
 
     # a second run on the restructured folder changes nothing and loads the same test split
     before = _tree(root)
@@ -419,8 +401,9 @@ def test_tinyimagenet_loads_and_restructures_val(tmp_path: Path, monkeypatch: py
 def test_tinyimagenet_interrupted_restructure_is_completed(tmp_path: Path) -> None:
     root = make_fake_tiny(tmp_path)
     # an earlier run moved two files and was then stopped before writing the marker
-    for name, wnid in (("val_0.JPEG", WNIDS[0]), ("val_4.JPEG", WNIDS[1])):
-        (root / "val" / wnid / "images").mkdir(parents=True)
+    labelled = _val_labels(root)
+    for name, wnid in (("val_0.JPEG", labelled["val_0.JPEG"]), ("val_4.JPEG", labelled["val_4.JPEG"])):
+        (root / "val" / wnid / "images").mkdir(parents=True, exist_ok=True)
         shutil.move(root / "val" / "images" / name, root / "val" / wnid / "images" / name)
     dm = TinyImageNetDataModule(data_dir=tmp_path, augment=True)
     dm.setup()
@@ -445,9 +428,9 @@ def test_tinyimagenet_accepts_val_already_in_class_folders(tmp_path: Path) -> No
     [
         ("val_2.JPEG", "line 3 is malformed"),
         ("val_2.JPEG\tn00000000\t0\t0\t1\t1", "line 3: class 'n00000000' is not listed in wnids.txt"),
-        ("../../escape.JPEG\tn01443537\t0\t0\t1\t1", "line 3: '../../escape.JPEG' is not the name of an image file"),
-        ("val_0.JPEG\tn01443537\t0\t0\t1\t1", "line 3: val_0.JPEG is already labelled on line 1"),
-        ("val_99.JPEG\tn01443537\t0\t0\t1\t1", "line 3 labels val_99.JPEG, but neither"),
+        (f"../../escape.JPEG\t{WNIDS[1]}\t0\t0\t1\t1", "line 3: '../../escape.JPEG' is not the name of an image file"),
+        (f"val_0.JPEG\t{WNIDS[1]}\t0\t0\t1\t1", "line 3: val_0.JPEG is already labelled on line 1"),
+        (f"val_99.JPEG\t{WNIDS[1]}\t0\t0\t1\t1", "line 3 labels val_99.JPEG, but neither"),
     ],
 )
 def test_tinyimagenet_malformed_annotations_name_the_line(tmp_path: Path, line: str, expected: str) -> None:
@@ -481,23 +464,23 @@ def test_tinyimagenet_missing_files_are_data_errors(tmp_path: Path, monkeypatch:
         TinyImageNetDataModule(data_dir=tmp_path / "b").setup()
 
     root = make_fake_tiny(tmp_path / "c")
-    shutil.rmtree(root / "train" / "n01443537" / "images")
-    with pytest.raises(DataError, match=r"class folder .*n01443537.* is missing"):
+    shutil.rmtree(root / "train" / WNIDS[1] / "images")
+    with pytest.raises(DataError, match=rf"class folder .*{WNIDS[1]}.* is missing"):
         TinyImageNetDataModule(data_dir=tmp_path / "c").setup()
 
 
 def test_tinyimagenet_non_image_file_is_named_at_setup(tmp_path: Path) -> None:
     root = make_fake_tiny(tmp_path)
-    stray = root / "train" / "n01443537" / "images" / "notes.txt"
+    stray = root / "train" / WNIDS[1] / "images" / "notes.txt"
     stray.write_text("not an image")
-    (root / "train" / "n01443537" / "images" / ".DS_Store").write_bytes(b"\x00")  # hidden metadata is skipped
+    (root / "train" / WNIDS[1] / "images" / ".DS_Store").write_bytes(b"\x00")  # hidden metadata is skipped
     with pytest.raises(DataError) as err:
         TinyImageNetDataModule(data_dir=tmp_path).setup()
     assert f"{stray} is not an image file" in str(err.value)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_size"])
-def test_tinyimagenet_unreadable_image_is_named_when_loaded(tmp_path: Path, damage: str) -> None:
+def test_tinyimagenet_unreadable_image_is_named_when_the_cache_is_built(tmp_path: Path, damage: str) -> None:
     root = make_fake_tiny(tmp_path)
     bad = root / "val" / "images" / "val_2.JPEG"
     if damage == "garbage":
@@ -508,16 +491,98 @@ def test_tinyimagenet_unreadable_image_is_named_when_loaded(tmp_path: Path, dama
         bad.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     else:
         _jpeg(bad, (1, 2, 3), size=40)
-    dm = TinyImageNetDataModule(data_dir=tmp_path)
-    dm.setup()  # names are fine, so setup passes; the content is checked when the item loads
-    index = [Path(p).name for p in dm.test_set.paths].index("val_2.JPEG")
-    moved = root / "val" / WNIDS[2] / "images" / "val_2.JPEG"
+    moved = root / "val" / _val_labels(root)["val_2.JPEG"] / "images" / "val_2.JPEG"
+    # names are fine, so the index is built; the content is checked when the cache decodes it, before any training
     with pytest.raises(DataError) as err:
-        dm.test_set[index]
+        TinyImageNetDataModule(data_dir=tmp_path).setup()
     assert str(moved) in str(err.value)
     assert ("40x40 pixels" if damage == "wrong_size" else "cannot read image") in str(err.value)
+    # a failed build leaves neither a cache nor its staging folder behind, so the next setup fails alike
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-imagenet-200"]
     with pytest.raises(DataError):
-        list(dm.test_dataloader())
+        TinyImageNetDataModule(data_dir=tmp_path).setup()
+
+
+def _decoded(path: Path) -> torch.Tensor:
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+
+
+def test_tinyimagenet_cache_is_built_once_and_serves_decoded_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_fake_tiny(tmp_path)
+    dm = TinyImageNetDataModule(data_dir=tmp_path, val_fraction=0.25)
+    dm.setup()
+    cache = tmp_path / "tiny-imagenet-200.cache"
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["counts"] == {"train": 12, "test": 6} and manifest["source"] == str(root)
+    images = np.load(cache / "train_images.npy", mmap_mode="r")
+    assert images.shape == (12, 3, 64, 64) and images.dtype == np.uint8
+    assert np.load(cache / "train_labels.npy").tolist() == [0] * 4 + [1] * 4 + [2] * 4
+
+    # pixel for pixel what PIL decodes from the file, in sorted wnid then file order
+    first_of_class_1 = root / "train" / sorted(WNIDS)[1] / "images" / f"{sorted(WNIDS)[1]}_0.JPEG"
+    torch.testing.assert_close(torch.from_numpy(np.array(images[4])).float() / 255, _decoded(first_of_class_1), rtol=0, atol=0)
+    x_test = dm.split_tensors("test")[0]
+    expected = torch.stack([_decoded(p) for w in sorted(WNIDS) for p in sorted((root / "val" / w / "images").iterdir())])
+    torch.testing.assert_close(x_test, expected, rtol=0, atol=0)
+
+    # a second module reads the cache and decodes nothing
+    monkeypatch.setattr(tiny_mod, "load_rgb", lambda *a, **k: pytest.fail("a JPEG was decoded although the cache is current"))
+    again = TinyImageNetDataModule(data_dir=tmp_path, val_fraction=0.25)
+    again.setup()
+    torch.testing.assert_close(again.split_tensors("val")[0], dm.split_tensors("val")[0], rtol=0, atol=0)
+
+    # the datasets pickle without their mapping (a spawned worker maps the file, never copies it)
+    blob = pickle.dumps(again.test_set)
+    assert len(blob) < 10_000
+    torch.testing.assert_close(pickle.loads(blob)[3][0], x_test[3], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change", ["replaced image", "added image", "damaged cache", "cache from elsewhere"])
+def test_tinyimagenet_cache_is_rebuilt_when_it_no_longer_matches(tmp_path: Path, change: str) -> None:
+    root = make_fake_tiny(tmp_path)
+    TinyImageNetDataModule(data_dir=tmp_path).setup()
+    cache = tmp_path / "tiny-imagenet-200.cache"
+    target = root / "train" / sorted(WNIDS)[0] / "images" / f"{sorted(WNIDS)[0]}_1.JPEG"
+    expected_train = 12
+    if change == "replaced image":
+        _jpeg(target, (1, 250, 3))
+    elif change == "added image":
+        _jpeg(target.with_name("extra.JPEG"), (1, 250, 3))
+        expected_train = 13
+    elif change == "damaged cache":
+        path = cache / "train_images.npy"
+        path.write_bytes(path.read_bytes()[:1000])
+    else:
+        manifest = json.loads((cache / "manifest.json").read_text())
+        (cache / "manifest.json").write_text(json.dumps({**manifest, "fingerprint": "0" * 64}))
+    dm = TinyImageNetDataModule(data_dir=tmp_path, val_fraction=0.25)
+    dm.setup()
+    assert json.loads((cache / "manifest.json").read_text())["counts"]["train"] == expected_train
+    images = np.load(cache / "train_images.npy", mmap_mode="r")
+    assert images.shape[0] == expected_train
+    if change != "damaged cache":
+        row = 0 if change == "added image" else 1  # "extra.JPEG" sorts before the numbered files
+        torch.testing.assert_close(torch.from_numpy(np.array(images[row])).float() / 255, _decoded(target.with_name("extra.JPEG") if change == "added image" else target), rtol=0, atol=0)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging or retired folders left
+
+
+def test_random_crop_flip_batch_crops_flipped_reflect_padded_images() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(64, 2, 5, 6)
+    out = random_crop_flip_batch(images, padding=2)
+    assert out.shape == images.shape
+    flipped = 0
+    for image, crop in zip(images, out):
+        matches = [
+            flip
+            for flip in (False, True)
+            for top in range(5)
+            for left in range(5)
+            if torch.equal(torch.nn.functional.pad((image.flip(-1) if flip else image)[None], (2,) * 4, mode="reflect")[0, :, top : top + 5, left : left + 6], crop)
+        ]
+        assert matches, "an output is no crop of the padded (flipped) image"
+        flipped += matches[0]
+    assert 16 <= flipped <= 48  # about half flipped
 
 
 def test_tinyimagenet_download_failure_and_success(tmp_path: Path, http_dir: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -173,12 +173,24 @@ class TensorImageDataset(Dataset):
 
 
 def _random_crop_flip(image: Tensor, padding: int = 4) -> Tensor:
-    if torch.rand(()) < 0.5:
-        image = image.flip(-1)
-    _, h, w = image.shape
-    padded = torch.nn.functional.pad(image, (padding,) * 4, mode="reflect")
-    top, left = torch.randint(0, 2 * padding + 1, (2,)).tolist()
-    return padded[:, top : top + h, left : left + w]
+    return random_crop_flip_batch(image.unsqueeze(0), padding)[0]
+
+
+def random_crop_flip_batch(images: Tensor, padding: int = 4) -> Tensor:
+    """Flip each image of ``(B, C, H, W)`` left-right with probability 1/2, then crop it at a random
+    offset from its ``padding``-pixel reflect-padded copy.
+
+    The random numbers are drawn per batch (all flips, then all offsets), so a batch of one draws
+    exactly what one image would; padding the batch at once is what makes batched loading cheap.
+    """
+    b, _, h, w = images.shape
+    flips = torch.rand(b) < 0.5
+    offsets = torch.randint(0, 2 * padding + 1, (b, 2)).tolist()
+    if flips.any():
+        images = images.clone()
+        images[flips] = images[flips].flip(-1)
+    padded = torch.nn.functional.pad(images, (padding,) * 4, mode="reflect")
+    return torch.stack([padded[i, :, top : top + h, left : left + w] for i, (top, left) in enumerate(offsets)])
 
 
 def missing_data_error(dataset: str, looked_in: Path, what: str) -> DataError:

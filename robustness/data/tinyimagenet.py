@@ -12,15 +12,22 @@ The official test images carry no labels, so the official ``val/`` serves as our
 validation split is held out of ``train/``. ``val/`` is restructured once into ``val/<wnid>/images/``
 (the layout of ``train/``); a marker file records that it is done.
 
-Images are decoded lazily, one per item. Setup only checks file *names* (a stray non-image file
-is caught before training starts, at the price of one directory listing that building the
-index needs anyway); a file with an image name but unreadable content is reported, by name, when
-its item is first loaded, since opening all 110,000 images at every setup would cost minutes.
+The JPEGs are decoded once, at the first setup, into a cache next to the folder
+(``tiny-imagenet-200.cache/``: one uint8 ``.npy`` array of shape (N, 3, 64, 64) and one of labels
+per split, ~1.2 GB for the full set, and ``manifest.json`` describing what it was built from).
+Training and evaluation slice the memory-mapped arrays, so no epoch decodes a JPEG and workers
+share the page cache instead of each holding a copy. The manifest holds a fingerprint of the
+source listing (every image's path, size and modification time, and the class list); a changed
+folder no longer matches it, and the cache is rebuilt. A file with an image name but unreadable
+content is reported, by name, while the cache is built, before any training starts.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,12 +36,13 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from robustness.data.base import DatasetInfo, ImageDataModule, _random_crop_flip, missing_data_error
+from robustness.data.base import DatasetInfo, ImageDataModule, missing_data_error, random_crop_flip_batch
 from robustness.data.cifar import check_val_fraction, fetch_archive, stratified_holdout
 from robustness.errors import DataError
-from robustness.io import atomic_write_text
+from robustness.fingerprint import of_bytes
+from robustness.io import atomic_write_json, atomic_write_text
 from robustness.registry import register
 
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -182,8 +190,8 @@ def list_images(folder: Path) -> list[Path]:
     return images
 
 
-def load_rgb(path: str | Path, size: tuple[int, int] = _IMAGE_SIZE) -> Tensor:
-    """One image file as a float (3, H, W) tensor in [0, 1]; greyscale and palette images become RGB."""
+def load_rgb(path: str | Path, size: tuple[int, int] = _IMAGE_SIZE) -> np.ndarray:
+    """One image file as uint8 (3, H, W); greyscale and palette images become RGB."""
     try:
         with Image.open(path) as image:
             rgb = image.convert("RGB")
@@ -196,29 +204,155 @@ def load_rgb(path: str | Path, size: tuple[int, int] = _IMAGE_SIZE) -> Tensor:
         ) from None
     if rgb.size != (size[1], size[0]):
         raise DataError(f"image {path} is {rgb.size[0]}x{rgb.size[1]} pixels, expected {size[1]}x{size[0]}", "replace it with the file from the official archive, or delete it")
-    return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
 
 
-class ImageFileDataset(Dataset):
-    """Images decoded from files on demand, with their labels; optional random crop and flip."""
+class _DecodedFiles(Dataset):
+    """Decodes image files for the cache build; a bad file comes back as its error, so that the
+    build raises our DataError in the main process rather than a worker's wrapped traceback."""
 
-    def __init__(self, paths: Sequence[str | Path], labels: Tensor, augment: bool = False, padding: int = 8) -> None:
-        if len(paths) != len(labels):
-            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
-        # A numpy array of strings, not a list: workers then share it instead of copying on access.
-        self.paths = np.array([str(p) for p in paths])
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = np.array([str(p) for p in paths])  # shared by forked workers, not copied on access
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray | None, DataError | None]:
+        try:
+            return load_rgb(str(self.paths[index])), None
+        except DataError as exc:
+            return None, exc
+
+
+def _keep_as_list(batch: list) -> list:
+    return batch
+
+
+class CachedImageDataset(Dataset):
+    """Rows ``indices`` of a memory-mapped uint8 (N, 3, H, W) ``.npy`` file, scaled to [0, 1], with
+    their labels; optional random crop and flip.
+
+    The DataLoader asks for whole batches (``__getitems__``): one fancy index into the mapped file
+    and one padding of the batch instead of one of each per image. The mapping is opened lazily in
+    each process, and never pickled, so a spawned worker maps the file instead of copying it.
+    """
+
+    def __init__(self, images_path: Path, indices: Sequence[int] | np.ndarray, labels: Tensor, augment: bool = False, padding: int = 8) -> None:
+        if len(indices) != len(labels):
+            raise ValueError(f"{len(indices)} indices but {len(labels)} labels")
+        self.images_path = Path(images_path)
+        self.indices = np.asarray(indices, dtype=np.int64)
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.augment = augment
         self.padding = padding
+        self._images: np.ndarray | None = None
+
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            self._images = np.load(self.images_path, mmap_mode="r")
+        return self._images
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_images": None}
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        image = load_rgb(str(self.paths[index]))
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, batch: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
+        rows = self.indices[np.asarray(batch, dtype=np.int64)]
+        images = torch.from_numpy(np.ascontiguousarray(self.images()[rows])).float().div_(255.0)
         if self.augment:
-            image = _random_crop_flip(image, padding=self.padding)
-        return image, self.labels[index]
+            images = random_crop_flip_batch(images, padding=self.padding)
+        return list(zip(images.unbind(0), self.labels[list(batch)].unbind(0)))
+
+
+CACHE_SUFFIX = ".cache"
+_CACHE_FORMAT = 1
+_SPLITS = ("train", "test")
+
+
+def source_fingerprint(root: Path, wnids: Sequence[str], files: dict[str, Sequence[Path]]) -> str:
+    """A digest of what a cache is built from: the class list and every image's path, size and mtime."""
+    lines = [f"format {_CACHE_FORMAT}", "wnids " + " ".join(wnids)]
+    for split in _SPLITS:
+        for path in files[split]:
+            stat = path.stat()
+            lines.append(f"{split}\t{path.relative_to(root)}\t{stat.st_size}\t{stat.st_mtime_ns}")
+    return of_bytes("\n".join(lines).encode())
+
+
+def open_cache(cache: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The manifest of the cache in ``cache`` when it was built from the source ``fingerprint`` names
+    and its arrays are whole; None when it must be (re)built."""
+    try:
+        manifest = json.loads((cache / "manifest.json").read_text(encoding="utf-8"))
+        if manifest.get("format") != _CACHE_FORMAT or manifest.get("fingerprint") != fingerprint:
+            return None
+        for split in _SPLITS:
+            count = manifest["counts"][split]
+            images = np.load(cache / f"{split}_images.npy", mmap_mode="r")
+            labels = np.load(cache / f"{split}_labels.npy")
+            if images.shape != (count, 3, *_IMAGE_SIZE) or images.dtype != np.uint8 or labels.shape != (count,):
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return manifest
+
+
+def build_cache(cache: Path, root: Path, fingerprint: str, files: dict[str, Sequence[Path]], labels: dict[str, Sequence[int]], num_workers: int = 0) -> None:
+    """Decode every image into ``cache`` (see the module docstring). The cache is assembled in a
+    staging folder and swapped in whole, so a reader finds the old cache, the new one or none."""
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+    except OSError as exc:
+        raise DataError(
+            f"cannot write the decoded Tiny-ImageNet cache next to {root}: {exc.strerror or exc}",
+            "make paths.data_dir writable, or copy tiny-imagenet-200 into a writable paths.data_dir=...",
+        ) from None
+    try:
+        for split in _SPLITS:
+            paths = files[split]
+            images = np.lib.format.open_memmap(staging / f"{split}_images.npy", mode="w+", dtype=np.uint8, shape=(len(paths), 3, *_IMAGE_SIZE))
+            loader = DataLoader(_DecodedFiles(paths), batch_size=256, num_workers=num_workers, collate_fn=_keep_as_list)
+            start = 0
+            for batch in loader:
+                for offset, (pixels, error) in enumerate(batch):
+                    if error is not None:
+                        raise DataError(error.message, error.hint)
+                    images[start + offset] = pixels
+                start += len(batch)
+            images.flush()
+            del images
+            np.save(staging / f"{split}_labels.npy", np.asarray(labels[split], dtype=np.int64))
+        manifest = {
+            "format": _CACHE_FORMAT,
+            "fingerprint": fingerprint,
+            "source": str(root),
+            "counts": {split: len(files[split]) for split in _SPLITS},
+            "image_shape": [3, *_IMAGE_SIZE],
+            "what": "decoded uint8 images (N, 3, 64, 64) of train/<wnid>/images and val/<wnid>/images, classes in sorted wnid order",
+        }
+        atomic_write_json(staging / "manifest.json", manifest)
+        _swap_in(staging, cache, fingerprint)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_in(staging: Path, cache: Path, fingerprint: str) -> None:
+    retired = cache.with_name(f".{cache.name}.retired.{os.getpid()}")
+    try:
+        if cache.exists():
+            os.replace(cache, retired)
+        os.replace(staging, cache)
+    except OSError as exc:
+        # Another job of a multirun may have swapped in its own copy meanwhile; the same source gives the same cache.
+        if open_cache(cache, fingerprint) is None:
+            raise DataError(f"cannot move the decoded Tiny-ImageNet cache into {cache}: {exc}", f"delete {cache} and rerun") from None
+    finally:
+        shutil.rmtree(retired, ignore_errors=True)
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -254,6 +388,10 @@ class TinyImageNetDataModule(ImageDataModule):
     @property
     def root(self) -> Path:
         return self.data_dir / TINY_FOLDER
+
+    @property
+    def cache(self) -> Path:
+        return self.data_dir / f"{TINY_FOLDER}{CACHE_SUFFIX}"
 
     def _incomplete(self) -> bool:
         return not all(
@@ -298,10 +436,17 @@ class TinyImageNetDataModule(ImageDataModule):
         if not test_paths:
             raise DataError(f"Tiny-ImageNet folder {self.root / 'val'} holds no labelled images", _RESTORE_HINT)
 
+        files = {"train": paths, "test": test_paths}
+        labels_by_split = {"train": labels, "test": test_labels}
+        fingerprint = source_fingerprint(self.root, wnids, files)
+        if open_cache(self.cache, fingerprint) is None:
+            build_cache(self.cache, self.root, fingerprint, files, labels_by_split, num_workers=self.num_workers)
+
         label_t = torch.tensor(labels, dtype=torch.long)
         keep, held = stratified_holdout(label_t, self.val_fraction, self.seed)
-        train = ImageFileDataset([paths[i] for i in keep], label_t[keep], augment=self.augment)
+        train_images = self.cache / "train_images.npy"
+        train = CachedImageDataset(train_images, keep, label_t[keep], augment=self.augment)
         self.info = replace(self.info, num_classes=len(wnids), class_names=class_names)
         self.train_set = self._subsample_train(train, label_t[keep])
-        self.val_set = ImageFileDataset([paths[i] for i in held], label_t[held])
-        self.test_set = ImageFileDataset(test_paths, torch.tensor(test_labels, dtype=torch.long))
+        self.val_set = CachedImageDataset(train_images, held, label_t[held])
+        self.test_set = CachedImageDataset(self.cache / "test_images.npy", range(len(test_labels)), torch.tensor(test_labels, dtype=torch.long))
