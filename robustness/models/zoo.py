@@ -155,8 +155,8 @@ def robustbench_catalogue() -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
     try:
         from robustbench.model_zoo import model_dicts
     except ImportError as exc:
-        missing = exc.name or "robustbench"
-        fix = _ROBUSTBENCH_IMPORT_FIXES.get(missing, f"pip install {missing.split('.')[0]}")
+        missing = (exc.name or "robustbench").split(".")[0]
+        fix = _ROBUSTBENCH_IMPORT_FIXES.get(missing, f"pip install {missing}")
         what = "is not installed" if missing == "robustbench" else f"cannot be imported: it needs the module '{missing}', which is missing"
         raise ConfigError(f"model=robustbench needs the robustbench package, which {what}", fix) from None
     return {
