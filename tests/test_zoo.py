@@ -65,6 +65,30 @@ def test_zoo_builders_are_registered_and_their_configs_compose() -> None:
         zoo.variant_node(rb, "rb_cure")
 
 
+def test_external_variants_resolve_from_the_composed_config(catalogue, tmp_path: Path) -> None:
+    from helpers import compose
+
+    cfg = compose("robust_accuracy", ["dataset=cifar10", "model=robustbench", f"+paths.models_dir={tmp_path}", "variants=[rb_standard,rb_engstrom]"])
+    nodes = {variant: zoo.external_variant(cfg, variant) for variant in cfg.variants}
+    assert nodes["rb_standard"]["entry"] == "Standard" and nodes["rb_engstrom"]["entry"] == "Engstrom2019Robustness"
+    assert {node["models_dir"] for node in nodes.values()} == {str(tmp_path)}
+    net = _NormalisedNet().eval()
+    _save_in_zoo_layout(tmp_path, "cifar10", "L2", "Standard", net)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(build("model", nodes["rb_standard"], info=CIFAR).eval()(x), net(x))
+
+    # Published variants beside trained ones: a top-level table of full model nodes.
+    mixed = compose("robust_accuracy", [
+        "dataset=cifar10", "model=resnet18", f"+paths.models_dir={tmp_path}",
+        "+external_variants={rb_standard:{name:robustbench,entry:Standard,threat_model:L2}}",
+    ])
+    assert zoo.external_variant(mixed, "base") is None
+    assert zoo.external_variant(mixed, "rb_standard") == {"name": "robustbench", "entry": "Standard", "threat_model": "L2", "models_dir": str(tmp_path)}
+    with pytest.raises(ConfigError, match="not a published model"):
+        zoo.external_variant({"model": {"name": "resnet18"}, "external_variants": {"bad": {"name": "resnet18"}}}, "bad")
+
+
 def test_torchvision_weights_load_into_the_model_with_normalisation_in_front(tmp_path: Path) -> None:
     net = _random_resnet()
     (tmp_path / "cifar10").mkdir()
