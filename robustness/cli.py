@@ -23,6 +23,7 @@ log = logging.getLogger("robustness")
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def _main(cfg: DictConfig) -> float | None:
+    from robustness import tracking
     from robustness.stages import run
 
     quiet_third_party_noise()
@@ -35,6 +36,9 @@ def _main(cfg: DictConfig) -> float | None:
         # One W&B group per sweep, one run per job.
         with open_dict(cfg):
             cfg.logger.group = f"{cfg.get('experiment_name')}-{Path(hydra_cfg.sweep.dir).name}"
+    # Every W&B run of this command (a report's own, its sections', the variants it trains) goes
+    # into one wandb/ folder of the run directory, so that `wandb sync <run dir>/wandb` finds them all.
+    tracking.set_run_root(Path(hydra_cfg.runtime.output_dir))
     try:
         outcome = run(cfg, hydra_cfg.runtime.output_dir, overrides=overrides, tag=tag)
     except RobustnessError as exc:
@@ -89,7 +93,7 @@ def quiet_third_party_noise() -> None:
 
 def _drop_tips(record: logging.LogRecord) -> bool:
     text = record.getMessage()
-    return "litlogger" not in text and "💡" not in text and "Tip:" not in text
+    return not any(noise in text for noise in ("litlogger", "💡", "GPU available:", "TPU available:", "HPU available:"))
 
 
 # Options with which Hydra creates no output directory.

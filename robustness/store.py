@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import pickle
 import shutil
@@ -313,6 +312,13 @@ class ModelStore:
                 if self.has(child.name):
                     yield child.name
 
+    def record_external(self, key: str, variant: str, source: Mapping[str, Any]) -> Path:
+        """Record a published model a run used (its source and weights digest); its weights stay in their own file."""
+        path = self.entry_dir(key) / "external.json"
+        atomic_write_json(path, {"format": FORMAT_VERSION, "variant": variant, "fingerprint": key, "source": dict(source)})
+        self.set_alias(variant, key)
+        return path
+
     # ---- cached tensors ----------------------------------------------------------------
     def tensors_path(self, key: str, name: str) -> Path:
         return self.entry_dir(key) / "cache" / f"{name}.pt"
@@ -330,7 +336,3 @@ class ModelStore:
             return load_weights(path, f"cached tensors '{name}'")
         except StoreError:
             return None
-
-
-def finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

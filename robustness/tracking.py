@@ -20,6 +20,13 @@ from robustness.errors import ConfigError
 log = logging.getLogger(__name__)
 
 _MODES = ("offline", "online", "disabled")
+_RUN_ROOT: Path | None = None
+
+
+def set_run_root(directory: Path | None) -> None:
+    """Put every W&B run started from now on into ``<directory>/wandb`` (the command's run directory)."""
+    global _RUN_ROOT
+    _RUN_ROOT = directory
 
 
 def start_wandb_run(logger_cfg: Mapping[str, Any], save_dir: Path, name: str, config: Mapping[str, Any], tags: Iterable[str] = ()) -> Any:
@@ -29,6 +36,7 @@ def start_wandb_run(logger_cfg: Mapping[str, Any], save_dir: Path, name: str, co
     mode = str(logger_cfg.get("mode", "offline"))
     if mode not in _MODES:
         raise ConfigError(f"unknown W&B mode '{mode}'", f"set logger.mode to one of: {', '.join(_MODES)}")
+    save_dir = _RUN_ROOT or save_dir
     save_dir.mkdir(parents=True, exist_ok=True)
     kwargs = dict(
         project=logger_cfg.get("project", "robustness"),

@@ -348,7 +348,7 @@ def test_adversarial_accuracy_rejects_bad_options(tmp_path: Path) -> None:
 
 
 def test_robust_accuracy_experiment_runs_on_digits(tmp_path: Path) -> None:
-    from tests.helpers import run_experiment
+    from helpers import run_experiment
 
     out = run_experiment(
         "robust_accuracy",

@@ -79,10 +79,12 @@ def test_multirun_jobs_write_separate_artefacts(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    variants = sorted(p.name for p in (tmp_path / "store" / "digits" / "smallcnn").iterdir())
+    store = ModelStore(tmp_path / "store", "digits", "smallcnn")
+    variants = sorted(store.aliases())
     assert len(variants) == 2 and all(v.startswith("base@") for v in variants)
     assert "optim.lr=0.001" in variants[0] and "optim.lr=0.01" in variants[1]
-    weights = [torch.load(tmp_path / "store" / "digits" / "smallcnn" / v / "model.pt", weights_only=True) for v in variants]
+    assert len(set(store.entries())) == 2 and set(store.aliases().values()) == set(store.entries())  # one entry per job, by fingerprint
+    weights = [torch.load(stored_model(tmp_path / "store", v) / "model.pt", weights_only=True) for v in variants]
     assert not torch.equal(weights[0]["net.0.weight"], weights[1]["net.0.weight"])
 
 

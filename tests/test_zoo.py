@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -263,3 +262,31 @@ def test_deepfool_through_a_loaded_model_matches_the_in_memory_one(tmp_path: Pat
     assert torch.all(predict(loaded, ours.x_adv) != predict(loaded, x))
     assert torch.allclose(ours.norm, (ours.x_adv - x).flatten(1).norm(dim=1), atol=1e-6)
     assert bool((ours.norm > 0).all())
+
+
+def test_a_probe_runs_on_a_published_architecture_and_the_store_records_its_source(tmp_path: Path) -> None:
+    """The whole probe stage on a torchvision ResNet-18 with generated weights, next to nothing trained."""
+    import json
+
+    from helpers import run_outcome
+    from robustness.data import layouts
+    from robustness.store import ModelStore
+
+    layouts.write_cifar10(tmp_path / "data", per_class=2, seed=0)
+    models_dir = tmp_path / "zoo"
+    (models_dir / "cifar10").mkdir(parents=True)
+    torch.save(_random_resnet().state_dict(), models_dir / "cifar10" / "resnet18_generated.pt")
+    outcome = run_outcome(
+        "robust_accuracy",
+        ["dataset=cifar10", "model=resnet18", "trainer=cpu", "store.train_missing=false", f"paths.models_dir={models_dir}",
+         "variants=[tv_generated]", "probe.n_images=4", "probe.eps=[0.0,0.05]", "attack=deepfool", "attack.max_iter=5",
+         "external_variants={tv_generated:{name:torchvision,arch:resnet18,weights:cifar10/resnet18_generated.pt}}"],
+        tmp_path, artifacts_dir=tmp_path / "store",
+    )
+    (table,) = [a for a in outcome.artefacts if a.kind == "table" and a.rows]
+    assert {row.get("variant") for row in table.rows} == {"tv_generated"}
+    store = ModelStore(tmp_path / "store", "cifar10", "resnet18")
+    key = store.aliases()["tv_generated"]
+    record = json.loads((store.entry_dir(key) / "external.json").read_text())
+    assert record["source"]["weights_sha256"] == fingerprint.of_file(models_dir / "cifar10" / "resnet18_generated.pt")
+    assert record["source"]["kind"] == "torchvision"

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import torch
 from torch.utils.data import DataLoader, RandomSampler
 from torchvision import datasets, transforms
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from robustness.errors import ConfigError, RobustnessError
+from robustness.models import zoo
 from robustness.registry import build, lookup
 from robustness.stages.common import check_writable, make_datamodule, plain, resolve_path
 
@@ -75,6 +76,9 @@ def check_config(cfg: DictConfig, output_dir: str | Path) -> Path:
     if task == "report":
         return output
     _built("dataset", lambda: make_datamodule(cfg, setup=False))
+    if task == "train" and zoo.is_external(cfg.model):
+        raise ConfigError(f"model={cfg.model.name} is a published model: it is probed, not trained",
+                          "use it in a probe's variants (task=probe), e.g. experiment=robust_accuracy model=robustbench 'variants=[rb_standard]'")
     if task == "train":
         _built("regularizer", lambda: build("regularizer", cfg.regularizer))
     if task == "probe":

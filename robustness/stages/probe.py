@@ -17,7 +17,7 @@ from robustness.probes.base import ProbeContext, ProbeResult
 from robustness.progress import progress_reporter
 from robustness.registry import choices, lookup
 from robustness.stages.common import RunOutcome, device_for, make_datamodule, plain, store_for, writable_problem
-from robustness.stages.variants import Variant, load_models
+from robustness.stages.variants import Variant, load_models, weights_digest
 
 log = logging.getLogger("robustness")
 
@@ -55,7 +55,7 @@ def probe(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag:
     datamodule = make_datamodule(cfg)
     models, variants = load_models(cfg, datamodule, output_dir, device, overrides)
     store = store_for(cfg, datamodule.info.name)
-    weights = {n: str(store.meta(v.key)["weights_sha256"]) for n, v in variants.items()}
+    weights = {n: weights_digest(v, store) for n, v in variants.items()}
 
     cache_root = _cache_root(cfg, store.probes_dir(), output_dir)
     work_dir = (cache_root or output_dir / "probe-work") / f"{name}-{result_key(cfg, variants, weights)}"

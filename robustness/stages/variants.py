@@ -19,6 +19,7 @@ from omegaconf import DictConfig, open_dict
 from robustness import fingerprint
 from robustness.data.base import ImageDataModule
 from robustness.errors import ConfigError, StoreError
+from robustness.models import zoo
 from robustness.registry import build
 from robustness.stages.common import apply_debug, compose_experiment, inherited, plain, store_for
 from robustness.store import ModelStore
@@ -134,6 +135,13 @@ def ensure_trained(v: Variant, output_dir: Path, overrides: Sequence[str] = ()) 
     train_variant(v, output_dir / f"train_{v.name.replace('/', '_')}", overrides)
 
 
+def weights_digest(v: Variant, store: ModelStore) -> str:
+    """The sha256 of the weights a variant's model was loaded from."""
+    if "external" in v.identity:
+        return str(v.identity["external"]["weights_sha256"])
+    return str(store.meta(v.key)["weights_sha256"])
+
+
 def split_problem(v: Variant, probe_cfg: DictConfig, store: ModelStore) -> str | None:
     """Why the images a probe reads are not from the split ``v`` was trained with, or None."""
     meta = store.meta(v.key)
@@ -158,6 +166,16 @@ def load_models(cfg: DictConfig, datamodule: ImageDataModule, output_dir: Path, 
     resolved: dict[str, Variant] = {}
     store = store_for(cfg, datamodule.info.name)
     for name in names:
+        node = zoo.external_variant(cfg, name)
+        if node is not None:  # a published model: loaded from its own file, never trained here
+            model = build("model", node, info=datamodule.info)
+            source = zoo.external_source(node, datamodule.info)
+            identity = {"external": source, "model": node}
+            v = Variant(name, name, cfg, identity, fingerprint.of_config(identity), None)
+            store.record_external(v.key, name, source)
+            models[name] = model.to(device).eval()
+            resolved[name] = v
+            continue
         v = resolve(cfg, name, overrides)
         ensure_trained(v, output_dir, overrides)
         problem = split_problem(v, cfg, store)
