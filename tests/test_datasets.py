@@ -28,16 +28,16 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from robustness.data import layouts
-from robustness.data.base import random_crop_flip_batch
-from robustness.registry import build
 from robustness.data import cifar as cifar_mod
+from robustness.data import layouts
 from robustness.data import svhn as svhn_mod
 from robustness.data import tinyimagenet as tiny_mod
+from robustness.data.base import random_crop_flip_batch
 from robustness.data.cifar import CIFAR10DataModule
 from robustness.data.svhn import SVHNDataModule
 from robustness.data.tinyimagenet import RESTRUCTURED_MARKER, TinyImageNetDataModule
 from robustness.errors import ConfigError, DataError
+from robustness.registry import build
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 FAKE_CIFAR_NAMES = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "lorry"]
@@ -542,7 +542,8 @@ def test_tinyimagenet_cache_is_rebuilt_when_it_no_longer_matches(tmp_path: Path,
     root = make_fake_tiny(tmp_path)
     TinyImageNetDataModule(data_dir=tmp_path).setup()
     cache = tmp_path / "tiny-imagenet-200.cache"
-    target = root / "train" / sorted(WNIDS)[0] / "images" / f"{sorted(WNIDS)[0]}_1.JPEG"
+    first = min(WNIDS)
+    target = root / "train" / first / "images" / f"{first}_1.JPEG"
     expected_train = 12
     if change == "replaced image":
         _jpeg(target, (1, 250, 3))

@@ -38,7 +38,12 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from robustness.data.base import DatasetInfo, ImageDataModule, missing_data_error, random_crop_flip_batch
+from robustness.data.base import (
+    DatasetInfo,
+    ImageDataModule,
+    missing_data_error,
+    random_crop_flip_batch,
+)
 from robustness.data.cifar import check_val_fraction, fetch_archive, stratified_holdout
 from robustness.errors import DataError
 from robustness.fingerprint import of_bytes
