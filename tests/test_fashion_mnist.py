@@ -195,7 +195,7 @@ def test_config_builds_the_module_and_checks_val_fraction(tmp_path: Path) -> Non
 
 
 def test_layouts_images_carry_a_learnable_class_signal(tmp_path: Path) -> None:
-    """A linear classifier trained for 30 steps on layouts' images beats chance by far on its test split."""
+    """A linear classifier trained for 100 steps on layouts' images beats chance by far on its test split."""
     layouts.write_fashion_mnist(tmp_path, per_class=20, seed=0, test_per_class=10)
     dm = FashionMNISTDataModule(data_dir=tmp_path, val_fraction=0.1)
     dm.setup()
@@ -204,9 +204,9 @@ def test_layouts_images_carry_a_learnable_class_signal(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(28 * 28, 10)
     optimiser = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(30):
+    for _ in range(100):
         optimiser.zero_grad()
         torch.nn.functional.cross_entropy(model(x.flatten(1)), y).backward()
         optimiser.step()
     accuracy = (model(xt.flatten(1)).argmax(1) == yt).float().mean().item()
-    assert accuracy >= 0.8
+    assert accuracy >= 0.9
