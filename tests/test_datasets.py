@@ -567,6 +567,34 @@ def test_tinyimagenet_cache_is_rebuilt_when_it_no_longer_matches(tmp_path: Path,
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging or retired folders left
 
 
+def test_tinyimagenet_cache_build_keeps_an_equal_cache_and_reports_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_fake_tiny(tmp_path)
+    dm = TinyImageNetDataModule(data_dir=tmp_path)
+    dm.setup()
+    cache = tmp_path / "tiny-imagenet-200.cache"
+    manifest = json.loads((cache / "manifest.json").read_text())
+    inode = (cache / "train_images.npy").stat().st_ino
+    # a second job of a multirun that built the same cache meanwhile leaves the first one in place (its readers keep their files)
+    root = tmp_path / "tiny-imagenet-200"
+    files = {"train": [root / "train" / w / "images" / f"{w}_{i}.JPEG" for w in sorted(WNIDS) for i in range(4)],
+             "test": [p for w in sorted(WNIDS) for p in sorted((root / "val" / w / "images").iterdir())]}
+    labels = {"train": [i // 4 for i in range(12)], "test": [i // 2 for i in range(6)]}
+    assert tiny_mod.source_fingerprint(root, sorted(WNIDS), files) == manifest["fingerprint"]
+    tiny_mod.build_cache(cache, root, manifest["fingerprint"], files, labels)
+    assert (cache / "train_images.npy").stat().st_ino == inode
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    _jpeg(files["train"][0], (9, 9, 9))  # the source changed, so a rebuild is due
+    monkeypatch.setattr(tiny_mod.np.lib.format, "open_memmap", disk_full)
+    with pytest.raises(DataError) as err:
+        TinyImageNetDataModule(data_dir=tmp_path).setup()
+    assert "No space left on device" in str(err.value) and "free about 1.2 GB" in str(err.value)
+    assert json.loads((cache / "manifest.json").read_text()) == manifest  # the old cache is left as it was
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_random_crop_flip_batch_crops_flipped_reflect_padded_images() -> None:
     torch.manual_seed(0)
     images = torch.rand(64, 2, 5, 6)

@@ -230,6 +230,7 @@ class _DecodedFiles(Dataset):
 
 
 def _keep_as_list(batch: list) -> list:
+    """The decode batches hold arrays and errors side by side, which the default collate cannot stack."""
     return batch
 
 
@@ -342,11 +343,18 @@ def build_cache(cache: Path, root: Path, fingerprint: str, files: dict[str, Sequ
         }
         atomic_write_json(staging / "manifest.json", manifest)
         _swap_in(staging, cache, fingerprint)
+    except OSError as exc:  # a full disk, most likely: the full cache takes ~1.2 GB
+        raise DataError(
+            f"cannot write the decoded Tiny-ImageNet cache into {staging}: {exc.strerror or exc}",
+            f"free about 1.2 GB in {cache.parent}, or point paths.data_dir=... at a folder with room",
+        ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def _swap_in(staging: Path, cache: Path, fingerprint: str) -> None:
+    if open_cache(cache, fingerprint) is not None:
+        return  # another job of a multirun built the same cache first; keep the one its readers may have open
     retired = cache.with_name(f".{cache.name}.retired.{os.getpid()}")
     try:
         if cache.exists():
