@@ -269,9 +269,10 @@ class CachedImageDataset(Dataset):
 
     def __getitems__(self, batch: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
         rows = self.indices[np.asarray(batch, dtype=np.int64)]
-        images = torch.from_numpy(np.ascontiguousarray(self.images()[rows])).float().div_(255.0)
+        images = torch.from_numpy(np.ascontiguousarray(self.images()[rows]))
         if self.augment:
-            images = random_crop_flip_batch(images, padding=self.padding)
+            images = random_crop_flip_batch(images, padding=self.padding)  # on uint8: a quarter of the bytes to move
+        images = images.float().div_(255.0)
         return list(zip(images.unbind(0), self.labels[list(batch)].unbind(0)))
 
 
