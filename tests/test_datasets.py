@@ -368,6 +368,7 @@ def test_tinyimagenet_loads_and_restructures_val(tmp_path: Path, monkeypatch: py
     assert dm.info.num_classes == 3 and dm.info.image_shape == (3, 64, 64)
     assert len(dm.train_set) == 9 and len(dm.val_set) == 3 and len(dm.test_set) == 6
 
+    greys = 0
     for split in ("train", "val", "test"):
         x, y = dm.split_tensors(split)
         assert x.shape[1:] == (3, 64, 64) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
@@ -375,8 +376,10 @@ def test_tinyimagenet_loads_and_restructures_val(tmp_path: Path, monkeypatch: py
             colour = torch.tensor(COLOURS[ordered[label]]).float() / 255
             if (image[0] == image[1]).all() and (image[1] == image[2]).all():
                 assert ordered[label] == GREY_WNID  # the greyscale one, widened to three equal channels
+                greys += 1
             else:
                 torch.testing.assert_close(image.mean(dim=(1, 2)), colour, atol=4 / 255, rtol=0)
+    assert greys == 1
     assert sorted(dm.split_tensors("test")[1].tolist()) == [0, 0, 1, 1, 2, 2]
 
     # val/ now has the layout of train/, with a marker; the annotations stay
@@ -675,15 +678,17 @@ def test_layouts_write_all_at_the_real_sizes_and_class_counts(tmp_path: Path, mo
         assert sorted(set(y.tolist()) | set(dm.split_tensors("val")[1].tolist())) == list(range(classes)), name
 
 
-def test_layouts_colour_images_carry_a_learnable_class_signal(tmp_path: Path) -> None:
-    """A linear classifier trained for 100 steps on layouts' CIFAR-10 beats chance (0.1) by far on its test batch."""
-    layouts.write_cifar10(tmp_path, per_class=4, seed=0, test_per_class=10)
-    dm = CIFAR10DataModule(data_dir=tmp_path, val_fraction=0.1)
+@pytest.mark.parametrize("name", ["cifar10", "fashion_mnist"])
+def test_layouts_images_carry_a_learnable_class_signal(tmp_path: Path, name: str) -> None:
+    """A linear classifier trained for 100 steps on layouts' images beats chance (0.1) by far on the test split."""
+    write = {"cifar10": layouts.write_cifar10, "fashion_mnist": layouts.write_fashion_mnist}[name]
+    write(tmp_path, per_class=4 if name == "cifar10" else 20, seed=0, test_per_class=10)
+    dm = build("dataset", {"name": name, "val_fraction": 0.1}, data_dir=str(tmp_path), seed=0)
     dm.setup()
     x, y = dm.split_tensors("train")
     xt, yt = dm.split_tensors("test")
     torch.manual_seed(0)
-    model = torch.nn.Linear(3 * 32 * 32, 10)
+    model = torch.nn.Linear(x[0].numel(), 10)
     optimiser = torch.optim.Adam(model.parameters(), lr=0.01)
     for _ in range(100):
         optimiser.zero_grad()
