@@ -28,16 +28,16 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from robustness.data import layouts
-from robustness.data.base import random_crop_flip_batch
-from robustness.registry import build
 from robustness.data import cifar as cifar_mod
+from robustness.data import layouts
 from robustness.data import svhn as svhn_mod
 from robustness.data import tinyimagenet as tiny_mod
+from robustness.data.base import random_crop_flip_batch
 from robustness.data.cifar import CIFAR10DataModule
 from robustness.data.svhn import SVHNDataModule
 from robustness.data.tinyimagenet import RESTRUCTURED_MARKER, TinyImageNetDataModule
 from robustness.errors import ConfigError, DataError
+from robustness.registry import build
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 FAKE_CIFAR_NAMES = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "lorry"]
@@ -368,6 +368,7 @@ def test_tinyimagenet_loads_and_restructures_val(tmp_path: Path, monkeypatch: py
     assert dm.info.num_classes == 3 and dm.info.image_shape == (3, 64, 64)
     assert len(dm.train_set) == 9 and len(dm.val_set) == 3 and len(dm.test_set) == 6
 
+    greys = 0
     for split in ("train", "val", "test"):
         x, y = dm.split_tensors(split)
         assert x.shape[1:] == (3, 64, 64) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
@@ -375,8 +376,10 @@ def test_tinyimagenet_loads_and_restructures_val(tmp_path: Path, monkeypatch: py
             colour = torch.tensor(COLOURS[ordered[label]]).float() / 255
             if (image[0] == image[1]).all() and (image[1] == image[2]).all():
                 assert ordered[label] == GREY_WNID  # the greyscale one, widened to three equal channels
+                greys += 1
             else:
                 torch.testing.assert_close(image.mean(dim=(1, 2)), colour, atol=4 / 255, rtol=0)
+    assert greys == 1
     assert sorted(dm.split_tensors("test")[1].tolist()) == [0, 0, 1, 1, 2, 2]
 
     # val/ now has the layout of train/, with a marker; the annotations stay
@@ -542,7 +545,8 @@ def test_tinyimagenet_cache_is_rebuilt_when_it_no_longer_matches(tmp_path: Path,
     root = make_fake_tiny(tmp_path)
     TinyImageNetDataModule(data_dir=tmp_path).setup()
     cache = tmp_path / "tiny-imagenet-200.cache"
-    target = root / "train" / sorted(WNIDS)[0] / "images" / f"{sorted(WNIDS)[0]}_1.JPEG"
+    first = min(WNIDS)
+    target = root / "train" / first / "images" / f"{first}_1.JPEG"
     expected_train = 12
     if change == "replaced image":
         _jpeg(target, (1, 250, 3))
@@ -564,6 +568,34 @@ def test_tinyimagenet_cache_is_rebuilt_when_it_no_longer_matches(tmp_path: Path,
         row = 0 if change == "added image" else 1  # "extra.JPEG" sorts before the numbered files
         torch.testing.assert_close(torch.from_numpy(np.array(images[row])).float() / 255, _decoded(target.with_name("extra.JPEG") if change == "added image" else target), rtol=0, atol=0)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging or retired folders left
+
+
+def test_tinyimagenet_cache_build_keeps_an_equal_cache_and_reports_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_fake_tiny(tmp_path)
+    dm = TinyImageNetDataModule(data_dir=tmp_path)
+    dm.setup()
+    cache = tmp_path / "tiny-imagenet-200.cache"
+    manifest = json.loads((cache / "manifest.json").read_text())
+    inode = (cache / "train_images.npy").stat().st_ino
+    # a second job of a multirun that built the same cache meanwhile leaves the first one in place (its readers keep their files)
+    root = tmp_path / "tiny-imagenet-200"
+    files = {"train": [root / "train" / w / "images" / f"{w}_{i}.JPEG" for w in sorted(WNIDS) for i in range(4)],
+             "test": [p for w in sorted(WNIDS) for p in sorted((root / "val" / w / "images").iterdir())]}
+    labels = {"train": [i // 4 for i in range(12)], "test": [i // 2 for i in range(6)]}
+    assert tiny_mod.source_fingerprint(root, sorted(WNIDS), files) == manifest["fingerprint"]
+    tiny_mod.build_cache(cache, root, manifest["fingerprint"], files, labels)
+    assert (cache / "train_images.npy").stat().st_ino == inode
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    _jpeg(files["train"][0], (9, 9, 9))  # the source changed, so a rebuild is due
+    monkeypatch.setattr(tiny_mod.np.lib.format, "open_memmap", disk_full)
+    with pytest.raises(DataError) as err:
+        TinyImageNetDataModule(data_dir=tmp_path).setup()
+    assert "No space left on device" in str(err.value) and "free about 1.2 GB" in str(err.value)
+    assert json.loads((cache / "manifest.json").read_text()) == manifest  # the old cache is left as it was
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_random_crop_flip_batch_crops_flipped_reflect_padded_images() -> None:
@@ -624,3 +656,42 @@ def test_dataset_configs_build_their_modules(tmp_path: Path, monkeypatch: pytest
 def test_val_fraction_out_of_range_is_a_config_error(tmp_path: Path, cls: type, fraction: float) -> None:
     with pytest.raises(ConfigError, match="val_fraction"):
         cls(data_dir=tmp_path, val_fraction=fraction)
+
+
+# --------------------------------------------------------------------------- layouts at full scale
+
+
+def test_layouts_write_all_at_the_real_sizes_and_class_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _forbid_downloads(monkeypatch)
+    from robustness.data import fashion_mnist
+
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_FOLDER", tmp_path / "no-debian-package")
+    written = layouts.write_all(tmp_path, per_class=2)
+    assert (written["tinyimagenet"] / "wnids.txt").read_text().split() == [w for w, _ in layouts.tiny_imagenet_classes()]
+    expected = {"cifar10": (10, (3, 32, 32), 100), "svhn": (10, (3, 32, 32), 20), "tinyimagenet": (200, (3, 64, 64), 400), "fashion_mnist": (10, (1, 28, 28), 20)}
+    for name, (classes, shape, train_images) in expected.items():
+        dm = build("dataset", {"name": name, "val_fraction": 0.5}, data_dir=str(tmp_path), seed=0)
+        dm.setup()
+        x, y = dm.split_tensors("train")
+        assert dm.info.num_classes == classes and len(dm.info.class_names) == classes, name
+        assert x.shape[1:] == shape and len(dm.train_set) + len(dm.val_set) == train_images, name
+        assert sorted(set(y.tolist()) | set(dm.split_tensors("val")[1].tolist())) == list(range(classes)), name
+
+
+@pytest.mark.parametrize("name", ["cifar10", "fashion_mnist"])
+def test_layouts_images_carry_a_learnable_class_signal(tmp_path: Path, name: str) -> None:
+    """A linear classifier trained for 100 steps on layouts' images beats chance (0.1) by far on the test split."""
+    write = {"cifar10": layouts.write_cifar10, "fashion_mnist": layouts.write_fashion_mnist}[name]
+    write(tmp_path, per_class=4 if name == "cifar10" else 20, seed=0, test_per_class=10)
+    dm = build("dataset", {"name": name, "val_fraction": 0.1}, data_dir=str(tmp_path), seed=0)
+    dm.setup()
+    x, y = dm.split_tensors("train")
+    xt, yt = dm.split_tensors("test")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(x[0].numel(), 10)
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(100):
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(model(x.flatten(1)), y).backward()
+        optimiser.step()
+    assert (model(xt.flatten(1)).argmax(1) == yt).float().mean().item() >= 0.9

@@ -91,7 +91,7 @@ def run() -> list[dict]:
         rows.append({"row": "cache build (once; decodes train/ and val/)", "augment": False, "images": n_files,
                      "images_per_s": round(n_files / build_seconds, 1), "x_imagefolder": float("nan"), "target": "", "met": ""})
         for augment in (True, False):
-            rates, images = _best_rates({"imagefolder": lambda: _imagefolder(train, augment), "ours": lambda: _ours(data_dir, augment)})
+            rates, images = _best_rates({"imagefolder": lambda a=augment: _imagefolder(train, a), "ours": lambda a=augment: _ours(data_dir, a)})
             for name, label in (("imagefolder", "torchvision ImageFolder (decodes JPEGs)"), ("ours", "tinyimagenet cache (memory-mapped)")):
                 ratio = rates[name] / rates["imagefolder"]
                 rows.append({

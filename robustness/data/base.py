@@ -178,19 +178,21 @@ def _random_crop_flip(image: Tensor, padding: int = 4) -> Tensor:
 
 def random_crop_flip_batch(images: Tensor, padding: int = 4) -> Tensor:
     """Flip each image of ``(B, C, H, W)`` left-right with probability 1/2, then crop it at a random
-    offset from its ``padding``-pixel reflect-padded copy.
+    offset from its ``padding``-pixel reflect-padded copy. Any dtype (uint8 moves a quarter of the bytes).
 
     The random numbers are drawn per batch (all flips, then all offsets), so a batch of one draws
     exactly what one image would; padding the batch at once is what makes batched loading cheap.
     """
     b, _, h, w = images.shape
-    flips = torch.rand(b) < 0.5
+    flips = (torch.rand(b) < 0.5).tolist()
     offsets = torch.randint(0, 2 * padding + 1, (b, 2)).tolist()
-    if flips.any():
-        images = images.clone()
-        images[flips] = images[flips].flip(-1)
     padded = torch.nn.functional.pad(images, (padding,) * 4, mode="reflect")
-    return torch.stack([padded[i, :, top : top + h, left : left + w] for i, (top, left) in enumerate(offsets)])
+    # Reflect padding is symmetric, so the padded flipped image is the flipped padded one: one flip
+    # of the batch, then every image is a crop (a view) of one or the other, and one stack copies them.
+    mirrored = padded.flip(-1) if any(flips) else padded
+    return torch.stack([
+        (mirrored if flip else padded)[i, :, top : top + h, left : left + w] for i, ((top, left), flip) in enumerate(zip(offsets, flips))
+    ])
 
 
 def missing_data_error(dataset: str, looked_in: Path, what: str) -> DataError:

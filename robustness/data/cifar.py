@@ -80,6 +80,16 @@ def stratified_holdout(labels: Sequence[int] | Tensor, fraction: float, seed: in
     return sorted(keep), sorted(held)
 
 
+def hold_out_validation(module: ImageDataModule, images: Tensor, labels: Tensor, test_images: Tensor, test_labels: Tensor, padding: int = 4) -> None:
+    """Fill ``module``'s splits from uint8 images: validation is a seeded stratified
+    ``module.val_fraction`` of the official training images, test the official test images."""
+    keep, held = stratified_holdout(labels, module.val_fraction, module.seed)
+    train = UInt8ImageDataset(images[keep], labels[keep], augment=module.augment, padding=padding)
+    module.train_set = module._subsample_train(train, labels[keep])
+    module.val_set = UInt8ImageDataset(images[held], labels[held])
+    module.test_set = UInt8ImageDataset(test_images, test_labels)
+
+
 def _manual_hint(url: str, target: Path) -> str:
     return f"check the network connection and retry, or fetch {url} by hand and unpack it into {target} (then leave dataset.download=false)"
 
@@ -277,9 +287,5 @@ class CIFAR10DataModule(ImageDataModule):
         labels = torch.cat([p[1] for p in parts])
         test_images, test_labels = read_cifar_batch(self.root / _TEST_BATCH, self.info.num_classes)
 
-        keep, held = stratified_holdout(labels, self.val_fraction, self.seed)
-        train = UInt8ImageDataset(images[keep], labels[keep], augment=self.augment)
         self.info = replace(self.info, class_names=class_names)
-        self.train_set = self._subsample_train(train, labels[keep])
-        self.val_set = UInt8ImageDataset(images[held], labels[held])
-        self.test_set = UInt8ImageDataset(test_images, test_labels)
+        hold_out_validation(self, images, labels, test_images, test_labels)

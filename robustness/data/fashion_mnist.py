@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from robustness.data.base import DatasetInfo, ImageDataModule
-from robustness.data.cifar import UInt8ImageDataset, check_val_fraction, stratified_holdout
+from robustness.data.cifar import check_val_fraction, hold_out_validation
 from robustness.data.layouts import FASHION_FILES, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC
 from robustness.errors import DataError
 from robustness.registry import register
@@ -150,9 +150,5 @@ class FashionMNISTDataModule(ImageDataModule):
         assert files is not None  # prepare_data raised otherwise
         images, labels = read_split(*files["train"])
         test_images, test_labels = read_split(*files["test"])
-        keep, held = stratified_holdout(labels, self.val_fraction, self.seed)
         # 2-pixel padding, not CIFAR's 4: the items nearly fill the 28x28 frame, and a larger shift crops them.
-        train = UInt8ImageDataset(images[keep], labels[keep], augment=self.augment, padding=2)
-        self.train_set = self._subsample_train(train, labels[keep])
-        self.val_set = UInt8ImageDataset(images[held], labels[held])
-        self.test_set = UInt8ImageDataset(test_images, test_labels)
+        hold_out_validation(self, images, labels, test_images, test_labels, padding=2)

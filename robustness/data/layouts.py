@@ -31,9 +31,19 @@ _FASHION_BLOCK = 7  # Fashion-MNIST's signal: a 7x7 bright block in one of 12 pl
 
 
 def class_colours(num_classes: int) -> np.ndarray:
-    """``(num_classes, 3)`` uint8: the colour of each class, the same for every seed and every dataset."""
+    """``(num_classes, 3)`` uint8: the colour of each class, the same for every seed and every dataset.
+
+    Picked greedily, each the candidate farthest from those already picked, so classes stay as far
+    apart as the range allows (the first k colours are the same for any ``num_classes``).
+    """
     rng = np.random.default_rng(20_240_601)
-    return rng.integers(_COLOUR_RANGE[0], _COLOUR_RANGE[1] + 1, size=(num_classes, 3), dtype=np.uint8)
+    candidates = rng.integers(_COLOUR_RANGE[0], _COLOUR_RANGE[1] + 1, size=(max(4096, 8 * num_classes), 3)).astype(np.float64)
+    picked = [0]
+    nearest = np.linalg.norm(candidates - candidates[0], axis=1)
+    while len(picked) < num_classes:
+        picked.append(int(nearest.argmax()))
+        nearest = np.minimum(nearest, np.linalg.norm(candidates - candidates[picked[-1]], axis=1))
+    return candidates[picked].astype(np.uint8)
 
 
 def colour_images(labels: np.ndarray, num_classes: int, size: int, rng: np.random.Generator) -> np.ndarray:

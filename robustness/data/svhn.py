@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from robustness.data.base import DatasetInfo, ImageDataModule, missing_data_error
-from robustness.data.cifar import UInt8ImageDataset, check_val_fraction, fetch_file, stratified_holdout
+from robustness.data.cifar import check_val_fraction, fetch_file, hold_out_validation
 from robustness.errors import ConfigError, DataError
 from robustness.registry import register
 
@@ -104,7 +104,4 @@ class SVHNDataModule(ImageDataModule):
         self.prepare_data()
         images, labels = read_svhn_mat(self._path("train"))  # type: ignore[arg-type]
         test_images, test_labels = read_svhn_mat(self._path("test"))  # type: ignore[arg-type]
-        keep, held = stratified_holdout(labels, self.val_fraction, self.seed)
-        self.train_set = self._subsample_train(UInt8ImageDataset(images[keep], labels[keep]), labels[keep])
-        self.val_set = UInt8ImageDataset(images[held], labels[held])
-        self.test_set = UInt8ImageDataset(test_images, test_labels)
+        hold_out_validation(self, images, labels, test_images, test_labels)

@@ -38,7 +38,12 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from robustness.data.base import DatasetInfo, ImageDataModule, missing_data_error, random_crop_flip_batch
+from robustness.data.base import (
+    DatasetInfo,
+    ImageDataModule,
+    missing_data_error,
+    random_crop_flip_batch,
+)
 from robustness.data.cifar import check_val_fraction, fetch_archive, stratified_holdout
 from robustness.errors import DataError
 from robustness.fingerprint import of_bytes
@@ -225,6 +230,7 @@ class _DecodedFiles(Dataset):
 
 
 def _keep_as_list(batch: list) -> list:
+    """The decode batches hold arrays and errors side by side, which the default collate cannot stack."""
     return batch
 
 
@@ -263,9 +269,10 @@ class CachedImageDataset(Dataset):
 
     def __getitems__(self, batch: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
         rows = self.indices[np.asarray(batch, dtype=np.int64)]
-        images = torch.from_numpy(np.ascontiguousarray(self.images()[rows])).float().div_(255.0)
+        images = torch.from_numpy(np.ascontiguousarray(self.images()[rows]))
         if self.augment:
-            images = random_crop_flip_batch(images, padding=self.padding)
+            images = random_crop_flip_batch(images, padding=self.padding)  # on uint8: a quarter of the bytes to move
+        images = images.float().div_(255.0)
         return list(zip(images.unbind(0), self.labels[list(batch)].unbind(0)))
 
 
@@ -337,11 +344,18 @@ def build_cache(cache: Path, root: Path, fingerprint: str, files: dict[str, Sequ
         }
         atomic_write_json(staging / "manifest.json", manifest)
         _swap_in(staging, cache, fingerprint)
+    except OSError as exc:  # a full disk, most likely: the full cache takes ~1.2 GB
+        raise DataError(
+            f"cannot write the decoded Tiny-ImageNet cache into {staging}: {exc.strerror or exc}",
+            f"free about 1.2 GB in {cache.parent}, or point paths.data_dir=... at a folder with room",
+        ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def _swap_in(staging: Path, cache: Path, fingerprint: str) -> None:
+    if open_cache(cache, fingerprint) is not None:
+        return  # another job of a multirun built the same cache first; keep the one its readers may have open
     retired = cache.with_name(f".{cache.name}.retired.{os.getpid()}")
     try:
         if cache.exists():
