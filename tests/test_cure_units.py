@@ -1,4 +1,5 @@
-"""CURE's shipped hyper-parameters against the public CURE code's arithmetic (issue 12.3).
+"""CURE's units and precision: the shipped hyper-parameters against the public CURE code's
+arithmetic (issue 12.3), and the step under Lightning's bf16-mixed precision (issue 12.4).
 
 The public implementation (F-Salehi/CURE_robustness, written for torch 1.0) works on inputs
 normalised per channel, takes the batch-mean cross-entropy and differentiates it with
@@ -15,14 +16,20 @@ import math
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from robustness.data.digits import DigitsDataModule
+from robustness.errors import ConfigError
 from robustness.models.normalize import Normalize, PixelClassifier
+from robustness.models.smallcnn import smallcnn
 from robustness.registry import build
 from robustness.training.cure import CURE
+from robustness.training.module import ClassifierModule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,3 +132,59 @@ def test_shipped_lam_and_h_are_exact_when_every_channel_has_the_std_rms(experime
     # be 128 times too small.
     for epoch, (public, ours) in enumerate(_compare(experiment, (STD_RMS,) * 3)):
         assert abs(ours / public - 1) <= 2 * ROUNDING, (experiment, epoch, public, ours)
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision
+
+# bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 0.2% an operation); the penalty is
+# the squared difference of two input gradients of similar size, which magnifies that: on the
+# digits it lands 1.6-1.7% from float32 in either bn_mode. 5% leaves room for other seeds; a
+# penalty computed from garbage (an overflow, a gradient cast away) would be off by far more.
+BF16_PENALTY_TOLERANCE = 0.05
+
+
+class _FirstStepPenalty(pl.Callback):
+    def __init__(self) -> None:
+        self.penalties: list[float] = []
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        self.penalties.append(float(trainer.callback_metrics["train/cure_penalty"]))
+        self.losses.append(float(trainer.callback_metrics["train/loss"]))
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("bn_mode", ["batch", "running"])
+def test_bf16_mixed_training_is_finite_and_its_penalty_close_to_float32(bn_mode: str) -> None:
+    cure = CURE(lam=1.0, h=0.5, bn_mode=bn_mode)
+    cure.check_precision("bf16-mixed")
+    x, y = DigitsDataModule(seed=0).split_tensors("train")
+    x, y = x[:256], y[:256]
+    torch.manual_seed(0)
+    model = smallcnn(DigitsDataModule.info, width=8)
+    start = {name: value.clone() for name, value in model.state_dict().items()}
+
+    twin = smallcnn(DigitsDataModule.info, width=8).train()
+    twin.load_state_dict(start)
+    float32_penalty = float(CURE(lam=1.0, h=0.5, bn_mode=bn_mode).training_loss(twin, x[:64], y[:64], epoch=0).logs["cure_penalty"])
+
+    record = _FirstStepPenalty()
+    module = ClassifierModule(model, num_classes=10, regularizer=cure)
+    trainer = pl.Trainer(
+        accelerator="cpu", precision="bf16-mixed", max_steps=4, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[record],
+    )
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=64))  # unshuffled: step 0 sees x[:64]
+    assert module.skipped_steps == 0 and len(record.losses) == 4
+    assert all(math.isfinite(value) for value in record.losses + record.penalties)
+    assert abs(record.penalties[0] / float32_penalty - 1) <= BF16_PENALTY_TOLERANCE, (record.penalties[0], float32_penalty)
+    assert any(not torch.equal(value, start[name]) for name, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "16-true", "bf16-true"])
+def test_unchecked_precisions_are_a_config_error(precision: str) -> None:
+    with pytest.raises(ConfigError, match=f"precision={precision}") as info:
+        CURE().check_precision(precision)
+    assert "bf16-mixed" in info.value.hint
+    CURE().check_precision("32-true")
