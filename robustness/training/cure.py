@@ -286,19 +286,61 @@ def _batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> T
     )
 
 
+class _ReLUInputGradient(torch.autograd.Function):
+    """ReLU's backward ``g 1[out > 0]`` as a function of ``g``; its own backward is the same mask.
+
+    torch's second-order ReLU backward also returns a gradient for the output the mask came
+    from, which is zero almost everywhere: a zero tensor per layer that the backward then
+    allocates and adds into the forward graph. This one returns none.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, grad_out: Tensor, out: Tensor) -> Tensor:
+        ctx.save_for_backward(out)
+        return torch.ops.aten.threshold_backward(grad_out, out, 0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, u: Tensor) -> tuple[Tensor | None, ...]:
+        (out,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(u, out, 0), None
+
+
+class _ReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        out = torch.relu(x)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> Tensor:
+        (out,) = ctx.saved_tensors
+        return _ReLUInputGradient.apply(grad_out, out)
+
+
+def _relu_forward(module: nn.ReLU, x: Tensor) -> Tensor:
+    return _ReLU.apply(x)
+
+
 # Exactly these types: subclasses such as SyncBatchNorm compute their statistics otherwise.
 _PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @contextmanager
-def _closed_form_batch_norm(model: nn.Module) -> Iterator[None]:
-    """Inside, the model's affine batch-norm layers run through :class:`_BatchNormTrain` (in
-    training mode; in evaluation mode they are affine maps, whose second-order backward is cheap)."""
+def _closed_form_second_order(model: nn.Module) -> Iterator[None]:
+    """Inside, the model's affine batch-norm layers (in training mode; in evaluation mode they are
+    affine maps, whose second-order backward is already cheap) and ReLU layers run through the
+    functions above, whose second-order backwards are closed forms."""
+    forwards: dict[type, Callable[..., Tensor]] = {kind: _batch_norm_forward for kind in _PLAIN_BATCH_NORMS}
+    forwards[nn.ReLU] = _relu_forward
     patched = [
-        module for module in model.modules() if type(module) in _PLAIN_BATCH_NORMS and module.affine and "forward" not in vars(module)
+        module
+        for module in model.modules()
+        if type(module) in forwards and getattr(module, "affine", True) and "forward" not in vars(module)
     ]
     for module in patched:
-        module.forward = partial(_batch_norm_forward, module)
+        module.forward = partial(forwards[type(module)], module)
     try:
         yield
     finally:
@@ -369,7 +411,7 @@ def penalty_forward(model: nn.Module, bn_mode: str) -> Forward:
     if bn_mode == "batch":
 
         def forward(x: Tensor) -> Tensor:
-            with _running_statistics_untouched(norms), _closed_form_batch_norm(model):
+            with _running_statistics_untouched(norms), _closed_form_second_order(model):
                 return model(x)
 
         return forward
@@ -381,7 +423,7 @@ def penalty_forward(model: nn.Module, bn_mode: str) -> Forward:
     ]
 
     def forward(x: Tensor) -> Tensor:
-        with _evaluation_mode(model), _statistics_swapped(snapshots):
+        with _evaluation_mode(model), _statistics_swapped(snapshots), _closed_form_second_order(model):
             return model(x)
 
     return forward
@@ -501,7 +543,7 @@ class CURE(Regularizer):
 
         timer = self.phase_timer
         if self.shares_clean_forward(model, len(x)):
-            with timer("forward at x"), _closed_form_batch_norm(model):
+            with timer("forward at x"), _closed_form_second_order(model):
                 x_leaf = x.detach().requires_grad_(True)
                 logits = model(x_leaf)
                 ce_each = per_example_cross_entropy(logits, y)
