@@ -35,9 +35,11 @@ The step reaches the floor's counts:
   parameters in exactly one backward, so every rank all-reduces them once;
 * the forwards run on the model's own modules (no functional copy, no buffer copies in 'batch'
   mode; in 'running' mode one copy of the running statistics a step);
-* batch-norm with batch statistics runs, in the forwards whose gradient is differentiated again,
+* in the forwards whose gradient is differentiated again, batch-norm with batch statistics runs
   through :class:`_BatchNormTrain`, whose second-order backward is a closed form of a few
-  passes instead of torch's generic one (about 3x cheaper on a CPU, and it saves less).
+  passes instead of torch's generic one (about 3x cheaper on a CPU), and ReLU through
+  :class:`_ReLU`, whose second-order backward sends no all-zero gradient back into the forward
+  graph (torch's allocates and adds one per layer).
 
 The two evaluation points cannot share one forward over the concatenated batch: ``z`` is the
 sign of the gradient at ``x``, which needs the backward at ``x`` first (and in 'batch' mode each
