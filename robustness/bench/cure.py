@@ -11,19 +11,26 @@ Rows per model (random weights and images: the cost does not depend on training)
   (at ``x + h z`` and at ``x``, evaluation mode), the gradient of their loss difference with
   ``create_graph``, then the usual cross-entropy forward and one backward of the total.
 
-Columns: ``ms/step``; ``x plain`` and ``x reference`` (time ratios); ``peak MB``, the step's
-peak memory above what was allocated before it; ``mem x plain``.
+The floor (see ``robustness.training.cure``): per convolution or linear layer an exact step
+takes 6 matrix products per evaluation point (forward, input gradient, two in the second-order
+backward, two in the forward graph's backward), a plain step 3. So ``cure batch`` (2 points, the
+training forward shared) is at least 12/3 = 4x plain; ``cure running`` with batch-norm adds a
+separate training forward and its backward (15/3 = 5x); the reference takes 18/3 = 6x; with the
+penalty on a quarter of the batch, 3 + 12/4 = 6 products: 2x. The ``floor`` column gives these
+counts; the part columns give the measured time of each part of the CURE steps, so that the
+gap between ``x plain`` and ``floor`` can be traced to a part. Legend and targets are the
+table's last rows.
 
 How: on a GPU, wall time (median of interleaved repeats) and the CUDA allocator's peak. On a
 CPU, one intra-op thread and the process's CPU time, so that the numbers measure work, not the
 neighbours sharing the cores or idle threads spinning; peak memory replays the profiler's
 allocation events in time order. smallcnn steps are timed over interleaved repeats; a CPU
-resnet18 step takes seconds (a reference step about 40 s), so each is measured once, after a
-warm-up, in the same pass as its memory.
+resnet18 step takes seconds, so each is measured once, after a warm-up, in the same pass as its
+memory (parts included, so they carry the profiler's overhead there).
 
-Targets (issue 3): ``cure`` at most 0.6x the reference on both models and at most 2x plain on
-smallcnn, peak memory at most 3x plain. On a GPU the rows also cover resnet18 at 64x64, batch
-128, with training throughput (images/s, optimiser step included).
+Targets (issue 17.2), for ``cure batch`` at fraction 1 on both models: at most 0.7x the
+reference, at most 4x plain, peak memory at most 3.5x plain. On a GPU the rows also cover
+resnet18 at 64x64, batch 128, with training throughput (images/s, optimiser step included).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import os
 import statistics
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator
 
 import torch
@@ -58,10 +65,49 @@ def plain_step(model: nn.Module, x: Tensor, y: Tensor) -> None:
     F.cross_entropy(model(x), y).backward()
 
 
-def cure_step(cure: CURE) -> Step:
+class PartClock:
+    """Times the parts of the CURE steps it is attached to: ``seconds[part]`` holds one entry
+    per step (a part that runs twice in a step, such as the backward, adds up)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.clock = _clock(device)
+        self.seconds: dict[str, list[float]] = {}
+        self._current: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, part: str) -> Iterator[None]:
+        _sync(self.device)
+        start = self.clock()
+        try:
+            yield
+        finally:
+            _sync(self.device)
+            self._current[part] = self._current.get(part, 0.0) + self.clock() - start
+
+    def end_step(self) -> None:
+        for part, seconds in self._current.items():
+            self.seconds.setdefault(part, []).append(seconds)
+        self._current = {}
+
+    def reset(self) -> None:
+        self.seconds, self._current = {}, {}
+
+    def medians(self) -> dict[str, float]:
+        return {part: statistics.median(values) for part, values in self.seconds.items()}
+
+
+def cure_step(cure: CURE, parts: PartClock | None = None) -> Step:
+    if parts is not None:
+        cure.phase_timer = parts
+
     def step(model: nn.Module, x: Tensor, y: Tensor) -> None:
         model.zero_grad(set_to_none=True)
-        cure.training_loss(model, x, y, epoch=0).loss.backward()
+        loss = cure.training_loss(model, x, y, epoch=0).loss
+        with parts("backward of the total") if parts is not None else nullcontext():
+            loss.backward()
+        if parts is not None:
+            parts.end_step()
 
     return step
 
@@ -161,24 +207,56 @@ def _throughput(step: Step, model: nn.Module, x: Tensor, y: Tensor, steps: int) 
     return steps * len(x) / (time.perf_counter() - start)
 
 
+# Matrix products per layer of a step over a plain step's (see the module docstring).
+FLOOR = {"plain": 1.0, "cure batch": 4.0, "cure running": 5.0, "reference": 6.0, "cure batch f=0.25": 2.0}
+# Short column names for the parts the CURE step times.
+PART_COLUMNS = {
+    "forward at x": "fwd x",
+    "input gradient at x": "grad x",
+    "direction z": "z",
+    "forward at x + h z": "fwd x+hz",
+    "input gradient at x + h z": "grad x+hz",
+    "penalty from the gradients": "penalty",
+    "training forward": "train fwd",
+    "backward of the total": "backward",
+}
+LEGEND = {
+    "row": "model, input size and batch, then the step",
+    "ms/step": "time of one step (CPU time on one thread, or GPU wall time), zero_grad included",
+    "x plain": "ms/step over the plain step's",
+    "floor": "the least x plain an exact step can take, counted in matrix products per layer",
+    "x reference": "ms/step over the public code's structure's",
+    "peak MB": "the step's peak memory above what was allocated before it",
+    "mem x plain": "peak MB over the plain step's",
+    **{f"{column} ms": f"part of the CURE step: {part}" for part, column in PART_COLUMNS.items()},
+    "train images/s": "training throughput with an SGD step (GPU only)",
+}
+TARGETS = (("x reference", 0.7), ("x plain", 4.0), ("mem x plain", 3.5))
+
+
 def _model_rows(name: str, model: nn.Module, x: Tensor, y: Tensor, repeat: int, with_fraction: bool, throughput_steps: int) -> list[dict[str, Any]]:
     model.train()
+    parts = {mode: PartClock(x.device) for mode in ("cure batch", "cure running", "cure batch f=0.25")}
     steps: dict[str, Step] = {
         "plain": plain_step,
-        "cure batch": cure_step(CURE(lam=LAM, h=H, bn_mode="batch")),
-        "cure running": cure_step(CURE(lam=LAM, h=H, bn_mode="running")),
+        "cure batch": cure_step(CURE(lam=LAM, h=H, bn_mode="batch"), parts["cure batch"]),
+        "cure running": cure_step(CURE(lam=LAM, h=H, bn_mode="running"), parts["cure running"]),
         "reference": reference_step,
     }
     if with_fraction:
-        steps["cure batch f=0.25"] = cure_step(CURE(lam=LAM, h=H, bn_mode="batch", fraction=0.25))
+        steps["cure batch f=0.25"] = cure_step(CURE(lam=LAM, h=H, bn_mode="batch", fraction=0.25), parts["cure batch f=0.25"])
     if repeat > 1:
         # The memory pass doubles as every step's warm-up; the times come from the repeats.
         peaks = {step_name: _measure_once(step, model, x, y)[1] for step_name, step in steps.items()}
+        for clock in parts.values():
+            clock.reset()
         seconds = _median_times(steps, model, x, y, repeat)
     else:
         # The plain and CURE steps between them use every kernel shape the others use.
         steps["plain"](model, x, y)
         steps["cure batch"](model, x, y)
+        for clock in parts.values():
+            clock.reset()
         measured = {step_name: _measure_once(step, model, x, y) for step_name, step in steps.items()}
         seconds = {step_name: value[0] for step_name, value in measured.items()}
         peaks = {step_name: value[1] for step_name, value in measured.items()}
@@ -188,14 +266,34 @@ def _model_rows(name: str, model: nn.Module, x: Tensor, y: Tensor, repeat: int, 
             "row": f"{name} {step_name}",
             "ms/step": 1e3 * seconds[step_name],
             "x plain": seconds[step_name] / seconds["plain"],
+            "floor": FLOOR[step_name],
             "x reference": seconds[step_name] / seconds["reference"],
             "peak MB": peaks[step_name] / 2**20,
             "mem x plain": peaks[step_name] / peaks["plain"],
         }
+        if step_name in parts:
+            medians = parts[step_name].medians()
+            row.update({f"{column} ms": 1e3 * medians[part] for part, column in PART_COLUMNS.items() if part in medians})
         if throughput_steps and step_name in ("plain", "cure batch", "cure running"):
             row["train images/s"] = _throughput(steps[step_name], model, x, y, throughput_steps)
         rows.append(row)
     return rows
+
+
+def legend_and_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per column saying what it holds, then one listing each target as met or missed."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    notes = [{"row": f"legend: {column}: {LEGEND[column]}"} for column in columns]
+    verdicts = []
+    for row in rows:
+        if not row["row"].endswith(" cure batch"):
+            continue
+        model = row["row"][: -len(" cure batch")]
+        for column, limit in TARGETS:
+            value = row[column]
+            verdicts.append(f"{model} {column} {value:.2f} <= {limit}: {'met' if value <= limit else 'MISSED'}")
+    notes.append({"row": "targets (cure batch, fraction 1): " + "; ".join(verdicts)})
+    return notes
 
 
 def run() -> list[dict[str, Any]]:
@@ -217,4 +315,4 @@ def run() -> list[dict[str, Any]]:
             repeat = 20 if gpu else (15 if small else 1)
             throughput_steps = 20 if gpu and not small else 0
             rows.extend(_model_rows(name, model.to(device), x, y, repeat, small or gpu, throughput_steps))
-        return rows
+        return rows + legend_and_targets(rows)
