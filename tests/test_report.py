@@ -51,6 +51,12 @@ def test_reduced_report_has_every_figure_and_table_and_logs_them_to_wandb(tmp_pa
     for figure in figures:
         assert f"]({figure.paths[0].relative_to(tmp_path / 'report')})" in report
     assert "| Base model |" in report or "| base |" in report
+    # Each section's Reproduce line reruns exactly that section: report-wide and command-line
+    # overrides, then the section's own.
+    import shlex
+
+    expected = " ".join(["python -m robustness experiment=fig2_boundary", *(shlex.quote(o) for o in [*overrides, *REDUCED["fig2_boundary"]])])
+    assert f"Reproduce: `{expected}`" in report
     html = (tmp_path / "report" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(figures)
 

@@ -80,7 +80,8 @@ def check_config(cfg: DictConfig, output_dir: str | Path) -> Path:
         raise ConfigError(f"model={cfg.model.name} is a published model: it is probed, not trained",
                           "use it in a probe's variants (task=probe), e.g. experiment=robust_accuracy model=robustbench 'variants=[rb_standard]'")
     if task == "train":
-        _built("regularizer", lambda: build("regularizer", cfg.regularizer))
+        regularizer = _built("regularizer", lambda: build("regularizer", cfg.regularizer))
+        regularizer.check_precision(str(cfg.trainer.get("precision", "32-true")))
     if task == "probe":
         names = cfg.get("variants")
         if not OmegaConf.is_list(names) or not all(isinstance(v, str) and v for v in names):

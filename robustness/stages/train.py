@@ -77,9 +77,7 @@ def _fit(v: variant_lookup.Variant, store: Any, output_dir: Path) -> RunOutcome:
     regularizer = build("regularizer", cfg.regularizer)
     device = device_for(cfg)
     trainer_options, own = _trainer_options(cfg)
-    check_precision = getattr(regularizer, "check_precision", None)
-    if callable(check_precision):
-        check_precision(str(trainer_options.get("precision", "32-true")))
+    regularizer.check_precision(str(trainer_options.get("precision", "32-true")))
 
     if v.parent is not None:
         store.load_into(v.parent.key, model, info, plain(v.parent.config.model), what=f"the '{v.parent.name}' weights")

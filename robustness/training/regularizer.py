@@ -67,6 +67,9 @@ class Regularizer:
         loss = F.cross_entropy(logits, y)
         return StepOutput(loss=loss, logits=logits, logs={"ce": loss.detach()})
 
+    def check_precision(self, precision: str | int) -> None:
+        """Raise ConfigError if this regularizer cannot train at ``trainer.precision``; plain losses can at any."""
+
     def describe(self) -> dict[str, Any]:
         """Hyper-parameters recorded with the checkpoint."""
         return {"variant": self.variant, "init_from": self.init_from}
