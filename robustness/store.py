@@ -265,6 +265,8 @@ class ModelStore:
                 break
             time.sleep(0.05 * (attempt + 1))
         else:
+            # Say what is wrong with the file when it can be told (truncated, pickled code), else that it was replaced.
+            load_weights(io.BytesIO(data), f"{label} at {directory / MODEL_FILE}")
             raise StoreError(
                 f"{label} in {directory} are not the ones its meta.json describes (a hand-copied or damaged file?)",
                 "delete that entry's folder and train the model again",

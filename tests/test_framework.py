@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import compose, resume_checkpoints, run_outcome, stored_model
+from helpers import compose, hydra_initialized, resume_checkpoints, run_outcome, stored_model
 from robustness.errors import ConfigError, StoreError
 from robustness.registry import build
 from robustness.store import ModelStore
@@ -165,11 +165,12 @@ class TestStore:
         assert not marker.exists()
 
     def test_missing_variant_names_the_command(self, tmp_path: Path) -> None:
-        from robustness.stages import variants
+        from robustness.stages import compose_experiment, variants
 
-        cfg = compose("base_digits", ["logger=csv", "store.train_missing=false", f"paths.artifacts_dir={tmp_path}"])
-        with pytest.raises(StoreError, match="python -m robustness experiment=cure_digits dataset=digits model=smallcnn"):
-            variants.ensure_trained(variants.resolve(cfg, "cure"), tmp_path)
+        with hydra_initialized():
+            cfg = compose_experiment("base_digits", ["logger=csv", "store.train_missing=false", f"paths.artifacts_dir={tmp_path}"])
+            with pytest.raises(StoreError, match="python -m robustness experiment=cure_digits dataset=digits model=smallcnn"):
+                variants.ensure_trained(variants.resolve(cfg, "cure"), tmp_path)
 
 
 def test_bad_learning_rate_is_a_config_error(tmp_path: Path) -> None:

@@ -170,8 +170,8 @@ def _fit_noisy(directory: Path, stop_at: int | None = None, resume: bool = False
     module = _NoisyModule()
     data = torch.utils.data.TensorDataset(torch.randn(48, 6), torch.randint(0, 3, (48,)))
     loader = torch.utils.data.DataLoader(data, batch_size=8, sampler=EpochSeededSampler(48, 7), generator=torch.Generator().manual_seed(7))
-    checkpoint = ModelCheckpoint(dirpath=directory, save_last=True, save_top_k=0, every_n_epochs=1, save_on_train_epoch_end=True,
-                                 enable_version_counter=False)
+    checkpoint = ModelCheckpoint(dirpath=directory, filename="last", save_top_k=1, save_last=False, every_n_epochs=1,
+                                 save_on_train_epoch_end=True, enable_version_counter=False)
     trainer = pl.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_progress_bar=False, plugins=[AtomicCheckpointIO()],
                          enable_model_summary=False, callbacks=[checkpoint, RandomState(), *([_StopAt(stop_at)] if stop_at is not None else [])])
     ckpt = last_checkpoint(directory) if resume else None

@@ -91,18 +91,15 @@ def test_a_probe_never_loads_weights_trained_with_other_options(tmp_path: Path) 
 
 def test_a_probe_refuses_images_from_another_split(tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
-    run_outcome("base_digits", QUICK, tmp_path, artifacts_dir=store_dir)
+    probe = [*QUICK, "variants=[base]", "probe.resolution=5"]
+    run_outcome("fig3_regions", probe, tmp_path / "a", artifacts_dir=store_dir)  # trains base for this probe
     store = ModelStore(store_dir, "digits", "smallcnn")
-    key = store.aliases()["base"]
-    directory = store.version_dir(key)
+    directory = store.version_dir(store.aliases()["base"])
     meta = json.loads((directory / "meta.json").read_text())
     meta["identity"]["dataset"]["options"]["test_fraction"] = 0.5  # as if trained on another split
     (directory / "meta.json").write_text(json.dumps(meta))
-    overrides = [*fast_overrides(store_dir), f"paths.data_dir={tmp_path / 'data'}", *QUICK, "variants=[base]", "probe.resolution=5"]
-    with hydra_initialized():
-        cfg = compose_experiment("fig2_boundary", overrides)
-        with pytest.raises(ConfigError, match=r"trained on another split .*options\.test_fraction: 0\.5 when trained, 0\.25 for this probe"):
-            run(cfg, tmp_path / "out", overrides=overrides)
+    with pytest.raises(ConfigError, match=r"trained on another split .*options\.test_fraction: 0\.5 when trained, 0\.25 for this probe"):
+        run_outcome("fig3_regions", probe, tmp_path / "b", artifacts_dir=store_dir)
 
 
 # --------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def test_zoo_builders_are_registered_and_their_configs_compose() -> None:
 def test_external_variants_resolve_from_the_composed_config(catalogue, tmp_path: Path) -> None:
     from helpers import compose
 
-    cfg = compose("robust_accuracy", ["dataset=cifar10", "model=robustbench", f"+paths.models_dir={tmp_path}", "variants=[rb_standard,rb_engstrom]"])
+    cfg = compose("robust_accuracy", ["dataset=cifar10", "model=robustbench", f"paths.models_dir={tmp_path}", "variants=[rb_standard,rb_engstrom]"])
     nodes = {variant: zoo.external_variant(cfg, variant) for variant in cfg.variants}
     assert nodes["rb_standard"]["entry"] == "Standard" and nodes["rb_engstrom"]["entry"] == "Engstrom2019Robustness"
     assert {node["models_dir"] for node in nodes.values()} == {str(tmp_path)}
@@ -79,8 +79,8 @@ def test_external_variants_resolve_from_the_composed_config(catalogue, tmp_path:
 
     # Published variants beside trained ones: a top-level table of full model nodes.
     mixed = compose("robust_accuracy", [
-        "dataset=cifar10", "model=resnet18", f"+paths.models_dir={tmp_path}",
-        "+external_variants={rb_standard:{name:robustbench,entry:Standard,threat_model:L2}}",
+        "dataset=cifar10", "model=resnet18", f"paths.models_dir={tmp_path}",
+        "+external_variants.rb_standard={name:robustbench,entry:Standard,threat_model:L2}",
     ])
     assert zoo.external_variant(mixed, "base") is None
     assert zoo.external_variant(mixed, "rb_standard") == {"name": "robustbench", "entry": "Standard", "threat_model": "L2", "models_dir": str(tmp_path)}
@@ -280,7 +280,7 @@ def test_a_probe_runs_on_a_published_architecture_and_the_store_records_its_sour
         "robust_accuracy",
         ["dataset=cifar10", "model=resnet18", "trainer=cpu", "store.train_missing=false", f"paths.models_dir={models_dir}",
          "variants=[tv_generated]", "probe.n_images=4", "probe.eps=[0.0,0.05]", "attack=deepfool", "attack.max_iter=5",
-         "external_variants={tv_generated:{name:torchvision,arch:resnet18,weights:cifar10/resnet18_generated.pt}}"],
+         "+external_variants.tv_generated={name:torchvision,arch:resnet18,weights:cifar10/resnet18_generated.pt}"],
         tmp_path, artifacts_dir=tmp_path / "store",
     )
     (table,) = [a for a in outcome.artefacts if a.kind == "table" and a.rows]

@@ -17,11 +17,11 @@ from omegaconf import DictConfig
 from robustness.errors import ConfigError
 from robustness.stages.checks import check_config
 from robustness.stages.common import RunOutcome, apply_debug, compose_experiment
-from robustness.stages.probe import probe
-from robustness.stages.report import report
-from robustness.stages.train import train
+from robustness.stages import probe as probe_stage
+from robustness.stages import report as report_stage
+from robustness.stages import train as train_stage
 
-STAGES = {"train": train, "probe": probe, "report": report}
+STAGES = {"train": train_stage.train, "probe": probe_stage.probe, "report": report_stage.report}
 
 __all__ = ["RunOutcome", "STAGES", "compose_experiment", "run"]
 
@@ -45,5 +45,5 @@ def run_stage(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[str] 
     apply_debug(cfg)
     output_dir = check_config(cfg, output_dir)
     if task == "report":
-        return report(cfg, output_dir, overrides, tag, wandb_run, _depth=_depth)
+        return report_stage.report(cfg, output_dir, overrides, tag, wandb_run, _depth=_depth)
     return STAGES[task](cfg, output_dir, overrides, tag, wandb_run)

@@ -22,6 +22,8 @@ log = logging.getLogger("robustness")
 # with them, so that `dataset=cifar10 model.activation=tanh` reaches every model it loads or
 # trains. Everything else on the command line (optim.lr, probe.*, variants) stays with the run.
 INHERITED_OVERRIDES = ("dataset", "model", "seed", "paths", "logger", "store", "debug", "trainer.accelerator", "trainer.precision")
+# Group choices inherited as a whole, though keys under them are not (``trainer=cpu``, not ``trainer.max_epochs``).
+INHERITED_CHOICES = ("trainer",)
 
 
 @dataclass
@@ -49,7 +51,7 @@ def inherited(overrides: Sequence[str]) -> list[str]:
     kept = []
     for override in overrides:
         key = override.lstrip("+~").split("=", 1)[0]
-        if any(key == p or key.startswith(p + ".") or key.startswith(p + "/") for p in INHERITED_OVERRIDES):
+        if key in INHERITED_CHOICES or any(key == p or key.startswith(p + ".") or key.startswith(p + "/") for p in INHERITED_OVERRIDES):
             kept.append(override)
     return kept
 
