@@ -209,7 +209,7 @@ def test_probes_run_on_a_read_only_store(tmp_path: Path, monkeypatch: pytest.Mon
 
     store_dir = tmp_path / "store"
     overrides = [*QUICK, "variants=[base]", "probe.resolution=5"]
-    run_outcome("base_digits", QUICK, tmp_path, artifacts_dir=store_dir)
+    run_outcome("base_digits", [*QUICK, "trainer.max_epochs=3"], tmp_path, artifacts_dir=store_dir)  # as the probe would train it
     real = probe_stage.writable_problem
     monkeypatch.setattr(probe_stage, "writable_problem", lambda d: "read-only file system" if str(d).startswith(str(store_dir)) else real(d))
     with caplog.at_level(logging.WARNING, logger="robustness"):

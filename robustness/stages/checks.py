@@ -107,17 +107,20 @@ def _probe_options(cfg: DictConfig) -> Any:
     from robustness.probes.base import ProbeOptions
 
     name = str(cfg.probe.name)
-    lookup("probe", name)  # imports the probe module, whose options class then exists
+    compute = lookup("probe", name)  # imports the probe module, whose options class then exists
 
     def subclasses(cls: type) -> Iterator[type]:
         for sub in cls.__subclasses__():
             yield sub
             yield from subclasses(sub)
 
-    for options in subclasses(ProbeOptions):
-        if getattr(options, "probe", "") == name:
-            return options.from_cfg(plain(cfg.probe))
-    return None
+    matches = [c for c in subclasses(ProbeOptions) if getattr(c, "probe", "") == name]
+    # The probe's own options: defined beside its compute(), the most derived of those.
+    own = [c for c in matches if c.__module__ == compute.__module__] or matches
+    if not own:
+        return None
+    options = max(own, key=lambda c: len(c.__mro__))
+    return options.from_cfg(plain(cfg.probe))
 
 
 def _check_optim(optim: dict[str, Any]) -> None:
