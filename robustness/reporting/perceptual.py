@@ -139,7 +139,15 @@ def _figure9_artefacts(result: ProbeResult, out_dir: Path, images: str, where: s
 
 def _sweep_artefacts(result: ProbeResult, out_dir: Path, images: str, where: str) -> list[Artefact]:
     meta = result.meta
-    l2_attack = meta.get("l2_attack") or "no l2 attack"
+    l2_attack = meta.get("l2_attack")
+    compared = (
+        f"the smallest l2 perturbation found by {l2_attack} for the same image" if l2_attack
+        else "nothing: the l2 comparison was skipped (probe.l2_attack=null)"
+    )
+    sizes_meaning = (
+        f"the l2 sizes are means over the images where both a flipping rotation and a {l2_attack} perturbation were found "
+        "(ratio = recolouring / l2 attack)" if l2_attack else "the l2 comparison was skipped (probe.l2_attack=null)"
+    )
     artefacts = [
         save_figure(
             sweep_figure(result), out_dir, "perceptual_sweep",
@@ -151,8 +159,8 @@ def _sweep_artefacts(result: ProbeResult, out_dir: Path, images: str, where: str
             size_figure(result), out_dir, "perceptual_sizes",
             f"Left: over {images}, per correctly classified image, the smallest hue rotation that changes its label "
             f"(scan every {meta['search']['step']:g}°, then bisection to {meta['search']['tol']:g}°). Right: the l2 size "
-            f"of that recolouring against the smallest l2 perturbation found by {l2_attack} for the same image; points "
-            "above the dashed line are l2-larger changes that keep the image's shape.",
+            f"of that recolouring against {compared}; points above the dashed line are l2-larger changes that keep the "
+            "image's shape.",
         ),
     ]
     summary = [
@@ -177,8 +185,7 @@ def _sweep_artefacts(result: ProbeResult, out_dir: Path, images: str, where: str
     artefacts.append(write_table(
         summary, out_dir, "perceptual_summary",
         f"Colour robustness over {images} ({where}): flip rates count the images correctly classified unrotated, and "
-        f"the l2 sizes are means over the images where both a flipping rotation and a {l2_attack} perturbation were "
-        f"found (ratio = recolouring / l2 attack). The {meta['attack']} attack runs on the correctly classified images.",
+        f"{sizes_meaning}. The {meta['attack']} attack runs on the correctly classified images.",
     ))
     angles = [float(a) for a in result.arrays["angles"]]
     by_angle: dict[float, dict[str, Any]] = {a: {"hue rotation (°)": a} for a in angles}
