@@ -1,12 +1,17 @@
 """Probe ``perceptual``: colour changes that keep an image's shape, and what they do to each model.
 
 Report section 3 (Figure 9): models that resist small l2 noise (adversarial, CURE) still call a
-pepper recoloured from red to orange an orange. This probe measures that on the first
-``num_images`` images of a split (the same images for every model), with the hue rotation of
-:mod:`robustness.geometry.colour` (luma, hence shape, kept exactly):
+pepper recoloured from red to orange an orange. This probe measures that on a split's images --
+all of them, or the first ``num_images`` where the config says so (the same images for every
+model) -- with the hue rotation of :mod:`robustness.geometry.colour` (luma, hence shape, kept
+exactly). ``items`` names what is measured and drawn, so that two experiments sharing this probe
+each print their own figures and tables and a report shows each once:
 
-* **sweep**: at every ``angle_step`` degrees, accuracy over all images and the *flip rate*: the
-  fraction of the images the model classifies correctly unrotated whose label changes;
+``sweep`` (the hue sweep):
+
+* **flip rate and accuracy**: at every ``angle_step`` degrees, accuracy over all images and the
+  *flip rate*: the fraction of the images the model classifies correctly unrotated whose label
+  changes;
 * **smallest flipping rotation**: per correctly classified image, the rotation of smallest
   magnitude (either direction, up to ``max_angle``) that changes the label: a coarse scan every
   ``search_step`` degrees, then bisection to ``search_tol`` degrees. A flip confined to less
@@ -16,9 +21,11 @@ pepper recoloured from red to orange an orange. This probe measures that on the 
   label-changing perturbation from the ``l2_attack`` (DeepFool refined by bisection, as in
   Table 1) for the same images: perceptually small changes that are l2-large;
 * **colour attack**: success rate of the ``attack`` group (``attack=colour`` in the
-  experiments) on the correctly classified images;
-* **Figure 9**: one image correctly classified by every model, its recoloured version, and each
-  model's top-k classes with probabilities on both.
+  experiments) on the correctly classified images.
+
+``figure9``: one image correctly classified by every model, its recoloured version, and each
+model's top-k classes with probabilities on both. It is chosen from the sweep's predictions
+(which are computed for it, but printed only with ``sweep``).
 
 ``region=dominant`` recolours only the pixels of each image's dominant hue (the report
 recoloured the pepper's red, not its stalk); ``region=all`` the whole image.
@@ -46,6 +53,7 @@ from robustness.registry import build
 from robustness.registry import register
 
 _DEFAULT_L2_ATTACK = {"name": "deepfool", "overshoot": 0.02, "max_iter": 50, "num_candidates": 10}
+ITEMS = ("figure9", "sweep")
 
 
 @dataclass(frozen=True)
@@ -54,8 +62,9 @@ class PerceptualOptions(PerImageOptions):
 
     probe: ClassVar[str] = "perceptual"
 
-    num_images: int = 200
+    num_images: int | None = None  # None: the whole split
     chunk_size: int = 50
+    items: tuple[str, ...] = ITEMS
     angle_step: float = 15.0
     region: str = "all"
     soft_mask: bool = True
@@ -70,7 +79,10 @@ class PerceptualOptions(PerImageOptions):
     top_k: int = 3
 
     def validate(self) -> None:
-        super().validate()
+        # The shared checks, with the whole split (num_images None) standing in as a valid count.
+        super(PerceptualOptions, replace(self, num_images=1 if self.num_images is None else self.num_images)).validate()
+        if not self.items or any(item not in ITEMS for item in self.items):
+            raise ConfigError(f"probe.items must be a non-empty list drawn from {list(ITEMS)}, got {list(self.items)}", "fig9_perceptual prints [figure9], perceptual_sweep [sweep]")
         if not 0.0 < float(self.angle_step) < 360.0:
             raise ConfigError(f"probe.angle_step must lie in (0, 360) degrees, got {self.angle_step}", "the report's sweep uses 15")
         if self.region not in ("all", "dominant"):
@@ -91,6 +103,17 @@ class PerceptualOptions(PerImageOptions):
             raise ConfigError(f"probe.top_k must be a positive integer, got {self.top_k}", "Figure 9 shows the top 3")
         if self.figure_index is not None and (isinstance(self.figure_index, bool) or not isinstance(self.figure_index, int) or self.figure_index < 0):
             raise ConfigError(f"probe.figure_index must be a non-negative integer or null, got {self.figure_index}", "null picks the image automatically")
+
+    @classmethod
+    def normalise(cls, values: dict[str, Any]) -> dict[str, Any]:
+        if "items" in values and not isinstance(values["items"], str):
+            values = {**values, "items": tuple(values["items"])}
+        return values
+
+    @property
+    def measures_sizes(self) -> bool:
+        """The smallest flipping rotation, the l2 comparison and the colour attack: for ``sweep`` only."""
+        return "sweep" in self.items
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> "PerceptualOptions":
@@ -210,7 +233,7 @@ def _measure_chunk(model: nn.Module, x: Tensor, y: Tensor, options: PerceptualOp
         "attack_success": torch.zeros(n, dtype=torch.bool),
         "attack_norm": nan.clone(),
     }
-    if len(index) == 0:
+    if len(index) == 0 or not options.measures_sizes:
         return out
     cpu_index = index.cpu()
     angle = minimal_flip_angle(model, xc, yc, float(options.search_step), float(options.max_angle), float(options.search_tol), mc)
@@ -236,6 +259,7 @@ def measure_perceptual(ctx: ProbeContext, variant: str, model: nn.Module, x: Ten
     identity = {
         **options.fingerprint(keys),
         "attack": dict(ctx.attack),
+        "measures_sizes": options.measures_sizes,
         "images": fingerprint.of_tensors(x, y),
         "model": fingerprint.of_state(model),
     }
@@ -336,6 +360,16 @@ def _summary_row(variant: str, measured: dict[str, Tensor], flip: Tensor, accura
     }
 
 
+def _probed_images(ctx: ProbeContext, options: PerceptualOptions) -> tuple[Tensor, Tensor]:
+    """The whole split when ``num_images`` is None, else its first ``num_images`` images."""
+    if options.num_images is not None:
+        return load_images(ctx, options)
+    x, y = ctx.data.split_tensors(options.split)
+    if len(x) == 0:
+        raise ConfigError(f"the {options.split} split has no images", "pick another probe.split")
+    return x.to(ctx.device), y.to(ctx.device)
+
+
 @register("probe", "perceptual")
 def compute(ctx: ProbeContext) -> ProbeResult:
     options = PerceptualOptions.from_cfg(ctx.cfg)
@@ -345,7 +379,7 @@ def compute(ctx: ProbeContext) -> ProbeResult:
             f"the perceptual probe recolours images, but dataset '{info.name}' has {info.in_channels} channel(s)",
             "use a colour dataset: dataset=colour_digits (embedded), cifar10, svhn or tinyimagenet",
         )
-    x, y = load_images(ctx, options)
+    x, y = _probed_images(ctx, options)
     angles = options.angles
     arrays: dict[str, Tensor] = {"angles": angles, "labels": y.cpu()}
     sweep_rows, summary_rows = [], []
@@ -360,7 +394,8 @@ def compute(ctx: ProbeContext) -> ProbeResult:
             {"variant": variant, "angle": float(a), "flip_rate": float(f), "accuracy": float(acc)}
             for a, f, acc in zip(angles, flip, accuracy)
         ]
-        summary_rows.append(_summary_row(variant, measured, flip, accuracy, angles, ctx.attack.get("name", "attack")))
+        if options.measures_sizes:
+            summary_rows.append(_summary_row(variant, measured, flip, accuracy, angles, ctx.attack.get("name", "attack")))
 
     with torch.no_grad():
         confidence = torch.stack([
@@ -386,6 +421,8 @@ def compute(ctx: ProbeContext) -> ProbeResult:
         "class_names": list(info.class_names),
         "split": options.split,
         "num_images": int(len(x)),
+        "whole_split": options.num_images is None or int(len(x)) < int(options.num_images),
+        "items": list(options.items),
         "region": options.region,
         "angle_step": float(options.angle_step),
         "search": {"step": float(options.search_step), "tol": float(options.search_tol), "max_angle": float(options.max_angle)},
@@ -394,5 +431,9 @@ def compute(ctx: ProbeContext) -> ProbeResult:
         "figure": {"index": int(index), "angle": float(angle), "label": info.class_names[int(y[index])], "models_fooled": int(fooled)},
         "seed": int(ctx.seed),
     }
-    tables = {"perceptual_summary": summary_rows, "perceptual_sweep": sweep_rows, "fig9_top_k": figure_rows}
+    tables: dict[str, list[dict[str, Any]]] = {}
+    if "sweep" in options.items:
+        tables.update(perceptual_summary=summary_rows, perceptual_sweep=sweep_rows)
+    if "figure9" in options.items:
+        tables["fig9_top_k"] = figure_rows
     return ProbeResult("perceptual", arrays, tables, meta)

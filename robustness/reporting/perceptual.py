@@ -15,10 +15,7 @@ from robustness.reporting.base import Artefact, save_figure, write_table
 from robustness.reporting.hessian_norm import images_phrase, variant_title
 from robustness.registry import register
 
-ROTATION_MEANING = (
-    "Hue rotation in YIQ: the chroma plane is rotated, luma (the grey-level image, hence shape) is kept exactly, "
-    "and colours pushed out of the RGB cube are desaturated towards grey until they fit."
-)
+ROTATION_MEANING = "The rotation turns the YIQ chroma plane and keeps luma, hence shape, exactly."
 
 
 def _region_phrase(meta: dict[str, Any]) -> str:
@@ -112,33 +109,58 @@ def _number(value: Any) -> Any:
     return "–" if isinstance(value, float) and math.isnan(value) else value
 
 
-@register("reporter", "perceptual")
-def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
+def probed_images_phrase(meta: dict[str, Any]) -> str:
+    """Which images were probed: the whole split, or its first ``num_images``."""
+    if meta.get("whole_split"):
+        dataset = f" of {meta['dataset']}" if meta.get("dataset") else ""
+        return f"all {meta['num_images']} {meta.get('split', 'test')} images{dataset}"
+    return images_phrase(meta)
+
+
+def _figure9_artefacts(result: ProbeResult, out_dir: Path, images: str, where: str) -> list[Artefact]:
     meta = result.meta
-    images = images_phrase(meta)
-    where = _region_phrase(meta)
     fig_meta = meta["figure"]
-    artefacts = [
+    return [
         save_figure(
             figure9(result), out_dir, "fig9_perceptual",
-            f"Reproduces Figure 9 of the report (perceptual attack): test image {fig_meta['index']} (label {fig_meta['label']}), "
-            f"correctly classified by every model, and the same image with its hue rotated by {_signed(fig_meta['angle'])} "
-            f"({where}); under each, every model's top classes with their probabilities. The rotation fools "
-            f"{fig_meta['models_fooled']} of {len(meta['variants'])} models. {ROTATION_MEANING}",
+            f"Reproduces Figure 9 of the report (perceptual attack): {meta.get('split', 'test')} image {fig_meta['index']} "
+            f"(label {fig_meta['label']}), chosen among {images} as correctly classified by every model, and the same image "
+            f"with its hue rotated by {_signed(fig_meta['angle'])} ({where}; luma, hence shape, kept exactly), under each "
+            f"every model's top classes with their probabilities. The rotation fools {fig_meta['models_fooled']} of "
+            f"{len(meta['variants'])} models.",
         ),
+        write_table(
+            result.tables["fig9_top_k"], out_dir, "fig9_top_k",
+            f"Each model's top classes and probabilities on the original and the recoloured image of Figure 9, "
+            f"chosen among {images} ({where}).",
+        ),
+    ]
+
+
+def _sweep_artefacts(result: ProbeResult, out_dir: Path, images: str, where: str) -> list[Artefact]:
+    meta = result.meta
+    l2_attack = meta.get("l2_attack")
+    compared = (
+        f"the smallest l2 perturbation found by {l2_attack} for the same image" if l2_attack
+        else "nothing: the l2 comparison was skipped (probe.l2_attack=null)"
+    )
+    sizes_meaning = (
+        f"the l2 sizes are means over the images where both a flipping rotation and a {l2_attack} perturbation were found "
+        "(ratio = recolouring / l2 attack)" if l2_attack else "the l2 comparison was skipped (probe.l2_attack=null)"
+    )
+    artefacts = [
         save_figure(
             sweep_figure(result), out_dir, "perceptual_sweep",
-            f"Beyond the report's single Figure 9 example: over {images}, the flip rate (fraction of the correctly "
+            f"Beyond the report's single Figure 9 example: over {images}, the flip rate (share of the correctly "
             f"classified images whose label changes) and the accuracy at every {meta['angle_step']:g}° of hue rotation "
             f"({where}). {ROTATION_MEANING}",
         ),
         save_figure(
             size_figure(result), out_dir, "perceptual_sizes",
-            "Left: per correctly classified image, the smallest hue rotation that changes its label (coarse scan every "
-            f"{meta['search']['step']:g}°, then bisection to {meta['search']['tol']:g}°). Right: the l2 size of that "
-            f"recolouring against the smallest l2 perturbation found by {meta.get('l2_attack') or 'no l2 attack'} for the "
-            "same image: points above the dashed line are recolourings that are l2-larger yet keep the image's shape, "
-            "the report's section 3 argument in numbers.",
+            f"Left: over {images}, per correctly classified image, the smallest hue rotation that changes its label "
+            f"(scan every {meta['search']['step']:g}°, then bisection to {meta['search']['tol']:g}°). Right: the l2 size "
+            f"of that recolouring against {compared}; points above the dashed line are l2-larger changes that keep the "
+            "image's shape.",
         ),
     ]
     summary = [
@@ -162,10 +184,8 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     ]
     artefacts.append(write_table(
         summary, out_dir, "perceptual_summary",
-        f"Colour robustness over {images} ({where}). Flip rates count the images correctly classified unrotated. "
-        f"The l2 sizes are means over the images where both a flipping rotation and an l2 perturbation were found "
-        f"({meta.get('l2_attack') or 'no l2 attack'}); ratio = recolouring / l2 attack. Attack: {meta['attack']}, "
-        "run on the correctly classified images.",
+        f"Colour robustness over {images} ({where}): flip rates count the images correctly classified unrotated, and "
+        f"{sizes_meaning}. The {meta['attack']} attack runs on the correctly classified images.",
     ))
     angles = [float(a) for a in result.arrays["angles"]]
     by_angle: dict[float, dict[str, Any]] = {a: {"hue rotation (°)": a} for a in angles}
@@ -176,8 +196,18 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
         list(by_angle.values()), out_dir, "perceptual_sweep",
         f"Flip rate and accuracy per hue rotation over {images} ({where}); the data of the perceptual_sweep figure.",
     ))
-    artefacts.append(write_table(
-        result.tables["fig9_top_k"], out_dir, "fig9_top_k",
-        "Each model's top classes and probabilities on the original and the recoloured image of Figure 9.",
-    ))
+    return artefacts
+
+
+@register("reporter", "perceptual")
+def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
+    """Only the probe's ``items``: Figure 9 and its top-k table, and/or the hue sweep's figures and tables."""
+    images = probed_images_phrase(result.meta)
+    where = _region_phrase(result.meta)
+    items = result.meta.get("items", ["figure9", "sweep"])
+    artefacts = []
+    if "figure9" in items:
+        artefacts += _figure9_artefacts(result, out_dir, images, where)
+    if "sweep" in items:
+        artefacts += _sweep_artefacts(result, out_dir, images, where)
     return artefacts
