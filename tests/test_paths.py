@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from helpers import run_experiment
 from robustness.data.base import DatasetInfo
 from robustness.errors import ConfigError, InputError
+from robustness.geometry.certify import Certifier, certify_segments, piecewise_linear_problems
 from robustness.geometry.paths import check_fractions, find_paths, path_metrics, resample_path
 from robustness.probes import path_connectivity as probe
 from robustness.probes.base import ProbeContext, ProbeResult
@@ -183,6 +184,278 @@ def test_search_rejects_bad_inputs() -> None:
         find_paths(nn.Sequential(nn.Dropout(), Annulus()).train(), a, b, torch.tensor([1]), pull=radial_pull)
 
 
+# ---------------------------------------------------------------- exact certification
+
+
+def max_of_affine(weight: Tensor, bias: Tensor) -> tuple[list[nn.Module], Tensor, Tensor]:
+    """ReLU layers computing max_i (weight_i x + bias_i) for 2^k rows by a tree of pairwise maxima
+    (max(u, v) = relu(v) - relu(-v) + relu(u - v)), exact weights; returns the layers and the
+    affine map (A, beta) from their last hidden layer to the maximum."""
+    layers: list[nn.Module] = []
+    A, beta = weight.double(), bias.double()
+    while len(A) > 1:
+        m = len(A) // 2
+        even, odd, b_even, b_odd = A[0::2], A[1::2], beta[0::2], beta[1::2]
+        linear = nn.Linear(A.shape[1], 3 * m).double()
+        with torch.no_grad():
+            linear.weight.copy_(torch.cat([odd, -odd, even - odd]))
+            linear.bias.copy_(torch.cat([b_odd, -b_odd, b_even - b_odd]))
+        layers += [linear, nn.ReLU()]
+        eye = torch.eye(m, dtype=torch.float64)
+        A, beta = torch.cat([eye, -eye, eye], dim=1), torch.zeros(m, dtype=torch.float64)
+    return layers, A, beta
+
+
+def two_class_head(A: Tensor, beta: Tensor, low: float, high: float) -> list[nn.Module]:
+    """Logits (0, s) with s = min(g - low, high - g) for g = A h + beta: class 1 iff low < g < high."""
+    mid, half = (low + high) / 2, (high - low) / 2
+    fold = nn.Linear(A.shape[1], 2).double()
+    out = nn.Linear(2, 2).double()
+    with torch.no_grad():
+        fold.weight.copy_(torch.cat([A, -A]))
+        fold.bias.copy_(torch.cat([beta - mid, mid - beta]))
+        out.weight.copy_(torch.tensor([[0.0, 0.0], [-1.0, -1.0]]))
+        out.bias.copy_(torch.tensor([0.0, half], dtype=torch.float64))
+    return [fold, nn.ReLU(), out]  # s = half - |g - mid|
+
+
+SIDES = 8
+OCT_IN, OCT_OUT = 0.15, 0.45  # class 1: OCT_IN < g(x) < OCT_OUT, g the regular octagon's gauge (apothem)
+TOP = OCT_IN / math.cos(math.pi / SIDES)  # the inner octagon has a vertex straight above the centre, this far up
+
+
+def octagon_annulus() -> nn.Module:
+    """A ReLU MLP whose class 1 is an octagonal annulus around CENTRE, built from exact weights."""
+    angles = torch.tensor([math.pi / SIDES + k * 2 * math.pi / SIDES for k in range(SIDES)], dtype=torch.float64)
+    normals = torch.stack([angles.cos(), angles.sin()], dim=1)
+    layers, A, beta = max_of_affine(normals, -normals @ CENTRE.double())
+    return nn.Sequential(*layers, *two_class_head(A, beta, OCT_IN, OCT_OUT)).eval()
+
+
+GAP = (0.499, 0.501)  # class 0 between the stripes (and outside them)
+STRIPES = ((0.40, GAP[0]), (GAP[1], 0.60))
+
+
+def two_stripes() -> nn.Module:
+    """A ReLU MLP whose class 1 is two thin vertical stripes, STRIPES, split by a thinner gap."""
+    (a0, a1), (b0, b1) = STRIPES
+    first = nn.Linear(2, 4).double()
+    second = nn.Linear(4, 3).double()
+    out = nn.Linear(3, 2).double()
+    with torch.no_grad():
+        # |x0 - centre| of each stripe, then s = max(sA, sB) with s_i = half_i - |x0 - centre_i|
+        first.weight.copy_(torch.tensor([[1.0, 0], [-1, 0], [1, 0], [-1, 0]]))
+        ca, cb = (a0 + a1) / 2, (b0 + b1) / 2
+        first.bias.copy_(torch.tensor([-ca, ca, -cb, cb], dtype=torch.float64))
+        ha, hb = (a1 - a0) / 2, (b1 - b0) / 2
+        # rows: sA - sB, sB, -sB  (sA = ha - h0 - h1, sB = hb - h2 - h3)
+        second.weight.copy_(torch.tensor([[-1.0, -1, 1, 1], [0, 0, -1, -1], [0, 0, 1, 1]]))
+        second.bias.copy_(torch.tensor([ha - hb, hb, -hb], dtype=torch.float64))
+        out.weight.copy_(torch.tensor([[0.0, 0, 0], [1, 1, -1]]))
+        out.bias.zero_()
+    return nn.Sequential(first, nn.ReLU(), second, nn.ReLU(), out).eval()
+
+
+def dense_labels(model: nn.Module, vertices: Tensor, num: int = 20001) -> Tensor:
+    return predict(model, segment_points(vertices.double(), torch.linspace(0, 1, num, dtype=torch.float64)))
+
+
+def clipping_chord() -> tuple[Tensor, Tensor, float, float]:
+    """A chord inside the annulus except for a sliver of width ~5e-3 where it clips the hole's top
+    vertex, between the sampler's check points; returns it and the sliver's t-interval."""
+    depth = 1e-3  # how far below the top vertex the chord runs
+    y = 0.5 + TOP - depth
+    left, right = -0.25, 0.30
+    a = torch.tensor([[0.5 + left, y]], dtype=torch.float64)
+    b = torch.tensor([[0.5 + right, y]], dtype=torch.float64)
+    # Near the vertex the hole is bounded by the sides at 90 +- 180/SIDES degrees: |dx| < depth * tan(that)
+    half_width = depth * math.tan(math.pi / 2 - math.pi / SIDES)
+    return a, b, (-half_width - left) / (right - left), (half_width - left) / (right - left)
+
+
+def test_certifier_rejects_a_chord_the_sampler_accepts_on_the_annulus() -> None:
+    model = octagon_annulus()
+    a, b, t_in, t_out = clipping_chord()
+    assert predict(model, torch.cat([a, b])).tolist() == [1, 1]
+    # the sampler's premise: every check point is in class 1, yet the chord leaves it
+    assert (predict(model, segment_points(torch.cat([a, b]), check_fractions(16).double())) == 1).all()
+    assert (dense_labels(model, torch.cat([a, b])) == 0).any()
+    (sampled,) = find_paths(model, a, b, torch.tensor([1]), points_per_segment=16)
+    assert sampled.success and sampled.status == "sampled" and len(sampled.vertices) == 2
+
+    found = certify_segments(model, a, b, torch.tensor([1]))
+    assert found.status == ["exits"]
+    assert float(found.exit_t[0]) == pytest.approx(t_in, abs=1e-9)  # where the chord enters the hole, in closed form
+    assert float(found.min_margin[0]) < 0
+
+    # a path over the hole: certified, and every one of 20001 points on it is in class 1
+    over = torch.tensor([[0.25, 0.5 + TOP - 1e-3], [0.5, 0.5 + TOP + 0.05], [0.8, 0.5 + TOP - 1e-3]], dtype=torch.float64)
+    inside = certify_segments(model, over[:-1], over[1:], torch.tensor([1, 1]))
+    assert inside.status == ["certified", "certified"] and (inside.min_margin > 0).all()
+    assert (dense_labels(model, over) == 1).all()
+
+    # the certified search goes around: more vertices, and dense sampling agrees with its certificate
+    (certified,) = find_paths(model, a, b, torch.tensor([1]), points_per_segment=16, certifier=Certifier())
+    assert certified.certified and certified.status == "certified" and len(certified.vertices) > 2
+    assert certified.pieces > 0 and certified.uncertified == 0
+    assert (dense_labels(model, certified.vertices) == 1).all()
+
+
+def test_no_path_between_two_stripes_is_certified() -> None:
+    model = two_stripes()
+    ys = torch.tensor([0.3, 0.5, 0.7], dtype=torch.float64)
+    a = torch.stack([torch.full_like(ys, 0.41), ys], dim=1)
+    b = torch.stack([torch.full_like(ys, 0.57), ys.flip(0)], dim=1)
+    label = torch.ones(3, dtype=torch.long)
+    sampled = find_paths(model, a, b, label, points_per_segment=16, max_depth=6)
+    # every pair "succeeds" by sampling, though the gap cuts the class in two
+    assert [p.status for p in sampled] == ["sampled"] * 3
+    for path in sampled:
+        assert (dense_labels(model, path.vertices) == 0).any()
+    certified = find_paths(model, a, b, label, points_per_segment=16, max_depth=6, certifier=Certifier())
+    assert [p.status for p in certified] == ["failed"] * 3 and all(p.reason for p in certified)
+    # on the straight segments, the first exit is where x0 reaches the gap: t = (0.499 - 0.41) / 0.16
+    found = certify_segments(model, a, b, label)
+    assert found.status == ["exits"] * 3
+    assert found.exit_t.tolist() == pytest.approx([(GAP[0] - 0.41) / 0.16] * 3, abs=1e-9)
+
+
+def random_relu_mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3)  # larger weights: more pieces and more class changes per segment
+    return model
+
+
+def tiny_conv_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.3, 0.3), bn.running_var.uniform_(0.5, 2.0), bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.2, 0.2)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), bn, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 3)).double().eval()
+
+
+def activation_pattern(model: nn.Module, x: Tensor) -> Tensor:
+    """Every ReLU's signs and every max-pool's winners at the points x, by brute force."""
+    parts: list[Tensor] = []
+    hooks = []
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            hooks.append(module.register_forward_hook(lambda m, i, o: parts.append((i[0] > 0).flatten(1).long())))
+        if isinstance(module, nn.MaxPool2d):
+            hooks.append(module.register_forward_hook(
+                lambda m, i, o: parts.append(torch.nn.functional.max_pool2d(i[0], m.kernel_size, m.stride, return_indices=True)[1].flatten(1))
+            ))
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return torch.cat(parts, dim=1)
+
+
+@pytest.mark.parametrize("build, shape", [(random_relu_mlp, (2,)), (tiny_conv_net, (1, 4, 4))])
+def test_piece_boundaries_match_a_dense_brute_force_sampling(build, shape: tuple[int, ...]) -> None:
+    model = build(0)
+    generator = torch.Generator().manual_seed(1)
+    a = 2 * torch.randn(8, *shape, generator=generator, dtype=torch.float64)
+    b = 2 * torch.randn(8, *shape, generator=generator, dtype=torch.float64)
+    label = predict(model, a)
+    found = certify_segments(model, a, b, label, record_breakpoints=True)
+    ts = torch.linspace(0, 1, 100001, dtype=torch.float64)
+    step = float(ts[1])
+    total = 0
+    for i in range(len(a)):
+        points = a[i] + ts.view(-1, *([1] * len(shape))) * (b[i] - a[i])
+        pattern = activation_pattern(model, points)
+        changes = ts[(pattern[1:] != pattern[:-1]).any(1).nonzero().flatten()]  # a change within (t, t + step]
+        walked = torch.tensor(found.breakpoints[i], dtype=torch.float64)
+        if found.status[i] == "exits":
+            changes = changes[changes < float(found.exit_t[i]) - step]  # the walk stops at the exit
+        else:
+            assert found.status[i] == "certified"
+        # every change the dense grid sees is a walked boundary, and every walked boundary a change
+        for t in changes.tolist():
+            assert ((walked > t - 1e-12) & (walked <= t + step + 1e-12)).any(), (i, t)
+        for t in walked.tolist():
+            assert ((changes >= t - step - 1e-12) & (changes < t + 1e-12)).any(), (i, t)
+        assert int(found.pieces[i]) == len(walked) + 1
+        total += len(walked)
+        # the certificate agrees with the labels of the dense grid
+        first_out = (predict(model, points) != label[i]).nonzero().flatten()
+        if found.status[i] == "certified":
+            assert len(first_out) == 0
+        else:
+            assert float(found.exit_t[i]) == pytest.approx(float(ts[first_out[0]]), abs=step)
+    assert total >= 10  # the comparison covered many pieces
+    assert set(found.status) == {"certified", "exits"}
+
+
+def test_segment_over_its_piece_budget_is_uncertified_and_its_path_sampled_only() -> None:
+    model = random_relu_mlp(0)
+    a = torch.tensor([[-1.0, -1.0]], dtype=torch.float64)
+    b = a + 1e-3
+    label = predict(model, a)
+    assert predict(model, b).tolist() == label.tolist()
+    long_a, long_b = torch.tensor([[-2.0, 0.3]], dtype=torch.float64), torch.tensor([[2.0, -0.1]], dtype=torch.float64)
+    full = certify_segments(model, long_a, long_b, predict(model, long_a), record_breakpoints=True)
+    assert int(full.pieces[0]) >= 3
+    capped = certify_segments(model, long_a, long_b, predict(model, long_a), max_pieces=2)
+    assert capped.status == ["over_budget"] and int(capped.pieces[0]) == 2 and math.isnan(float(capped.exit_t[0]))
+    # a straight path in a convex piece: sampled checks pass, certification needs one piece
+    (path,) = find_paths(model, a, b, label, certifier=Certifier(max_pieces=1))
+    assert path.status in ("certified", "sampled")
+    (linear,) = find_paths(nn.Linear(2, 3).double().eval(), a, b, predict(nn.Linear(2, 3).double().eval(), a), certifier=Certifier(max_pieces=1))
+
+
+def test_certifiability_is_read_off_the_modules() -> None:
+    from torchvision.models import resnet as tv_resnet
+
+    from robustness.models.normalize import Normalize
+    from robustness.models.resnet import resnet18
+    from robustness.models.smallcnn import smallcnn
+
+    info = DatasetInfo(name="toy", num_classes=10, image_shape=(1, 8, 8), class_names=tuple("0123456789"), mean=(0.5,), std=(0.25,))
+    relu_cnn = smallcnn(info, width=4).eval()
+    assert piecewise_linear_problems(relu_cnn, affine=(Normalize,)) == []
+    assert any("Normalize" in p for p in piecewise_linear_problems(relu_cnn))
+    for activation in ("softplus", "tanh", "elu"):
+        problems = piecewise_linear_problems(smallcnn(info, width=4, activation=activation).eval(), affine=(Normalize,))
+        assert problems and all(activation.lower() in p.lower() for p in problems)
+    assert any("batch statistics" in p for p in piecewise_linear_problems(smallcnn(info, width=4).train(), affine=(Normalize,)))
+    rgb = DatasetInfo(name="toy", num_classes=10, image_shape=(3, 32, 32), class_names=tuple("0123456789"), mean=(0.5,) * 3, std=(0.25,) * 3)
+    net = resnet18(rgb).eval()
+    assert any("own forward" in p for p in piecewise_linear_problems(net, affine=(Normalize,)))
+    containers = (tv_resnet.ResNet, tv_resnet.BasicBlock)
+    assert piecewise_linear_problems(net, affine=(Normalize,), containers=containers) == []
+    with pytest.raises(InputError, match="not piecewise linear"):
+        certify_segments(smallcnn(info, width=4, activation="tanh").eval(), torch.zeros(1, 1, 8, 8), torch.ones(1, 1, 8, 8), torch.tensor([0]))
+
+
+class Vouched(nn.Sequential):
+    """A container that claims to be plain but applies a functional tanh the module walk cannot see."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(super().forward(x))
+
+
+def test_guard_catches_a_non_linearity_hidden_in_a_vouched_container() -> None:
+    torch.manual_seed(0)
+    head = nn.Linear(4, 2)
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor([10.0, 0.0]))  # class 0 everywhere: |tanh| < 1 cannot close a gap of 10
+    model = nn.Sequential(Vouched(nn.Linear(2, 4)), head).double().eval()
+    a = torch.tensor([[-3.0, 1.0]], dtype=torch.float64)
+    b = torch.tensor([[3.0, -1.0]], dtype=torch.float64)
+    found = certify_segments(model, a, b, torch.tensor([0]), containers=(Vouched,))
+    # one "piece" (no ReLU), whose straight extrapolation misses the logits at b
+    assert found.status == ["inconsistent"] and int(found.pieces[0]) == 1
+    # the same layers without the hidden tanh certify
+    plain = nn.Sequential(nn.Linear(2, 4), head).double().eval()
+    assert certify_segments(plain, a, b, torch.tensor([0])).status == ["certified"]
+
+
 # ---------------------------------------------------------------- metrics on hand-built polylines
 
 
@@ -266,6 +539,8 @@ def test_probe_on_convex_regions_gives_straight_paths_and_resumes(tmp_path: Path
         # linear classifier: convex regions, so every path is its straight segment
         assert row["pairs"] == {"natural": 3, "adversarial": 4, "noise": 2}[pair_type]
         assert row["success_rate"] == 1.0 and row["points_mean"] == 2.0 and row["points_std"] == 0.0
+        # affine models: every straight path is certified, in one linear piece
+        assert row["check"] == "certified" and row["certified"] == row["pairs"] and row["pieces_mean"] == 1.0
         assert row["deviation_mean"] == 0.0
     for row in result.tables["pairs"]:
         if row["pair_type"] == "adversarial":
@@ -301,17 +576,28 @@ def test_probe_on_convex_regions_gives_straight_paths_and_resumes(tmp_path: Path
     assert table2.rows[0]["number of points"] == "2 ± 0" and "Table 2" in table2.caption
 
 
-def test_failed_paths_count_against_the_success_rate_only() -> None:
+def test_failed_and_sampled_only_paths_count_against_the_success_rate_only() -> None:
+    def row(status: str, points: float, deviation: float, depth: int, evaluations: int, check: str = "certified") -> dict:
+        success = status == "certified" or (status == "sampled" and check != "certified")
+        return {"model": "m", "pair_type": "natural", "check": check, "status": status, "success": success, "points": points,
+                "deviation": deviation, "depth": depth, "evaluations": evaluations, "pieces": 7, "seconds": 1.0}
+
     rows = [
-        {"model": "m", "pair_type": "natural", "success": True, "points": 3, "deviation": 0.1, "depth": 1, "evaluations": 10, "seconds": 1.0},
-        {"model": "m", "pair_type": "natural", "success": True, "points": 5, "deviation": 0.3, "depth": 2, "evaluations": 20, "seconds": 1.0},
-        {"model": "m", "pair_type": "natural", "success": False, "points": math.nan, "deviation": math.nan, "depth": 4, "evaluations": 90, "seconds": 4.0},
+        row("certified", 3, 0.1, 1, 10),
+        row("certified", 5, 0.3, 2, 20),
+        row("sampled", 9, 0.9, 3, 30),  # completed, but a segment over the piece budget: not a success
+        row("failed", math.nan, math.nan, 4, 100),
     ]
-    (row,) = probe.table2_rows(rows)
-    assert row["success_rate"] == pytest.approx(2 / 3) and row["successes"] == 2
-    assert row["points_mean"] == 4.0 and row["points_std"] == pytest.approx(math.sqrt(2))
-    assert row["deviation_mean"] == pytest.approx(0.2) and row["deviation_std"] == pytest.approx(math.sqrt(0.02))
-    assert row["evaluations_mean"] == 40.0
+    (out,) = probe.table2_rows(rows)
+    assert (out["certified"], out["sampled_only"], out["failed"], out["successes"]) == (2, 1, 1, 2)
+    assert out["success_rate"] == pytest.approx(2 / 4) and out["check"] == "certified"
+    assert out["points_mean"] == 4.0 and out["points_std"] == pytest.approx(math.sqrt(2))
+    assert out["deviation_mean"] == pytest.approx(0.2) and out["deviation_std"] == pytest.approx(math.sqrt(0.02))
+    assert out["evaluations_mean"] == 40.0
+    # a model that cannot be certified: its sampled paths are its successes, and say so
+    sampled = "sampled at 16 points per segment"
+    (out,) = probe.table2_rows([row("sampled", 3, 0.1, 1, 10, sampled), row("failed", math.nan, math.nan, 4, 100, sampled)])
+    assert (out["certified"], out["sampled_only"], out["successes"], out["check"]) == (0, 1, 1, sampled)
 
 
 def test_options_match_the_config_file_and_reject_typos() -> None:

@@ -9,11 +9,18 @@ joined by a path inside class ``k`` (:func:`robustness.geometry.paths.find_paths
 * ``noise``: a uniform white-noise image pushed into class ``k``, paired with a test image
   classified ``k`` (Fawzi et al.'s third case; not in the report's table).
 
-Results: ``tables["pairs"]`` (one row per pair), ``tables["table2"]`` (mean and std of the number
-of points and of the normalised deviation over the successful paths, with the success rate), and
-for one path per variant and pair type (the successful one that deviates most) its principal
-components: the projection of points spaced evenly along it and of its vertices, and the
-explained-variance ratio of the first components (Figures 5-8).
+A path counts as a success only when every point on it is in the class: for piecewise-linear
+variants (ReLU, max-pool, affine layers) every segment is certified exactly
+(:mod:`robustness.geometry.certify`), and a path that passed only its sampled checks (a segment
+over ``max_pieces``) is "sampled", not a success. Other variants (softplus, tanh, ...) cannot be
+certified: their paths are checked at ``points_per_segment`` points per segment, and every table
+says so in its ``check`` column.
+
+Results: ``tables["pairs"]`` (one row per pair), ``tables["table2"]`` (certified / sampled-only /
+failed counts, and the mean and std of the number of points and of the normalised deviation over
+the successful paths), and for one path per variant and pair type (the successful one that
+deviates most) its principal components: the projection of points spaced evenly along it and of
+its vertices, and the explained-variance ratio of the first components (Figures 5-8).
 
 Every pair's result is saved under ``ctx.work_dir`` as soon as it is found; a rerun with the
 same options and model reuses them and only searches the pairs still missing.
@@ -31,12 +38,15 @@ import numpy as np
 import torch
 from sklearn.decomposition import PCA
 from torch import Tensor, nn
+from torchvision.models import resnet as tv_resnet
 
 from robustness.attacks.deepfool import deepfool
 from robustness import fingerprint
 from robustness.errors import ConfigError
+from robustness.geometry.certify import Certifier
 from robustness.geometry.paths import PathResult, find_paths, path_metrics, resample_path
 from robustness.io import atomic_torch_save
+from robustness.models.normalize import Normalize
 from robustness.probes.base import ProbeContext, ProbeOptions, ProbeResult
 from robustness.tensors import predict
 from robustness.registry import register
@@ -46,6 +56,9 @@ PAIR_TYPES = ("natural", "adversarial", "noise")
 _TYPE_SEED = {"natural": 0, "adversarial": 1, "noise": 2}
 # Candidates drawn per requested pair where DeepFool may fail to reach the target class.
 _OVERSAMPLE = 2
+# Containers whose forward only calls their children, adds and flattens (torchvision's ResNets):
+# the certifier may trust them as it trusts nn.Sequential.
+_PLAIN_CONTAINERS = (tv_resnet.ResNet, tv_resnet.BasicBlock, tv_resnet.Bottleneck)
 
 
 @dataclass
@@ -63,6 +76,8 @@ class PathOptions(ProbeOptions):
     points_per_segment: int = 16
     max_depth: int = 10
     max_vertices: int | None = None
+    certify: bool = True
+    max_pieces: int = 10_000
     pull_overshoot: float = 1.0
     pull_max_iter: int = 50
     pair_overshoot: float = 0.02
@@ -96,12 +111,28 @@ class PathOptions(ProbeOptions):
                 f"probe.pca_points ({self.pca_points}) must be >= probe.pca_components ({self.pca_components})",
                 "sample more points along the path, e.g. probe.pca_points=100",
             )
+        if self.max_pieces < 1:
+            raise ConfigError(f"probe.max_pieces must be >= 1, got {self.max_pieces}", "e.g. probe.max_pieces=10000")
         for name in ("pull_overshoot", "pair_overshoot"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"probe.{name} must be >= 0, got {getattr(self, name)}", f"set probe.{name}, e.g. 0.02")
 
     def count(self, pair_type: str) -> int:
         return int(getattr(self, f"{pair_type}_pairs"))
+
+    def sampled_check(self) -> str:
+        return f"sampled at {self.points_per_segment} points per segment"
+
+
+def variant_check(model: nn.Module, options: PathOptions) -> tuple[Certifier | None, str, list[str]]:
+    """How this variant's segments are checked: (certifier or None, the check's wording, why not certified)."""
+    if not options.certify:
+        return None, options.sampled_check(), ["probe.certify is false"]
+    certifier = Certifier(max_pieces=options.max_pieces, affine=(Normalize,), containers=_PLAIN_CONTAINERS)
+    problems = certifier.problems(model)
+    if problems:
+        return None, options.sampled_check(), problems
+    return certifier, "certified", []
 
 
 @dataclass
@@ -247,6 +278,7 @@ def compute(ctx: ProbeContext) -> ProbeResult:
     arrays: dict[str, Tensor] = {}
     figure_paths: dict[str, dict[str, Any]] = {}
     generation: dict[str, dict[str, Any]] = {}
+    checks: dict[str, dict[str, Any]] = {}
     total = len(ctx.models) * sum(options.count(t) for t in options.pair_types)
     done = 0
 
@@ -254,13 +286,15 @@ def compute(ctx: ProbeContext) -> ProbeResult:
         model.eval()
         pred = predict(model, x_all, options.batch_size)
         fingerprint = _fingerprint(model, options, ctx.seed, info.name)
+        certifier, check, why_not = variant_check(model, options)
+        checks[variant] = {"check": check, "not_certified_because": why_not[:5]}
         for pair_type in options.pair_types:
             folder = Path(ctx.work_dir) / "path_connectivity" / variant / pair_type
             pairs = _load_or_make_pairs(folder, fingerprint, pair_type, model, x_all, pred, options, ctx.seed)
             generation.setdefault(variant, {})[pair_type] = {"requested": options.count(pair_type), "found": len(pairs.label), "dropped": pairs.dropped}
-            records = _search_pairs(folder, fingerprint, model, pairs, options, ctx, done, total, f"{variant}/{pair_type}")
+            records = _search_pairs(folder, fingerprint, model, pairs, options, certifier, ctx, done, total, f"{variant}/{pair_type}")
             done += options.count(pair_type)
-            rows = [_pair_row(variant, pair_type, i, pairs, record, info.class_names) for i, record in enumerate(records)]
+            rows = [_pair_row(variant, pair_type, i, pairs, record, info.class_names, check) for i, record in enumerate(records)]
             pair_rows.extend(rows)
             chosen = _figure_path(rows)
             if chosen is not None:
@@ -276,6 +310,7 @@ def compute(ctx: ProbeContext) -> ProbeResult:
         "pair_types": options.pair_types,
         "options": asdict(options),
         "pair_generation": generation,
+        "checks": checks,
         "figure_paths": figure_paths,
         "seed": ctx.seed,
     }
@@ -283,7 +318,8 @@ def compute(ctx: ProbeContext) -> ProbeResult:
 
 
 def table2_rows(pair_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and std (over successful paths) of points and normalised deviation, per variant and pair type."""
+    """Per variant and pair type: certified / sampled-only / failed counts, and the mean and std
+    (over successful paths) of points and normalised deviation."""
     out = []
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in pair_rows:
@@ -296,7 +332,11 @@ def table2_rows(pair_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             {
                 "model": variant,
                 "pair_type": pair_type,
+                "check": rows[0]["check"],
                 "pairs": len(rows),
+                "certified": sum(r["status"] == "certified" for r in rows),
+                "sampled_only": sum(r["status"] == "sampled" for r in rows),
+                "failed": sum(r["status"] == "failed" for r in rows),
                 "successes": len(ok),
                 "success_rate": len(ok) / len(rows) if rows else math.nan,
                 "points_mean": _mean(points),
@@ -305,6 +345,7 @@ def table2_rows(pair_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "deviation_std": _std(deviation),
                 "depth_mean": _mean(np.array([r["depth"] for r in ok], dtype=float)),
                 "evaluations_mean": _mean(np.array([r["evaluations"] for r in rows], dtype=float)),
+                "pieces_mean": _mean(np.array([r["pieces"] for r in rows], dtype=float)),
                 "seconds_mean": _mean(np.array([r["seconds"] for r in rows], dtype=float)),
             }
         )
@@ -365,7 +406,16 @@ def _load_or_make_pairs(
 
 
 def _search_pairs(
-    folder: Path, fingerprint: str, model: nn.Module, pairs: Pairs, options: PathOptions, ctx: ProbeContext, done: int, total: int, what: str
+    folder: Path,
+    fingerprint: str,
+    model: nn.Module,
+    pairs: Pairs,
+    options: PathOptions,
+    certifier: Certifier | None,
+    ctx: ProbeContext,
+    done: int,
+    total: int,
+    what: str,
 ) -> list[dict[str, Any]]:
     """Search every pair (batches of ``pairs_per_batch``), reusing and saving per-pair results."""
     n = len(pairs.label)
@@ -387,6 +437,7 @@ def _search_pairs(
             overshoot=options.pull_overshoot,
             max_iter=options.pull_max_iter,
             batch_size=options.batch_size,
+            certifier=certifier,
         )
         # The pairs of a chunk share their forwards; each is charged an equal share of the time.
         seconds = (time.perf_counter() - began) / len(chunk)
@@ -395,6 +446,9 @@ def _search_pairs(
                 "fingerprint": fingerprint,
                 "vertices": path.vertices.detach().cpu(),
                 "success": path.success,
+                "certified": path.certified,
+                "pieces": path.pieces,
+                "uncertified": path.uncertified,
                 "depth": path.depth,
                 "evaluations": path.evaluations,
                 "reason": path.reason,
@@ -405,8 +459,14 @@ def _search_pairs(
     return [r for r in records if r is not None]
 
 
-def _pair_row(variant: str, pair_type: str, i: int, pairs: Pairs, record: dict[str, Any], class_names: tuple[str, ...]) -> dict[str, Any]:
+def _pair_row(
+    variant: str, pair_type: str, i: int, pairs: Pairs, record: dict[str, Any], class_names: tuple[str, ...], check: str
+) -> dict[str, Any]:
+    """One pair's row. ``success`` follows the variant's check: a certified path where paths can
+    be certified, a sampled one where they cannot."""
     k = int(pairs.label[i])
+    status = "certified" if record["certified"] else "sampled" if record["success"] else "failed"
+    success = status == "certified" or (status == "sampled" and check != "certified")
     metrics = path_metrics(record["vertices"]) if record["success"] else {"points": math.nan, "deviation": math.nan, "length_ratio": math.nan}
     return {
         "model": variant,
@@ -415,13 +475,16 @@ def _pair_row(variant: str, pair_type: str, i: int, pairs: Pairs, record: dict[s
         "class": k,
         "class_name": class_names[k] if 0 <= k < len(class_names) else str(k),
         **pairs.source[i],
-        "success": bool(record["success"]),
-        "reason": record["reason"],
+        "check": check,
+        "status": status,
+        "success": success,
+        "reason": record["reason"] or ("" if success else f"{record['uncertified']} segment(s) over probe.max_pieces"),
         "points": int(metrics["points"]) if record["success"] else math.nan,
         "deviation": metrics["deviation"],
         "length_ratio": metrics["length_ratio"],
         "depth": int(record["depth"]),
         "evaluations": int(record["evaluations"]),
+        "pieces": int(record["pieces"]),
         "seconds": float(record["seconds"]),
     }
 

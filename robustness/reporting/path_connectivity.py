@@ -112,7 +112,11 @@ def _table2(result: ProbeResult, out_dir: Path) -> Artefact:
         {
             "model": r["model"],
             "pair type": r["pair_type"],
+            "check": r["check"],
             "pairs": r["pairs"],
+            "certified": r["certified"],
+            "sampled-only": r["sampled_only"],
+            "failed": r["failed"],
             "success rate": f"{r['success_rate']:.0%}",
             "number of points": _pm(r["points_mean"], r["points_std"], scientific=False),
             "normalised deviation": _pm(r["deviation_mean"], r["deviation_std"], scientific=True),
@@ -123,6 +127,10 @@ def _table2(result: ProbeResult, out_dir: Path) -> Artefact:
     caption = (
         "Reproduces Table 2 of the report: mean ± standard deviation, over the successful paths, of the number of "
         "points representing a path and of its largest distance from the straight line between its endpoints "
-        f"divided by that line's length, per model and pair type ({result.meta['dataset']})."
+        f"divided by that line's length, per model and pair type ({result.meta['dataset']}). A path is a success "
+        "when every point on it is in the class: 'certified' paths are proven so segment by segment (piecewise-linear "
+        "models); 'sampled-only' paths passed their sampled checks but some segment exceeded the certifier's budget, "
+        "and are not counted as successes. Where the check reads 'sampled at K points per segment' the model is not "
+        "piecewise linear, and a success means only that those points are in the class."
     )
     return write_table(rows, out_dir, "table2_paths", caption)
