@@ -13,6 +13,8 @@ import yaml
 from torch import Tensor, nn
 
 from helpers import run_experiment
+from robustness.attacks.base import AttackResult
+from robustness.attacks.deepfool import DeepFool
 from robustness.data.base import DatasetInfo
 from robustness.errors import ConfigError, InputError
 from robustness.geometry.certify import Certifier, certify_segments, piecewise_linear_problems
@@ -41,13 +43,14 @@ class Annulus(nn.Module):
         return torch.stack([-score, score], dim=1)
 
 
-def radial_pull(x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """The exact minimal move into the annulus (plus MARGIN), along the radius."""
-    assert (target == 1).all()
+def radial_pull(model: nn.Module, x: Tensor, y: Tensor | None = None, target: Tensor | None = None) -> AttackResult:
+    """The exact minimal move into the annulus (plus MARGIN), along the radius, in one step."""
+    assert target is not None and (target == 1).all()
     d = x - CENTRE
     r = d.norm(dim=1, keepdim=True)
     new_r = torch.where(r < R_IN, torch.full_like(r, R_IN * (1 + MARGIN)), torch.where(r > R_OUT, torch.full_like(r, R_OUT * (1 - MARGIN)), r))
-    return CENTRE + d / r * new_r, torch.ones(len(x), dtype=torch.long)
+    moved = CENTRE + d / r * new_r
+    return AttackResult(moved, torch.ones(len(x), dtype=torch.bool), (moved - x).norm(dim=1), torch.zeros(len(x), dtype=torch.long))
 
 
 def chord_pair(angle: float = 0.0) -> tuple[Tensor, Tensor]:
@@ -71,7 +74,7 @@ def segment_points(vertices: Tensor, fractions: Tensor) -> Tensor:
     return (a.unsqueeze(1) + fractions.view(1, -1, *([1] * (vertices.dim() - 1))).to(a.dtype) * (b - a).unsqueeze(1)).flatten(0, 1)
 
 
-def never_pull(x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+def never_pull(model: nn.Module, x: Tensor, y: Tensor | None = None, target: Tensor | None = None) -> AttackResult:
     raise AssertionError("a convex region never needs a pull")
 
 
@@ -88,7 +91,7 @@ def test_linear_classifier_paths_are_straight_segments() -> None:
         idx = (label == k).nonzero().flatten()
         starts += idx[:3].tolist()
         ends += idx[3:6].tolist()
-    results = find_paths(model, x[starts], x[ends], label[starts], pull=never_pull, points_per_segment=8, max_depth=6)
+    results = find_paths(model, x[starts], x[ends], label[starts], attack=never_pull, points_per_segment=8, max_depth=6)
     assert len(results) == 9
     for result, s, e in zip(results, starts, ends):
         assert result.success and result.reason == "" and result.depth == 0
@@ -102,7 +105,7 @@ def test_linear_classifier_paths_are_straight_segments() -> None:
 def test_annulus_path_bends_around_the_hole() -> None:
     model = Annulus().eval()
     a, b = chord_pair()
-    (result,) = find_paths(model, a, b, torch.tensor([1]), pull=radial_pull, points_per_segment=8, max_depth=8)
+    (result,) = find_paths(model, a, b, torch.tensor([1]), attack=radial_pull, points_per_segment=8, max_depth=8)
     assert result.success and result.depth >= 1
     v = result.vertices
     assert torch.equal(v[0], a[0]) and torch.equal(v[-1], b[0])
@@ -120,7 +123,7 @@ def test_annulus_path_bends_around_the_hole() -> None:
 def test_annulus_path_with_targeted_deepfool_pull() -> None:
     model = Annulus().eval()
     a, b = chord_pair()
-    (result,) = find_paths(model, a, b, torch.tensor([1]), points_per_segment=16, max_depth=10, overshoot=0.1)
+    (result,) = find_paths(model, a, b, torch.tensor([1]), attack=DeepFool(overshoot=0.1), points_per_segment=16, max_depth=10)
     assert result.success
     assert (predict(model, segment_points(result.vertices, check_fractions(16))) == 1).all()
     # DeepFool reaches the inner circle exactly (the classifier is linear along a radius), then
@@ -133,24 +136,27 @@ def test_annulus_path_with_targeted_deepfool_pull() -> None:
 @pytest.mark.parametrize("max_depth", [0, 2])
 def test_search_that_exceeds_its_max_depth_fails(max_depth: int) -> None:
     a, b = chord_pair()
-    (result,) = find_paths(Annulus().eval(), a, b, torch.tensor([1]), pull=radial_pull, points_per_segment=8, max_depth=max_depth)
+    (result,) = find_paths(Annulus().eval(), a, b, torch.tensor([1]), attack=radial_pull, points_per_segment=8, max_depth=max_depth)
     assert not result.success and result.reason == "max_depth" and result.depth == max_depth
 
 
 def test_pull_that_does_not_reach_the_class_fails_the_path() -> None:
     a, b = chord_pair()
-    stuck = lambda x, target: (x.clone(), torch.full((len(x),), 3))  # noqa: E731
-    (result,) = find_paths(Annulus().eval(), a, b, torch.tensor([1]), pull=stuck, points_per_segment=8)
+    def stuck(model: nn.Module, x: Tensor, y: Tensor | None = None, target: Tensor | None = None) -> AttackResult:
+        return AttackResult(x.clone(), torch.zeros(len(x), dtype=torch.bool), torch.zeros(len(x)), torch.full((len(x),), 3))
+
+    (result,) = find_paths(Annulus().eval(), a, b, torch.tensor([1]), attack=stuck, points_per_segment=8)
     assert not result.success and result.reason == "pull_failed"
-    assert result.evaluations == 2 + 9 + 3 + 1  # endpoints, one check, the pull's 3 forwards, its check
+    # endpoints, one check, the attack's 3 steps and its final forward, the check of its result
+    assert result.evaluations == 2 + 9 + (3 + 1) + 1
 
 
 def test_max_vertices_fails_a_path_that_needs_more() -> None:
     a, b = chord_pair()
     model = Annulus().eval()
-    (free,) = find_paths(model, a, b, torch.tensor([1]), pull=radial_pull, points_per_segment=8)
-    (capped,) = find_paths(model, a, b, torch.tensor([1]), pull=radial_pull, points_per_segment=8, max_vertices=len(free.vertices) - 1)
-    (enough,) = find_paths(model, a, b, torch.tensor([1]), pull=radial_pull, points_per_segment=8, max_vertices=len(free.vertices))
+    (free,) = find_paths(model, a, b, torch.tensor([1]), attack=radial_pull, points_per_segment=8)
+    (capped,) = find_paths(model, a, b, torch.tensor([1]), attack=radial_pull, points_per_segment=8, max_vertices=len(free.vertices) - 1)
+    (enough,) = find_paths(model, a, b, torch.tensor([1]), attack=radial_pull, points_per_segment=8, max_vertices=len(free.vertices))
     assert free.success and enough.success and not capped.success and capped.reason == "max_vertices"
 
 
@@ -160,8 +166,8 @@ def test_pairs_searched_together_match_pairs_searched_alone() -> None:
     a = torch.cat([p[0] for p in pairs])
     b = torch.cat([p[1] for p in pairs])
     label = torch.ones(4, dtype=torch.long)
-    together = find_paths(model, a, b, label, pull=radial_pull, points_per_segment=8, max_depth=3)
-    alone = [find_paths(model, a[i : i + 1], b[i : i + 1], label[:1], pull=radial_pull, points_per_segment=8, max_depth=3)[0] for i in range(4)]
+    together = find_paths(model, a, b, label, attack=radial_pull, points_per_segment=8, max_depth=3)
+    alone = [find_paths(model, a[i : i + 1], b[i : i + 1], label[:1], attack=radial_pull, points_per_segment=8, max_depth=3)[0] for i in range(4)]
     for t, s in zip(together, alone):
         assert (t.success, t.depth, t.evaluations, t.reason) == (s.success, s.depth, s.evaluations, s.reason)
         assert torch.allclose(t.vertices, s.vertices)
@@ -173,15 +179,15 @@ def test_search_rejects_bad_inputs() -> None:
     model = Annulus().eval()
     a, b = chord_pair()
     with pytest.raises(InputError, match="endpoint"):
-        find_paths(model, a, CENTRE.unsqueeze(0), torch.tensor([1]), pull=radial_pull)
+        find_paths(model, a, CENTRE.unsqueeze(0), torch.tensor([1]), attack=radial_pull)
     with pytest.raises(InputError, match="LongTensor"):
-        find_paths(model, a, b, torch.tensor([1.0]), pull=radial_pull)
+        find_paths(model, a, b, torch.tensor([1.0]), attack=radial_pull)
     with pytest.raises(ConfigError, match="points_per_segment"):
-        find_paths(model, a, b, torch.tensor([1]), pull=radial_pull, points_per_segment=0)
+        find_paths(model, a, b, torch.tensor([1]), attack=radial_pull, points_per_segment=0)
     with pytest.raises(ConfigError, match="max_depth"):
-        find_paths(model, a, b, torch.tensor([1]), pull=radial_pull, max_depth=-1)
+        find_paths(model, a, b, torch.tensor([1]), attack=radial_pull, max_depth=-1)
     with pytest.raises(InputError, match="training mode"):
-        find_paths(nn.Sequential(nn.Dropout(), Annulus()).train(), a, b, torch.tensor([1]), pull=radial_pull)
+        find_paths(nn.Sequential(nn.Dropout(), Annulus()).train(), a, b, torch.tensor([1]), attack=radial_pull)
 
 
 # ---------------------------------------------------------------- exact certification
@@ -280,7 +286,7 @@ def test_certifier_rejects_a_chord_the_sampler_accepts_on_the_annulus() -> None:
     # the sampler's premise: every check point is in class 1, yet the chord leaves it
     assert (predict(model, segment_points(torch.cat([a, b]), check_fractions(16).double())) == 1).all()
     assert (dense_labels(model, torch.cat([a, b])) == 0).any()
-    (sampled,) = find_paths(model, a, b, torch.tensor([1]), points_per_segment=16)
+    (sampled,) = find_paths(model, a, b, torch.tensor([1]), attack=DeepFool(), points_per_segment=16)
     assert sampled.success and sampled.status == "sampled" and len(sampled.vertices) == 2
 
     found = certify_segments(model, a, b, torch.tensor([1]))
@@ -295,7 +301,7 @@ def test_certifier_rejects_a_chord_the_sampler_accepts_on_the_annulus() -> None:
     assert (dense_labels(model, over) == 1).all()
 
     # the certified search goes around: more vertices, and dense sampling agrees with its certificate
-    (certified,) = find_paths(model, a, b, torch.tensor([1]), points_per_segment=16, certifier=Certifier())
+    (certified,) = find_paths(model, a, b, torch.tensor([1]), attack=DeepFool(), points_per_segment=16, certifier=Certifier())
     assert certified.certified and certified.status == "certified" and len(certified.vertices) > 2
     assert certified.pieces > 0 and certified.uncertified == 0
     assert (dense_labels(model, certified.vertices) == 1).all()
@@ -307,12 +313,12 @@ def test_no_path_between_two_stripes_is_certified() -> None:
     a = torch.stack([torch.full_like(ys, 0.41), ys], dim=1)
     b = torch.stack([torch.full_like(ys, 0.57), ys.flip(0)], dim=1)
     label = torch.ones(3, dtype=torch.long)
-    sampled = find_paths(model, a, b, label, points_per_segment=16, max_depth=6)
+    sampled = find_paths(model, a, b, label, attack=DeepFool(), points_per_segment=16, max_depth=6)
     # every pair "succeeds" by sampling, though the gap cuts the class in two
     assert [p.status for p in sampled] == ["sampled"] * 3
     for path in sampled:
         assert (dense_labels(model, path.vertices) == 0).any()
-    certified = find_paths(model, a, b, label, points_per_segment=16, max_depth=6, certifier=Certifier())
+    certified = find_paths(model, a, b, label, attack=DeepFool(), points_per_segment=16, max_depth=6, certifier=Certifier())
     assert [p.status for p in certified] == ["failed"] * 3 and all(p.reason for p in certified)
     # on the straight segments, the first exit is where x0 reaches the gap: t = (0.499 - 0.41) / 0.16
     found = certify_segments(model, a, b, label)
@@ -394,19 +400,18 @@ def test_piece_boundaries_match_a_dense_brute_force_sampling(build, shape: tuple
 
 def test_segment_over_its_piece_budget_is_uncertified_and_its_path_sampled_only() -> None:
     model = random_relu_mlp(0)
-    a = torch.tensor([[-1.0, -1.0]], dtype=torch.float64)
-    b = a + 1e-3
+    a = torch.tensor([[1.262426814259294, -1.7982703257729509]], dtype=torch.float64)
+    b = torch.tensor([[-1.1155868871565213, 1.3814375768516804]], dtype=torch.float64)
     label = predict(model, a)
-    assert predict(model, b).tolist() == label.tolist()
-    long_a, long_b = torch.tensor([[-2.0, 0.3]], dtype=torch.float64), torch.tensor([[2.0, -0.1]], dtype=torch.float64)
-    full = certify_segments(model, long_a, long_b, predict(model, long_a), record_breakpoints=True)
-    assert int(full.pieces[0]) >= 3
-    capped = certify_segments(model, long_a, long_b, predict(model, long_a), max_pieces=2)
+    full = certify_segments(model, a, b, label)
+    assert full.status == ["certified"] and int(full.pieces[0]) == 10  # in the class, across 10 linear pieces
+    capped = certify_segments(model, a, b, label, max_pieces=2)
     assert capped.status == ["over_budget"] and int(capped.pieces[0]) == 2 and math.isnan(float(capped.exit_t[0]))
-    # a straight path in a convex piece: sampled checks pass, certification needs one piece
-    (path,) = find_paths(model, a, b, label, certifier=Certifier(max_pieces=1))
-    assert path.status in ("certified", "sampled")
-    (linear,) = find_paths(nn.Linear(2, 3).double().eval(), a, b, predict(nn.Linear(2, 3).double().eval(), a), certifier=Certifier(max_pieces=1))
+    # the search keeps the segment (its sampled checks pass) but cannot call the path certified
+    (path,) = find_paths(model, a, b, label, attack=never_pull, certifier=Certifier(max_pieces=2))
+    assert path.success and path.status == "sampled" and path.uncertified == 1 and path.pieces == 2
+    (enough,) = find_paths(model, a, b, label, attack=never_pull, certifier=Certifier())
+    assert enough.status == "certified" and enough.pieces == 10 and len(enough.vertices) == 2
 
 
 def test_certifiability_is_read_off_the_modules() -> None:
@@ -607,6 +612,19 @@ def test_options_match_the_config_file_and_reject_typos() -> None:
         probe.PathOptions.from_cfg({"max_dept": 3})
     with pytest.raises(ConfigError, match="pair types"):
         probe.PathOptions.from_cfg({"pair_types": ["natural", "bogus"]})
+    # the attacks are attack-group nodes, built (and checked) by the registry before any work
+    options = probe.PathOptions()
+    pull, push = options.attack("pull_attack"), options.attack("push_attack")
+    assert isinstance(pull, DeepFool) and (pull.overshoot, pull.max_iter) == (1.0, 50)
+    assert isinstance(push, DeepFool) and (push.overshoot, push.max_iter) == (0.02, 50)
+    with pytest.raises(ConfigError, match="unknown attack 'bogus'"):
+        probe.PathOptions.from_cfg({"pull_attack": {"name": "bogus"}})
+    with pytest.raises(ConfigError, match="overshoot"):
+        probe.PathOptions.from_cfg({"push_attack": {"name": "deepfool", "overshoot": -1.0}})
+    with pytest.raises(ConfigError, match="unknown option"):
+        probe.PathOptions.from_cfg({"pull_attack": {"name": "deepfool", "overshot": 1.0}})
+    with pytest.raises(ConfigError, match="'name' key"):
+        probe.PathOptions.from_cfg({"pull_attack": 0.5})
 
 
 # ---------------------------------------------------------------- the experiments on digits

@@ -26,6 +26,7 @@ from torch import nn
 from robustness.bench import single_thread
 from robustness.bench.attacks import train_digits_smallcnn
 from robustness.geometry.paths import PathResult, find_paths, path_metrics
+from robustness.registry import build
 from robustness.tensors import predict
 from robustness.probes.path_connectivity import Pairs, PathOptions, make_pairs
 
@@ -37,10 +38,10 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def _search(model: nn.Module, pairs: Pairs, overshoot: float, options: PathOptions, sl: slice = slice(None)) -> list[PathResult]:
+    pull = build("attack", {**options.pull_attack, "overshoot": overshoot})
     return find_paths(
-        model, pairs.x_start[sl], pairs.x_end[sl], pairs.label[sl],
-        points_per_segment=options.points_per_segment, max_depth=options.max_depth, overshoot=overshoot,
-        max_iter=options.pull_max_iter, batch_size=options.batch_size,
+        model, pairs.x_start[sl], pairs.x_end[sl], pairs.label[sl], attack=pull,
+        points_per_segment=options.points_per_segment, max_depth=options.max_depth, batch_size=options.batch_size,
     )
 
 
@@ -79,7 +80,7 @@ def run() -> list[dict]:
         adversarial = make_pairs("adversarial", model, x, pred, options, seed=0)
         few = Pairs(adversarial.x_start[:10], adversarial.x_end[:10], adversarial.label[:10], adversarial.source[:10])
         return [
-            _row("natural", model, natural, options.pull_overshoot, options, compare_alone=True),
-            _row("adversarial", model, adversarial, options.pull_overshoot, options, compare_alone=True),
+            _row("natural", model, natural, options.pull_attack["overshoot"], options, compare_alone=True),
+            _row("adversarial", model, adversarial, options.pull_attack["overshoot"], options, compare_alone=True),
             _row("adversarial, pull overshoot 0.02", model, few, 0.02, options, compare_alone=False),
         ]

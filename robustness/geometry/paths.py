@@ -7,9 +7,11 @@
   points all pass is then certified exactly: every point of it, not only the checked ones, is
   classified ``k``. A segment the certifier proves to leave ``k`` is treated like one whose check
   failed; one it cannot decide within its budget is kept, but only as sampled;
-* a segment that fails is split at its midpoint, which becomes a vertex; a midpoint outside ``k``
-  is first pulled back into ``k`` by a minimal targeted perturbation (targeted DeepFool by
-  default), then both halves are searched the same way, one level deeper, up to ``max_depth``.
+* a segment that fails its sampled check is split at its midpoint, one the certifier proves to
+  leave ``k`` at its point deepest outside ``k``; that point becomes a vertex, pulled back into
+  ``k`` first when it lies outside by the targeted ``attack`` the caller passes (the probe builds
+  it from its ``pull_attack`` config: targeted DeepFool), then both halves are searched the same
+  way, one level deeper, up to ``max_depth``.
 
 A completed path is "certified" when every one of its segments was certified, "sampled" when
 some segment passed the sampled check only; a path that cannot be completed within the limits is
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -36,9 +38,14 @@ from robustness.errors import ConfigError, InputError
 from robustness.geometry.certify import Certifier
 from robustness.tensors import predict
 
-# ``pull(x, target) -> (x_pulled, forwards)``: move each image of ``x`` into class ``target``
-# with a small perturbation; ``forwards`` counts the model evaluations each image used.
-Pull = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+class TargetedAttack(Protocol):
+    """The attack group's call shape, targeted: ``attack(model, x, target=t)`` returns an
+    ``AttackResult``-like object with ``x_adv`` (each image moved towards ``t[i]``) and ``steps``
+    (iterations each image used; each costs one forward and backward, plus a final forward)."""
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor | None = None, target: Tensor | None = None) -> Any: ...
 
 # A sanity bound on the recursion: deeper than this, a path would have more vertices than any
 # search could afford to find.
@@ -55,7 +62,7 @@ class PathResult:
     certified:   True when, besides, every segment was certified: every point of the path is in the class
     depth:       deepest recursion level reached (0: the straight segment was kept)
     evaluations: images the model classified for this path: check points of every segment, each
-                 pull's own evaluations (for DeepFool: one forward+backward per step plus its final
+                 pull's own evaluations (one forward+backward per attack step plus its final
                  forward) and one check of its result, and the two endpoints
     reason:      why the search failed ("" on success): "max_depth", "max_vertices" or "pull_failed"
     pieces:      linear pieces the certifier walked for this path's segments (each one a forward
@@ -78,18 +85,6 @@ class PathResult:
         return "certified" if self.certified else "sampled" if self.success else "failed"
 
 
-def deepfool_pull(model: nn.Module, overshoot: float = 0.02, max_iter: int = 50, num_candidates: int = 10) -> Pull:
-    """The default pull: targeted DeepFool towards the path's class with a small overshoot."""
-    from robustness.attacks.deepfool import deepfool
-
-    def pull(x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        result = deepfool(model, x, target=target, overshoot=overshoot, max_iter=max_iter, num_candidates=num_candidates)
-        # DeepFool's last forward finds the target reached; it runs no step after it.
-        return result.x_adv.detach(), result.steps + 1
-
-    return pull
-
-
 def check_fractions(points_per_segment: int) -> Tensor:
     """Where a segment is checked, as fractions of its length: interior points plus the midpoint.
 
@@ -106,18 +101,16 @@ def find_paths(
     x_end: Tensor,
     label: Tensor,
     *,
-    pull: Pull | None = None,
+    attack: TargetedAttack,
     points_per_segment: int = 16,
     max_depth: int = 10,
     max_vertices: int | None = None,
-    overshoot: float = 0.02,
-    max_iter: int = 50,
     batch_size: int = 4096,
     certifier: Certifier | None = None,
 ) -> list[PathResult]:
     """Search a path inside class ``label[i]`` from ``x_start[i]`` to ``x_end[i]`` for every pair ``i``.
 
-    ``pull`` defaults to :func:`deepfool_pull` with ``overshoot`` and ``max_iter``. ``max_vertices``
+    ``attack`` pulls split points that lie outside the class back in. ``max_vertices``
     (optional) fails a pair whose path would need more vertices. ``certifier`` (optional; the
     model must then be piecewise linear) certifies every segment that passes its sampled check.
     Both endpoints of every pair must already be classified ``label[i]``; the model must be in
@@ -131,8 +124,6 @@ def find_paths(
         )
     n_pairs = len(label)
     label = label.to(x_start.device)
-    if pull is None:
-        pull = deepfool_pull(model, overshoot=overshoot, max_iter=max_iter)
 
     ends = predict(model, torch.cat([x_start, x_end]), batch_size)
     bad = ((ends[:n_pairs] != label) | (ends[n_pairs:] != label)).nonzero().flatten().tolist()
@@ -200,10 +191,11 @@ def find_paths(
         mids = torch.where(fraction == 0.5, (seg_a[split] + seg_b[split]) / 2, seg_a[split] + fraction * (seg_b[split] - seg_a[split]))
         outside = outside_at_split[split].nonzero().flatten()
         if len(outside):
-            pulled, forwards = pull(mids[outside], label[owner[split[outside]]].to(mids.device))
-            pulled = pulled.detach().to(mids.dtype)
+            result = attack(model, mids[outside], target=label[owner[split[outside]]].to(mids.device))
+            pulled = result.x_adv.detach().to(mids.dtype)
             now = predict(model, pulled, batch_size).cpu()
-            forwards = torch.as_tensor(forwards).cpu()
+            # The attack's last forward finds the target reached; it runs no step after it.
+            forwards = torch.as_tensor(result.steps).cpu() + 1
             for j, i in enumerate(split[outside].tolist()):
                 pair = int(owner[i])
                 evaluations[pair] += int(forwards[j]) + 1

@@ -4,8 +4,8 @@ For every model variant and pair type, pairs of images the model puts in one cla
 joined by a path inside class ``k`` (:func:`robustness.geometry.paths.find_paths`):
 
 * ``natural``: two test images the model classifies alike (the report used 18 pairs);
-* ``adversarial``: two test images of different predicted classes, each pushed by targeted
-  DeepFool into a third class, the path's class (the report used 30 pairs);
+* ``adversarial``: two test images of different predicted classes, each pushed by the targeted
+  ``push_attack`` (DeepFool by default) into a third class, the path's class (the report used 30 pairs);
 * ``noise``: a uniform white-noise image pushed into class ``k``, paired with a test image
   classified ``k`` (Fawzi et al.'s third case; not in the report's table).
 
@@ -32,7 +32,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar, Any
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 import torch
@@ -40,16 +40,15 @@ from sklearn.decomposition import PCA
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 
-from robustness.attacks.deepfool import deepfool
 from robustness import fingerprint
-from robustness.errors import ConfigError
+from robustness.errors import ConfigError, InputError
 from robustness.geometry.certify import Certifier
-from robustness.geometry.paths import PathResult, find_paths, path_metrics, resample_path
+from robustness.geometry.paths import PathResult, TargetedAttack, find_paths, path_metrics, resample_path
 from robustness.io import atomic_torch_save
 from robustness.models.normalize import Normalize
 from robustness.probes.base import ProbeContext, ProbeOptions, ProbeResult
 from robustness.tensors import predict
-from robustness.registry import register
+from robustness.registry import build, register
 
 PAIR_TYPES = ("natural", "adversarial", "noise")
 # Keeps the pairs of each type independent of which other types a run asks for.
@@ -78,10 +77,8 @@ class PathOptions(ProbeOptions):
     max_vertices: int | None = None
     certify: bool = True
     max_pieces: int = 10_000
-    pull_overshoot: float = 1.0
-    pull_max_iter: int = 50
-    pair_overshoot: float = 0.02
-    pair_max_iter: int = 50
+    pull_attack: dict[str, Any] = field(default_factory=lambda: {"name": "deepfool", "overshoot": 1.0, "max_iter": 50})
+    push_attack: dict[str, Any] = field(default_factory=lambda: {"name": "deepfool", "overshoot": 0.02, "max_iter": 50})
     pairs_per_batch: int = 6
     batch_size: int = 4096
     pca_points: int = 100
@@ -91,6 +88,12 @@ class PathOptions(ProbeOptions):
     def normalise(cls, values: dict[str, Any]) -> dict[str, Any]:
         if "pair_types" in values:
             values["pair_types"] = list(values["pair_types"])
+        for name in ("pull_attack", "push_attack"):
+            if name in values:
+                if not isinstance(values[name], Mapping) or "name" not in values[name]:
+                    raise ConfigError(f"probe.{name} must be an attack config node with a 'name' key, got {values[name]!r}",
+                                      f"e.g. probe.{name}={{name: deepfool, overshoot: 0.02, max_iter: 50}}")
+                values[name] = dict(values[name])
         return values
 
     def validate(self) -> None:
@@ -113,9 +116,15 @@ class PathOptions(ProbeOptions):
             )
         if self.max_pieces < 1:
             raise ConfigError(f"probe.max_pieces must be >= 1, got {self.max_pieces}", "e.g. probe.max_pieces=10000")
-        for name in ("pull_overshoot", "pair_overshoot"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"probe.{name} must be >= 0, got {getattr(self, name)}", f"set probe.{name}, e.g. 0.02")
+        for name in ("pull_attack", "push_attack"):
+            self.attack(name)  # builds it: a bad name or option is a ConfigError now, not mid-run
+
+    def attack(self, which: str) -> Any:
+        """The targeted attack of node ``which`` ("pull_attack" or "push_attack"), from the attack group."""
+        try:
+            return build("attack", getattr(self, which))
+        except InputError as exc:  # an attack's own range checks
+            raise ConfigError(f"probe.{which}: {exc.message}", exc.hint) from None
 
     def count(self, pair_type: str) -> int:
         return int(getattr(self, f"{pair_type}_pairs"))
@@ -173,12 +182,10 @@ def _distinct_images(x: Tensor, members: list[int], generator: torch.Generator) 
     raise ConfigError("could not find two distinct images of one class among the candidates", "raise probe.candidate_images")
 
 
-def adversarial_pairs(
-    model: nn.Module, x: Tensor, pred: Tensor, n: int, generator: torch.Generator, overshoot: float, max_iter: int, batch_size: int
-) -> Pairs:
+def adversarial_pairs(model: nn.Module, x: Tensor, pred: Tensor, n: int, generator: torch.Generator, push: TargetedAttack, batch_size: int) -> Pairs:
     """``n`` pairs of images from two different classes, both pushed into a third class.
 
-    All candidates go through one batched targeted DeepFool call; candidates that it does not
+    All candidates go through one batched call of the targeted attack ``push``; candidates that it does not
     bring into the target class are dropped (counted in ``dropped``).
     """
     classes = pred.unique()
@@ -198,7 +205,7 @@ def adversarial_pairs(
     a_idx, b_idx, target = (torch.tensor(column) for column in zip(*picks))
     images = torch.cat([x[a_idx], x[b_idx]])
     goal = torch.cat([target, target]).to(x.device)
-    moved = deepfool(model, images, target=goal, overshoot=overshoot, max_iter=max_iter).x_adv.detach()
+    moved = push(model, images, target=goal).x_adv.detach()
     reached = (predict(model, moved, batch_size) == goal).view(2, -1).all(0).cpu()
     keep = reached.nonzero().flatten()[:n]
     m = len(picks)
@@ -209,15 +216,13 @@ def adversarial_pairs(
     return Pairs(moved[:m][keep], moved[m:][keep], target[keep], source, dropped=_dropped(reached, keep, n))
 
 
-def noise_pairs(
-    model: nn.Module, x: Tensor, pred: Tensor, n: int, generator: torch.Generator, overshoot: float, max_iter: int, batch_size: int
-) -> Pairs:
+def noise_pairs(model: nn.Module, x: Tensor, pred: Tensor, n: int, generator: torch.Generator, push: TargetedAttack, batch_size: int) -> Pairs:
     """``n`` pairs of (white noise pushed into class k, a test image classified k)."""
     picks = torch.randint(len(x), (_OVERSAMPLE * n,), generator=generator)
     target = pred[picks].cpu()
     noise = torch.rand((len(picks), *x.shape[1:]), generator=generator).to(x.device, x.dtype)
     goal = target.to(x.device)
-    moved = deepfool(model, noise, target=goal, overshoot=overshoot, max_iter=max_iter).x_adv.detach()
+    moved = push(model, noise, target=goal).x_adv.detach()
     reached = (predict(model, moved, batch_size) == goal).cpu()
     keep = reached.nonzero().flatten()[:n]
     source = [{"start_index": -1, "end_index": int(picks[i]), "start_class": -1, "end_class": int(target[i])} for i in keep.tolist()]
@@ -237,7 +242,7 @@ def make_pairs(pair_type: str, model: nn.Module, x: Tensor, pred: Tensor, option
     if pair_type == "natural":
         return natural_pairs(x, pred, n, generator)
     maker = adversarial_pairs if pair_type == "adversarial" else noise_pairs
-    return maker(model, x, pred, n, generator, options.pair_overshoot, options.pair_max_iter, options.batch_size)
+    return maker(model, x, pred, n, generator, options.attack("push_attack"), options.batch_size)
 
 
 def path_pca(vertices: Tensor, num_points: int, components: int) -> dict[str, Tensor]:
@@ -434,8 +439,7 @@ def _search_pairs(
             points_per_segment=options.points_per_segment,
             max_depth=options.max_depth,
             max_vertices=options.max_vertices,
-            overshoot=options.pull_overshoot,
-            max_iter=options.pull_max_iter,
+            attack=options.attack("pull_attack"),
             batch_size=options.batch_size,
             certifier=certifier,
         )
