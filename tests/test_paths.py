@@ -12,7 +12,8 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from helpers import run_experiment
+from helpers import compose, run_experiment
+from omegaconf import OmegaConf
 from robustness.attacks.base import AttackResult
 from robustness.attacks.deepfool import DeepFool
 from robustness.data.base import DatasetInfo
@@ -579,6 +580,21 @@ def test_probe_on_convex_regions_gives_straight_paths_and_resumes(tmp_path: Path
         assert all(path.stat().st_size > 0 for path in artefact.paths)
     table2 = next(a for a in artefacts if a.name == "table2_paths")
     assert table2.rows[0]["number of points"] == "2 ± 0" and "Table 2" in table2.caption
+    assert table2.rows[0]["certified"] == 3 and table2.rows[0]["check"] == "certified"
+    # the per-pair table is written and linked, never an artefact to embed
+    assert "path_pairs" not in names and (tmp_path / "report" / "path_pairs.csv").stat().st_size > 0
+    assert "path_pairs.csv" in table2.caption and str(table2.paths[0]).endswith("table2_paths.csv")
+
+    # the three experiments split the drawings: in a report, each figure and table appears once
+    drawn: list[str] = []
+    for experiment in ("fig5_6_natural_path", "fig7_8_adversarial_path", "table2_paths"):
+        cfg = compose(experiment, ["variants=[base]"])
+        options = probe.PathOptions.from_cfg(OmegaConf.to_container(cfg.probe, resolve=True))
+        shown = ProbeResult.load(tmp_path / "saved")
+        shown.meta["options"]["draw"] = options.draw
+        shown.meta["pair_types"] = [t for t in shown.meta["pair_types"] if t in options.pair_types]
+        drawn += [a.name for a in reporter.draw(shown, tmp_path / experiment)]
+    assert sorted(drawn) == sorted(["fig5_natural_path", "fig6_natural_variance", "fig7_adversarial_path", "fig8_adversarial_variance", "table2_paths"])
 
 
 def test_failed_and_sampled_only_paths_count_against_the_success_rate_only() -> None:
@@ -641,16 +657,20 @@ SMALL = ["variants=[base]", "probe.natural_pairs=2", "probe.adversarial_pairs=2"
 def test_experiment_on_digits_writes_its_files(tmp_path: Path, experiment: str, pair_types: list[str]) -> None:
     out = run_experiment(experiment, SMALL, tmp_path)
     files = {p.name for p in out.rglob("*") if p.is_file() and p.stat().st_size > 0}
-    assert {"table2_paths.csv", "table2_paths.md", "path_pairs.csv"} <= files
+    assert "path_pairs.csv" in files
+    assert ({"table2_paths.csv", "table2_paths.md"} <= files) == (experiment == "table2_paths")
     result = ProbeResult.load(out / "results" / "path_connectivity")
     table = {row["pair_type"]: row for row in result.tables["table2"]}
     assert sorted(table) == sorted(pair_types) and all(row["pairs"] == 2 for row in table.values())
+    # the digits smallcnn is ReLU + max-pool + batch-norm: its paths are certified, not sampled
+    assert all(row["check"] == "certified" for row in table.values())
+    assert all(row["certified"] + row["sampled_only"] + row["failed"] == 2 for row in table.values())
     figures = {"natural": ("fig5_natural_path", "fig6_natural_variance"), "adversarial": ("fig7_adversarial_path", "fig8_adversarial_variance")}
     for pair_type in pair_types:
-        # a type's figures are drawn exactly when one of its paths succeeded
+        # a type's figures are drawn exactly when one of its paths succeeded, by its figure experiment
         drawn = pair_type in result.meta["figure_paths"]["base"]
         assert drawn == (table[pair_type]["successes"] > 0)
         for name in figures[pair_type]:
-            assert ({f"{name}.png", f"{name}.pdf"} <= files) == drawn
+            assert ({f"{name}.png", f"{name}.pdf"} <= files) == (drawn and experiment != "table2_paths")
     if "natural" in table:
-        assert table["natural"]["successes"] > 0
+        assert table["natural"]["certified"] > 0

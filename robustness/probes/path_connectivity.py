@@ -51,6 +51,8 @@ from robustness.tensors import predict
 from robustness.registry import build, register
 
 PAIR_TYPES = ("natural", "adversarial", "noise")
+# What the reporter may draw: each pair type's two figures (Figures 5-8), and Table 2.
+DRAWINGS = ("figures", "table2")
 # Keeps the pairs of each type independent of which other types a run asks for.
 _TYPE_SEED = {"natural": 0, "adversarial": 1, "noise": 2}
 # Candidates drawn per requested pair where DeepFool may fail to reach the target class.
@@ -83,11 +85,13 @@ class PathOptions(ProbeOptions):
     batch_size: int = 4096
     pca_points: int = 100
     pca_components: int = 10
+    draw: list[str] = field(default_factory=lambda: list(DRAWINGS))
 
     @classmethod
     def normalise(cls, values: dict[str, Any]) -> dict[str, Any]:
-        if "pair_types" in values:
-            values["pair_types"] = list(values["pair_types"])
+        for name in ("pair_types", "draw"):
+            if name in values:
+                values[name] = list(values[name])
         for name in ("pull_attack", "push_attack"):
             if name in values:
                 if not isinstance(values[name], Mapping) or "name" not in values[name]:
@@ -105,6 +109,8 @@ class PathOptions(ProbeOptions):
                 raise ConfigError(f"probe.{name} must be >= 1, got {getattr(self, name)}", f"set probe.{name}, e.g. probe.{name}=10")
         if self.candidate_images < 2:
             raise ConfigError(f"probe.candidate_images must be >= 2, got {self.candidate_images}", "pairs are drawn from that many test images, e.g. 500")
+        if not set(self.draw) <= set(DRAWINGS):
+            raise ConfigError(f"unknown drawing(s) {sorted(set(self.draw) - set(DRAWINGS))} in probe.draw", f"choose from {list(DRAWINGS)}")
         if self.pairs_per_batch < 1:
             raise ConfigError(f"probe.pairs_per_batch must be >= 1, got {self.pairs_per_batch}", "e.g. probe.pairs_per_batch=6")
         if self.pca_components < 3:
@@ -373,7 +379,7 @@ def _num_classes(model: nn.Module, x: Tensor) -> int:
 
 def _fingerprint(model: nn.Module, options: PathOptions, seed: int, dataset: str) -> str:
     """Identifies the model weights and options that saved partial results depend on."""
-    settings = {k: v for k, v in asdict(options).items() if k not in ("pair_types", "pairs_per_batch", "batch_size", "pca_points", "pca_components")}
+    settings = {k: v for k, v in asdict(options).items() if k not in ("pair_types", "pairs_per_batch", "batch_size", "pca_points", "pca_components", "draw")}
     return fingerprint.of_config({"weights": fingerprint.of_state(model), "options": settings, "seed": seed, "dataset": dataset})
 
 
