@@ -3,10 +3,11 @@
 Along ``x(t) = a + t (b - a)``, ``t`` in [0, 1], a network made of affine layers, ReLUs and
 max-pools has logits that are piecewise linear in ``t``: they are linear as long as no ReLU
 pre-activation changes sign and no max-pool window changes its winner. :func:`certify_segments`
-walks those linear pieces from ``t = 0``: one forward-mode derivative (a jvp along ``b - a``)
-at the start of a piece gives every pre-activation ``p + s dp`` and every window entry
-``e + s de`` as exact linear functions of the step ``s``, so the next sign change or winner
-change is found in closed form, and the piece ends there.
+walks those linear pieces from ``t = 0``: one forward-mode derivative (a jvp along ``b - a``,
+computed by one doubled forward, see :class:`_PieceTracker`) at the start of a piece gives every
+pre-activation ``p + s dp`` and every window entry ``e + s de`` as exact linear functions of the
+step ``s``, so the next sign change or winner change is found in closed form, and the piece ends
+there. Segments are walked in batches, one forward per piece for all segments still walking.
 
 On a piece the class margin ``min_j z_c - z_j`` is a minimum of linear functions of ``s``, hence
 concave, so its minimum over the piece is at one of the piece's ends: checking the margin at the
