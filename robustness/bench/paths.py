@@ -20,7 +20,8 @@ Columns:
 - ``points``: mean vertices of a certified path;
 - ``evals/path``: images the model classified or attacked per path, as the search counts them;
 - ``pieces/seg``: mean linear pieces the certifier walked per segment (each one forward of the
-  segment and of its direction, i.e. one jvp); ``max pieces``: the most for one segment;
+  segment and of its direction, i.e. one jvp); ``max pieces``: the most for one segment
+  (search rows: the most for one path, summed over every segment it certified);
 - ``forwards``: batched forwards the certifier ran (each over every segment still walking);
 - ``ms/seg``: CPU milliseconds per certified segment (search rows: per path);
 - ``x sampled check``: ``ms/seg`` over the cost of the sampled check of the same segments (one
