@@ -12,9 +12,13 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from helpers import run_experiment
+from helpers import compose, run_experiment
+from omegaconf import OmegaConf
+from robustness.attacks.base import AttackResult
+from robustness.attacks.deepfool import DeepFool
 from robustness.data.base import DatasetInfo
 from robustness.errors import ConfigError, InputError
+from robustness.geometry.certify import Certifier, certify_segments, piecewise_linear_problems
 from robustness.geometry.paths import check_fractions, find_paths, path_metrics, resample_path
 from robustness.probes import path_connectivity as probe
 from robustness.probes.base import ProbeContext, ProbeResult
@@ -40,13 +44,14 @@ class Annulus(nn.Module):
         return torch.stack([-score, score], dim=1)
 
 
-def radial_pull(x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """The exact minimal move into the annulus (plus MARGIN), along the radius."""
-    assert (target == 1).all()
+def radial_pull(model: nn.Module, x: Tensor, y: Tensor | None = None, target: Tensor | None = None) -> AttackResult:
+    """The exact minimal move into the annulus (plus MARGIN), along the radius, in one step."""
+    assert target is not None and (target == 1).all()
     d = x - CENTRE
     r = d.norm(dim=1, keepdim=True)
     new_r = torch.where(r < R_IN, torch.full_like(r, R_IN * (1 + MARGIN)), torch.where(r > R_OUT, torch.full_like(r, R_OUT * (1 - MARGIN)), r))
-    return CENTRE + d / r * new_r, torch.ones(len(x), dtype=torch.long)
+    moved = CENTRE + d / r * new_r
+    return AttackResult(moved, torch.ones(len(x), dtype=torch.bool), (moved - x).norm(dim=1), torch.zeros(len(x), dtype=torch.long))
 
 
 def chord_pair(angle: float = 0.0) -> tuple[Tensor, Tensor]:
@@ -70,7 +75,7 @@ def segment_points(vertices: Tensor, fractions: Tensor) -> Tensor:
     return (a.unsqueeze(1) + fractions.view(1, -1, *([1] * (vertices.dim() - 1))).to(a.dtype) * (b - a).unsqueeze(1)).flatten(0, 1)
 
 
-def never_pull(x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+def never_pull(model: nn.Module, x: Tensor, y: Tensor | None = None, target: Tensor | None = None) -> AttackResult:
     raise AssertionError("a convex region never needs a pull")
 
 
@@ -87,7 +92,7 @@ def test_linear_classifier_paths_are_straight_segments() -> None:
         idx = (label == k).nonzero().flatten()
         starts += idx[:3].tolist()
         ends += idx[3:6].tolist()
-    results = find_paths(model, x[starts], x[ends], label[starts], pull=never_pull, points_per_segment=8, max_depth=6)
+    results = find_paths(model, x[starts], x[ends], label[starts], attack=never_pull, points_per_segment=8, max_depth=6)
     assert len(results) == 9
     for result, s, e in zip(results, starts, ends):
         assert result.success and result.reason == "" and result.depth == 0
@@ -101,7 +106,7 @@ def test_linear_classifier_paths_are_straight_segments() -> None:
 def test_annulus_path_bends_around_the_hole() -> None:
     model = Annulus().eval()
     a, b = chord_pair()
-    (result,) = find_paths(model, a, b, torch.tensor([1]), pull=radial_pull, points_per_segment=8, max_depth=8)
+    (result,) = find_paths(model, a, b, torch.tensor([1]), attack=radial_pull, points_per_segment=8, max_depth=8)
     assert result.success and result.depth >= 1
     v = result.vertices
     assert torch.equal(v[0], a[0]) and torch.equal(v[-1], b[0])
@@ -119,7 +124,7 @@ def test_annulus_path_bends_around_the_hole() -> None:
 def test_annulus_path_with_targeted_deepfool_pull() -> None:
     model = Annulus().eval()
     a, b = chord_pair()
-    (result,) = find_paths(model, a, b, torch.tensor([1]), points_per_segment=16, max_depth=10, overshoot=0.1)
+    (result,) = find_paths(model, a, b, torch.tensor([1]), attack=DeepFool(overshoot=0.1), points_per_segment=16, max_depth=10)
     assert result.success
     assert (predict(model, segment_points(result.vertices, check_fractions(16))) == 1).all()
     # DeepFool reaches the inner circle exactly (the classifier is linear along a radius), then
@@ -132,24 +137,27 @@ def test_annulus_path_with_targeted_deepfool_pull() -> None:
 @pytest.mark.parametrize("max_depth", [0, 2])
 def test_search_that_exceeds_its_max_depth_fails(max_depth: int) -> None:
     a, b = chord_pair()
-    (result,) = find_paths(Annulus().eval(), a, b, torch.tensor([1]), pull=radial_pull, points_per_segment=8, max_depth=max_depth)
+    (result,) = find_paths(Annulus().eval(), a, b, torch.tensor([1]), attack=radial_pull, points_per_segment=8, max_depth=max_depth)
     assert not result.success and result.reason == "max_depth" and result.depth == max_depth
 
 
 def test_pull_that_does_not_reach_the_class_fails_the_path() -> None:
     a, b = chord_pair()
-    stuck = lambda x, target: (x.clone(), torch.full((len(x),), 3))  # noqa: E731
-    (result,) = find_paths(Annulus().eval(), a, b, torch.tensor([1]), pull=stuck, points_per_segment=8)
+    def stuck(model: nn.Module, x: Tensor, y: Tensor | None = None, target: Tensor | None = None) -> AttackResult:
+        return AttackResult(x.clone(), torch.zeros(len(x), dtype=torch.bool), torch.zeros(len(x)), torch.full((len(x),), 3))
+
+    (result,) = find_paths(Annulus().eval(), a, b, torch.tensor([1]), attack=stuck, points_per_segment=8)
     assert not result.success and result.reason == "pull_failed"
-    assert result.evaluations == 2 + 9 + 3 + 1  # endpoints, one check, the pull's 3 forwards, its check
+    # endpoints, one check, the attack's 3 steps and its final forward, the check of its result
+    assert result.evaluations == 2 + 9 + (3 + 1) + 1
 
 
 def test_max_vertices_fails_a_path_that_needs_more() -> None:
     a, b = chord_pair()
     model = Annulus().eval()
-    (free,) = find_paths(model, a, b, torch.tensor([1]), pull=radial_pull, points_per_segment=8)
-    (capped,) = find_paths(model, a, b, torch.tensor([1]), pull=radial_pull, points_per_segment=8, max_vertices=len(free.vertices) - 1)
-    (enough,) = find_paths(model, a, b, torch.tensor([1]), pull=radial_pull, points_per_segment=8, max_vertices=len(free.vertices))
+    (free,) = find_paths(model, a, b, torch.tensor([1]), attack=radial_pull, points_per_segment=8)
+    (capped,) = find_paths(model, a, b, torch.tensor([1]), attack=radial_pull, points_per_segment=8, max_vertices=len(free.vertices) - 1)
+    (enough,) = find_paths(model, a, b, torch.tensor([1]), attack=radial_pull, points_per_segment=8, max_vertices=len(free.vertices))
     assert free.success and enough.success and not capped.success and capped.reason == "max_vertices"
 
 
@@ -159,8 +167,8 @@ def test_pairs_searched_together_match_pairs_searched_alone() -> None:
     a = torch.cat([p[0] for p in pairs])
     b = torch.cat([p[1] for p in pairs])
     label = torch.ones(4, dtype=torch.long)
-    together = find_paths(model, a, b, label, pull=radial_pull, points_per_segment=8, max_depth=3)
-    alone = [find_paths(model, a[i : i + 1], b[i : i + 1], label[:1], pull=radial_pull, points_per_segment=8, max_depth=3)[0] for i in range(4)]
+    together = find_paths(model, a, b, label, attack=radial_pull, points_per_segment=8, max_depth=3)
+    alone = [find_paths(model, a[i : i + 1], b[i : i + 1], label[:1], attack=radial_pull, points_per_segment=8, max_depth=3)[0] for i in range(4)]
     for t, s in zip(together, alone):
         assert (t.success, t.depth, t.evaluations, t.reason) == (s.success, s.depth, s.evaluations, s.reason)
         assert torch.allclose(t.vertices, s.vertices)
@@ -172,15 +180,286 @@ def test_search_rejects_bad_inputs() -> None:
     model = Annulus().eval()
     a, b = chord_pair()
     with pytest.raises(InputError, match="endpoint"):
-        find_paths(model, a, CENTRE.unsqueeze(0), torch.tensor([1]), pull=radial_pull)
+        find_paths(model, a, CENTRE.unsqueeze(0), torch.tensor([1]), attack=radial_pull)
     with pytest.raises(InputError, match="LongTensor"):
-        find_paths(model, a, b, torch.tensor([1.0]), pull=radial_pull)
+        find_paths(model, a, b, torch.tensor([1.0]), attack=radial_pull)
     with pytest.raises(ConfigError, match="points_per_segment"):
-        find_paths(model, a, b, torch.tensor([1]), pull=radial_pull, points_per_segment=0)
+        find_paths(model, a, b, torch.tensor([1]), attack=radial_pull, points_per_segment=0)
     with pytest.raises(ConfigError, match="max_depth"):
-        find_paths(model, a, b, torch.tensor([1]), pull=radial_pull, max_depth=-1)
+        find_paths(model, a, b, torch.tensor([1]), attack=radial_pull, max_depth=-1)
     with pytest.raises(InputError, match="training mode"):
-        find_paths(nn.Sequential(nn.Dropout(), Annulus()).train(), a, b, torch.tensor([1]), pull=radial_pull)
+        find_paths(nn.Sequential(nn.Dropout(), Annulus()).train(), a, b, torch.tensor([1]), attack=radial_pull)
+
+
+# ---------------------------------------------------------------- exact certification
+
+
+def max_of_affine(weight: Tensor, bias: Tensor) -> tuple[list[nn.Module], Tensor, Tensor]:
+    """ReLU layers computing max_i (weight_i x + bias_i) for 2^k rows by a tree of pairwise maxima
+    (max(u, v) = relu(v) - relu(-v) + relu(u - v)), exact weights; returns the layers and the
+    affine map (A, beta) from their last hidden layer to the maximum."""
+    layers: list[nn.Module] = []
+    A, beta = weight.double(), bias.double()
+    while len(A) > 1:
+        m = len(A) // 2
+        even, odd, b_even, b_odd = A[0::2], A[1::2], beta[0::2], beta[1::2]
+        linear = nn.Linear(A.shape[1], 3 * m).double()
+        with torch.no_grad():
+            linear.weight.copy_(torch.cat([odd, -odd, even - odd]))
+            linear.bias.copy_(torch.cat([b_odd, -b_odd, b_even - b_odd]))
+        layers += [linear, nn.ReLU()]
+        eye = torch.eye(m, dtype=torch.float64)
+        A, beta = torch.cat([eye, -eye, eye], dim=1), torch.zeros(m, dtype=torch.float64)
+    return layers, A, beta
+
+
+def two_class_head(A: Tensor, beta: Tensor, low: float, high: float) -> list[nn.Module]:
+    """Logits (0, s) with s = min(g - low, high - g) for g = A h + beta: class 1 iff low < g < high."""
+    mid, half = (low + high) / 2, (high - low) / 2
+    fold = nn.Linear(A.shape[1], 2).double()
+    out = nn.Linear(2, 2).double()
+    with torch.no_grad():
+        fold.weight.copy_(torch.cat([A, -A]))
+        fold.bias.copy_(torch.cat([beta - mid, mid - beta]))
+        out.weight.copy_(torch.tensor([[0.0, 0.0], [-1.0, -1.0]]))
+        out.bias.copy_(torch.tensor([0.0, half], dtype=torch.float64))
+    return [fold, nn.ReLU(), out]  # s = half - |g - mid|
+
+
+SIDES = 8
+OCT_IN, OCT_OUT = 0.15, 0.45  # class 1: OCT_IN < g(x) < OCT_OUT, g the regular octagon's gauge (apothem)
+TOP = OCT_IN / math.cos(math.pi / SIDES)  # the inner octagon has a vertex straight above the centre, this far up
+
+
+def octagon_annulus() -> nn.Module:
+    """A ReLU MLP whose class 1 is an octagonal annulus around CENTRE, built from exact weights."""
+    angles = torch.tensor([math.pi / SIDES + k * 2 * math.pi / SIDES for k in range(SIDES)], dtype=torch.float64)
+    normals = torch.stack([angles.cos(), angles.sin()], dim=1)
+    layers, A, beta = max_of_affine(normals, -normals @ CENTRE.double())
+    return nn.Sequential(*layers, *two_class_head(A, beta, OCT_IN, OCT_OUT)).eval()
+
+
+GAP = (0.499, 0.501)  # class 0 between the stripes (and outside them)
+STRIPES = ((0.40, GAP[0]), (GAP[1], 0.60))
+
+
+def two_stripes() -> nn.Module:
+    """A ReLU MLP whose class 1 is two thin vertical stripes, STRIPES, split by a thinner gap."""
+    (a0, a1), (b0, b1) = STRIPES
+    first = nn.Linear(2, 4).double()
+    second = nn.Linear(4, 3).double()
+    out = nn.Linear(3, 2).double()
+    with torch.no_grad():
+        # |x0 - centre| of each stripe, then s = max(sA, sB) with s_i = half_i - |x0 - centre_i|
+        first.weight.copy_(torch.tensor([[1.0, 0], [-1, 0], [1, 0], [-1, 0]]))
+        ca, cb = (a0 + a1) / 2, (b0 + b1) / 2
+        first.bias.copy_(torch.tensor([-ca, ca, -cb, cb], dtype=torch.float64))
+        ha, hb = (a1 - a0) / 2, (b1 - b0) / 2
+        # rows: sA - sB, sB, -sB  (sA = ha - h0 - h1, sB = hb - h2 - h3)
+        second.weight.copy_(torch.tensor([[-1.0, -1, 1, 1], [0, 0, -1, -1], [0, 0, 1, 1]]))
+        second.bias.copy_(torch.tensor([ha - hb, hb, -hb], dtype=torch.float64))
+        out.weight.copy_(torch.tensor([[0.0, 0, 0], [1, 1, -1]]))
+        out.bias.zero_()
+    return nn.Sequential(first, nn.ReLU(), second, nn.ReLU(), out).eval()
+
+
+def dense_labels(model: nn.Module, vertices: Tensor, num: int = 20001) -> Tensor:
+    return predict(model, segment_points(vertices.double(), torch.linspace(0, 1, num, dtype=torch.float64)))
+
+
+def clipping_chord() -> tuple[Tensor, Tensor, float, float]:
+    """A chord inside the annulus except for a sliver of width ~5e-3 where it clips the hole's top
+    vertex, between the sampler's check points; returns it and the sliver's t-interval."""
+    depth = 1e-3  # how far below the top vertex the chord runs
+    y = 0.5 + TOP - depth
+    left, right = -0.25, 0.30
+    a = torch.tensor([[0.5 + left, y]], dtype=torch.float64)
+    b = torch.tensor([[0.5 + right, y]], dtype=torch.float64)
+    # Near the vertex the hole is bounded by the sides at 90 +- 180/SIDES degrees: |dx| < depth * tan(that)
+    half_width = depth * math.tan(math.pi / 2 - math.pi / SIDES)
+    return a, b, (-half_width - left) / (right - left), (half_width - left) / (right - left)
+
+
+def test_certifier_rejects_a_chord_the_sampler_accepts_on_the_annulus() -> None:
+    model = octagon_annulus()
+    a, b, t_in, t_out = clipping_chord()
+    assert predict(model, torch.cat([a, b])).tolist() == [1, 1]
+    # the sampler's premise: every check point is in class 1, yet the chord leaves it
+    assert (predict(model, segment_points(torch.cat([a, b]), check_fractions(16).double())) == 1).all()
+    assert (dense_labels(model, torch.cat([a, b])) == 0).any()
+    (sampled,) = find_paths(model, a, b, torch.tensor([1]), attack=DeepFool(), points_per_segment=16)
+    assert sampled.success and sampled.status == "sampled" and len(sampled.vertices) == 2
+
+    found = certify_segments(model, a, b, torch.tensor([1]))
+    assert found.status == ["exits"]
+    assert float(found.exit_t[0]) == pytest.approx(t_in, abs=1e-9)  # where the chord enters the hole, in closed form
+    assert float(found.min_margin[0]) < 0
+
+    # a path over the hole: certified, and every one of 20001 points on it is in class 1
+    over = torch.tensor([[0.25, 0.5 + TOP - 1e-3], [0.5, 0.5 + TOP + 0.05], [0.8, 0.5 + TOP - 1e-3]], dtype=torch.float64)
+    inside = certify_segments(model, over[:-1], over[1:], torch.tensor([1, 1]))
+    assert inside.status == ["certified", "certified"] and (inside.min_margin > 0).all()
+    assert (dense_labels(model, over) == 1).all()
+
+    # the certified search goes around: more vertices, and dense sampling agrees with its certificate
+    (certified,) = find_paths(model, a, b, torch.tensor([1]), attack=DeepFool(), points_per_segment=16, certifier=Certifier())
+    assert certified.certified and certified.status == "certified" and len(certified.vertices) > 2
+    assert certified.pieces > 0 and certified.uncertified == 0
+    assert (dense_labels(model, certified.vertices) == 1).all()
+
+
+def test_no_path_between_two_stripes_is_certified() -> None:
+    model = two_stripes()
+    ys = torch.tensor([0.3, 0.5, 0.7], dtype=torch.float64)
+    a = torch.stack([torch.full_like(ys, 0.41), ys], dim=1)
+    b = torch.stack([torch.full_like(ys, 0.57), ys.flip(0)], dim=1)
+    label = torch.ones(3, dtype=torch.long)
+    sampled = find_paths(model, a, b, label, attack=DeepFool(), points_per_segment=16, max_depth=6)
+    # every pair "succeeds" by sampling, though the gap cuts the class in two
+    assert [p.status for p in sampled] == ["sampled"] * 3
+    for path in sampled:
+        assert (dense_labels(model, path.vertices) == 0).any()
+    certified = find_paths(model, a, b, label, attack=DeepFool(), points_per_segment=16, max_depth=6, certifier=Certifier())
+    assert [p.status for p in certified] == ["failed"] * 3 and all(p.reason for p in certified)
+    # on the straight segments, the first exit is where x0 reaches the gap: t = (0.499 - 0.41) / 0.16
+    found = certify_segments(model, a, b, label)
+    assert found.status == ["exits"] * 3
+    assert found.exit_t.tolist() == pytest.approx([(GAP[0] - 0.41) / 0.16] * 3, abs=1e-9)
+
+
+def random_relu_mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3)  # larger weights: more pieces and more class changes per segment
+    return model
+
+
+def tiny_conv_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.3, 0.3), bn.running_var.uniform_(0.5, 2.0), bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.2, 0.2)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), bn, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 3)).double().eval()
+
+
+def activation_pattern(model: nn.Module, x: Tensor) -> Tensor:
+    """Every ReLU's signs and every max-pool's winners at the points x, by brute force."""
+    parts: list[Tensor] = []
+    hooks = []
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            hooks.append(module.register_forward_hook(lambda m, i, o: parts.append((i[0] > 0).flatten(1).long())))
+        if isinstance(module, nn.MaxPool2d):
+            hooks.append(module.register_forward_hook(
+                lambda m, i, o: parts.append(torch.nn.functional.max_pool2d(i[0], m.kernel_size, m.stride, return_indices=True)[1].flatten(1))
+            ))
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return torch.cat(parts, dim=1)
+
+
+@pytest.mark.parametrize("build, shape", [(random_relu_mlp, (2,)), (tiny_conv_net, (1, 4, 4))])
+def test_piece_boundaries_match_a_dense_brute_force_sampling(build, shape: tuple[int, ...]) -> None:
+    model = build(0)
+    generator = torch.Generator().manual_seed(1)
+    a = 2 * torch.randn(8, *shape, generator=generator, dtype=torch.float64)
+    b = 2 * torch.randn(8, *shape, generator=generator, dtype=torch.float64)
+    label = predict(model, a)
+    found = certify_segments(model, a, b, label, record_breakpoints=True)
+    ts = torch.linspace(0, 1, 100001, dtype=torch.float64)
+    step = float(ts[1])
+    total = 0
+    for i in range(len(a)):
+        points = a[i] + ts.view(-1, *([1] * len(shape))) * (b[i] - a[i])
+        pattern = activation_pattern(model, points)
+        changes = ts[(pattern[1:] != pattern[:-1]).any(1).nonzero().flatten()]  # a change within (t, t + step]
+        walked = torch.tensor(found.breakpoints[i], dtype=torch.float64)
+        if found.status[i] == "exits":
+            changes = changes[changes < float(found.exit_t[i]) - step]  # the walk stops at the exit
+        else:
+            assert found.status[i] == "certified"
+        # every change the dense grid sees is a walked boundary, and every walked boundary a change
+        for t in changes.tolist():
+            assert ((walked > t - 1e-12) & (walked <= t + step + 1e-12)).any(), (i, t)
+        for t in walked.tolist():
+            assert ((changes >= t - step - 1e-12) & (changes < t + 1e-12)).any(), (i, t)
+        assert int(found.pieces[i]) == len(walked) + 1
+        total += len(walked)
+        # the certificate agrees with the labels of the dense grid
+        first_out = (predict(model, points) != label[i]).nonzero().flatten()
+        if found.status[i] == "certified":
+            assert len(first_out) == 0
+        else:
+            assert float(found.exit_t[i]) == pytest.approx(float(ts[first_out[0]]), abs=step)
+    assert total >= 10  # the comparison covered many pieces
+    assert set(found.status) == {"certified", "exits"}
+
+
+def test_segment_over_its_piece_budget_is_uncertified_and_its_path_sampled_only() -> None:
+    model = random_relu_mlp(0)
+    a = torch.tensor([[1.262426814259294, -1.7982703257729509]], dtype=torch.float64)
+    b = torch.tensor([[-1.1155868871565213, 1.3814375768516804]], dtype=torch.float64)
+    label = predict(model, a)
+    full = certify_segments(model, a, b, label)
+    assert full.status == ["certified"] and int(full.pieces[0]) == 10  # in the class, across 10 linear pieces
+    capped = certify_segments(model, a, b, label, max_pieces=2)
+    assert capped.status == ["over_budget"] and int(capped.pieces[0]) == 2 and math.isnan(float(capped.exit_t[0]))
+    # the search keeps the segment (its sampled checks pass) but cannot call the path certified
+    (path,) = find_paths(model, a, b, label, attack=never_pull, certifier=Certifier(max_pieces=2))
+    assert path.success and path.status == "sampled" and path.uncertified == 1 and path.pieces == 2
+    (enough,) = find_paths(model, a, b, label, attack=never_pull, certifier=Certifier())
+    assert enough.status == "certified" and enough.pieces == 10 and len(enough.vertices) == 2
+
+
+def test_certifiability_is_read_off_the_modules() -> None:
+    from torchvision.models import resnet as tv_resnet
+
+    from robustness.models.normalize import Normalize
+    from robustness.models.resnet import resnet18
+    from robustness.models.smallcnn import smallcnn
+
+    info = DatasetInfo(name="toy", num_classes=10, image_shape=(1, 8, 8), class_names=tuple("0123456789"), mean=(0.5,), std=(0.25,))
+    relu_cnn = smallcnn(info, width=4).eval()
+    assert piecewise_linear_problems(relu_cnn, affine=(Normalize,)) == []
+    assert any("Normalize" in p for p in piecewise_linear_problems(relu_cnn))
+    for activation in ("softplus", "tanh", "elu"):
+        problems = piecewise_linear_problems(smallcnn(info, width=4, activation=activation).eval(), affine=(Normalize,))
+        assert problems and all(activation.lower() in p.lower() for p in problems)
+    assert any("batch statistics" in p for p in piecewise_linear_problems(smallcnn(info, width=4).train(), affine=(Normalize,)))
+    rgb = DatasetInfo(name="toy", num_classes=10, image_shape=(3, 32, 32), class_names=tuple("0123456789"), mean=(0.5,) * 3, std=(0.25,) * 3)
+    net = resnet18(rgb).eval()
+    assert any("own forward" in p for p in piecewise_linear_problems(net, affine=(Normalize,)))
+    containers = (tv_resnet.ResNet, tv_resnet.BasicBlock)
+    assert piecewise_linear_problems(net, affine=(Normalize,), containers=containers) == []
+    with pytest.raises(InputError, match="not piecewise linear"):
+        certify_segments(smallcnn(info, width=4, activation="tanh").eval(), torch.zeros(1, 1, 8, 8), torch.ones(1, 1, 8, 8), torch.tensor([0]))
+
+
+class Vouched(nn.Sequential):
+    """A container that claims to be plain but applies a functional tanh the module walk cannot see."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(super().forward(x))
+
+
+def test_guard_catches_a_non_linearity_hidden_in_a_vouched_container() -> None:
+    torch.manual_seed(0)
+    head = nn.Linear(4, 2)
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor([10.0, 0.0]))  # class 0 everywhere: |tanh| < 1 cannot close a gap of 10
+    model = nn.Sequential(Vouched(nn.Linear(2, 4)), head).double().eval()
+    a = torch.tensor([[-3.0, 1.0]], dtype=torch.float64)
+    b = torch.tensor([[3.0, -1.0]], dtype=torch.float64)
+    found = certify_segments(model, a, b, torch.tensor([0]), containers=(Vouched,))
+    # one "piece" (no ReLU), whose straight extrapolation misses the logits at b
+    assert found.status == ["inconsistent"] and int(found.pieces[0]) == 1
+    # the same layers without the hidden tanh certify
+    plain = nn.Sequential(nn.Linear(2, 4), head).double().eval()
+    assert certify_segments(plain, a, b, torch.tensor([0])).status == ["certified"]
 
 
 # ---------------------------------------------------------------- metrics on hand-built polylines
@@ -266,6 +545,8 @@ def test_probe_on_convex_regions_gives_straight_paths_and_resumes(tmp_path: Path
         # linear classifier: convex regions, so every path is its straight segment
         assert row["pairs"] == {"natural": 3, "adversarial": 4, "noise": 2}[pair_type]
         assert row["success_rate"] == 1.0 and row["points_mean"] == 2.0 and row["points_std"] == 0.0
+        # affine models: every straight path is certified, in one linear piece
+        assert row["check"] == "certified" and row["certified"] == row["pairs"] and row["pieces_mean"] == 1.0
         assert row["deviation_mean"] == 0.0
     for row in result.tables["pairs"]:
         if row["pair_type"] == "adversarial":
@@ -299,19 +580,45 @@ def test_probe_on_convex_regions_gives_straight_paths_and_resumes(tmp_path: Path
         assert all(path.stat().st_size > 0 for path in artefact.paths)
     table2 = next(a for a in artefacts if a.name == "table2_paths")
     assert table2.rows[0]["number of points"] == "2 ± 0" and "Table 2" in table2.caption
+    assert table2.rows[0]["certified"] == 3 and table2.rows[0]["check"] == "certified"
+    # the per-pair table is written and linked, never an artefact to embed
+    assert "path_pairs" not in names and (tmp_path / "report" / "path_pairs.csv").stat().st_size > 0
+    assert "path_pairs.csv" in table2.caption and str(table2.paths[0]).endswith("table2_paths.csv")
+
+    # the three experiments split the drawings: in a report, each figure and table appears once
+    drawn: list[str] = []
+    for experiment in ("fig5_6_natural_path", "fig7_8_adversarial_path", "table2_paths"):
+        cfg = compose(experiment, ["variants=[base]"])
+        options = probe.PathOptions.from_cfg(OmegaConf.to_container(cfg.probe, resolve=True))
+        shown = ProbeResult.load(tmp_path / "saved")
+        shown.meta["options"]["draw"] = options.draw
+        shown.meta["pair_types"] = [t for t in shown.meta["pair_types"] if t in options.pair_types]
+        drawn += [a.name for a in reporter.draw(shown, tmp_path / experiment)]
+    assert sorted(drawn) == sorted(["fig5_natural_path", "fig6_natural_variance", "fig7_adversarial_path", "fig8_adversarial_variance", "table2_paths"])
 
 
-def test_failed_paths_count_against_the_success_rate_only() -> None:
+def test_failed_and_sampled_only_paths_count_against_the_success_rate_only() -> None:
+    def row(status: str, points: float, deviation: float, depth: int, evaluations: int, check: str = "certified") -> dict:
+        success = status == "certified" or (status == "sampled" and check != "certified")
+        return {"model": "m", "pair_type": "natural", "check": check, "status": status, "success": success, "points": points,
+                "deviation": deviation, "depth": depth, "evaluations": evaluations, "pieces": 7, "seconds": 1.0}
+
     rows = [
-        {"model": "m", "pair_type": "natural", "success": True, "points": 3, "deviation": 0.1, "depth": 1, "evaluations": 10, "seconds": 1.0},
-        {"model": "m", "pair_type": "natural", "success": True, "points": 5, "deviation": 0.3, "depth": 2, "evaluations": 20, "seconds": 1.0},
-        {"model": "m", "pair_type": "natural", "success": False, "points": math.nan, "deviation": math.nan, "depth": 4, "evaluations": 90, "seconds": 4.0},
+        row("certified", 3, 0.1, 1, 10),
+        row("certified", 5, 0.3, 2, 20),
+        row("sampled", 9, 0.9, 3, 30),  # completed, but a segment over the piece budget: not a success
+        row("failed", math.nan, math.nan, 4, 100),
     ]
-    (row,) = probe.table2_rows(rows)
-    assert row["success_rate"] == pytest.approx(2 / 3) and row["successes"] == 2
-    assert row["points_mean"] == 4.0 and row["points_std"] == pytest.approx(math.sqrt(2))
-    assert row["deviation_mean"] == pytest.approx(0.2) and row["deviation_std"] == pytest.approx(math.sqrt(0.02))
-    assert row["evaluations_mean"] == 40.0
+    (out,) = probe.table2_rows(rows)
+    assert (out["certified"], out["sampled_only"], out["failed"], out["successes"]) == (2, 1, 1, 2)
+    assert out["success_rate"] == pytest.approx(2 / 4) and out["check"] == "certified"
+    assert out["points_mean"] == 4.0 and out["points_std"] == pytest.approx(math.sqrt(2))
+    assert out["deviation_mean"] == pytest.approx(0.2) and out["deviation_std"] == pytest.approx(math.sqrt(0.02))
+    assert out["evaluations_mean"] == 40.0
+    # a model that cannot be certified: its sampled paths are its successes, and say so
+    sampled = "sampled at 16 points per segment"
+    (out,) = probe.table2_rows([row("sampled", 3, 0.1, 1, 10, sampled), row("failed", math.nan, math.nan, 4, 100, sampled)])
+    assert (out["certified"], out["sampled_only"], out["successes"], out["check"]) == (0, 1, 1, sampled)
 
 
 def test_options_match_the_config_file_and_reject_typos() -> None:
@@ -321,6 +628,19 @@ def test_options_match_the_config_file_and_reject_typos() -> None:
         probe.PathOptions.from_cfg({"max_dept": 3})
     with pytest.raises(ConfigError, match="pair types"):
         probe.PathOptions.from_cfg({"pair_types": ["natural", "bogus"]})
+    # the attacks are attack-group nodes, built (and checked) by the registry before any work
+    options = probe.PathOptions()
+    pull, push = options.attack("pull_attack"), options.attack("push_attack")
+    assert isinstance(pull, DeepFool) and (pull.overshoot, pull.max_iter) == (1.0, 50)
+    assert isinstance(push, DeepFool) and (push.overshoot, push.max_iter) == (0.02, 50)
+    with pytest.raises(ConfigError, match="unknown attack 'bogus'"):
+        probe.PathOptions.from_cfg({"pull_attack": {"name": "bogus"}})
+    with pytest.raises(ConfigError, match="overshoot"):
+        probe.PathOptions.from_cfg({"push_attack": {"name": "deepfool", "overshoot": -1.0}})
+    with pytest.raises(ConfigError, match="unknown option"):
+        probe.PathOptions.from_cfg({"pull_attack": {"name": "deepfool", "overshot": 1.0}})
+    with pytest.raises(ConfigError, match="'name' key"):
+        probe.PathOptions.from_cfg({"pull_attack": 0.5})
 
 
 # ---------------------------------------------------------------- the experiments on digits
@@ -337,16 +657,20 @@ SMALL = ["variants=[base]", "probe.natural_pairs=2", "probe.adversarial_pairs=2"
 def test_experiment_on_digits_writes_its_files(tmp_path: Path, experiment: str, pair_types: list[str]) -> None:
     out = run_experiment(experiment, SMALL, tmp_path)
     files = {p.name for p in out.rglob("*") if p.is_file() and p.stat().st_size > 0}
-    assert {"table2_paths.csv", "table2_paths.md", "path_pairs.csv"} <= files
+    assert "path_pairs.csv" in files
+    assert ({"table2_paths.csv", "table2_paths.md"} <= files) == (experiment == "table2_paths")
     result = ProbeResult.load(out / "results" / "path_connectivity")
     table = {row["pair_type"]: row for row in result.tables["table2"]}
     assert sorted(table) == sorted(pair_types) and all(row["pairs"] == 2 for row in table.values())
+    # the digits smallcnn is ReLU + max-pool + batch-norm: its paths are certified, not sampled
+    assert all(row["check"] == "certified" for row in table.values())
+    assert all(row["certified"] + row["sampled_only"] + row["failed"] == 2 for row in table.values())
     figures = {"natural": ("fig5_natural_path", "fig6_natural_variance"), "adversarial": ("fig7_adversarial_path", "fig8_adversarial_variance")}
     for pair_type in pair_types:
-        # a type's figures are drawn exactly when one of its paths succeeded
+        # a type's figures are drawn exactly when one of its paths succeeded, by its figure experiment
         drawn = pair_type in result.meta["figure_paths"]["base"]
         assert drawn == (table[pair_type]["successes"] > 0)
         for name in figures[pair_type]:
-            assert ({f"{name}.png", f"{name}.pdf"} <= files) == drawn
+            assert ({f"{name}.png", f"{name}.pdf"} <= files) == (drawn and experiment != "table2_paths")
     if "natural" in table:
-        assert table["natural"]["successes"] > 0
+        assert table["natural"]["certified"] > 0

@@ -1,17 +1,36 @@
-"""Cost of the path search (issue 6): model evaluations and time per path on digits.
+"""Cost of the path search and of its exact certification (issues 6 and 15.3) on digits.
 
 A ``smallcnn`` (width 16) trained for a few seconds on the embedded digits; pairs made by the
-probe's own generators from the first 500 test images. Rows:
+probe's own generators from the first 500 test images.
 
-- ``natural`` (the report's 18 pairs) and ``adversarial`` (30 pairs), with the probe's default
-  search (16 check points per segment, depth 10, pull overshoot 1.0);
-- ``adversarial, pull overshoot 0.02``: Fawzi et al.'s small overshoot, on 10 pairs.
+Search rows (``search: ...``), with the probe's defaults (16 check points per segment, depth 10,
+pull overshoot 1.0, every segment that passes its check certified):
 
-Columns: success rate, mean points per successful path, ``evals/path`` (images the model classified
-or attacked, as counted by the search), ``ms/path`` searching all pairs of the row in one batched
-call, ``ms/path alone`` searching them one pair per call, and ``x batched`` = alone / batched (the
-gain of sharing each level's forwards and DeepFool calls across pairs). Times are CPU seconds of
-this process on one thread, so that other jobs on a shared machine do not skew either side.
+- ``natural`` and ``adversarial`` (the first 8 of the report's 18 and 30 pairs);
+- ``adversarial, pull overshoot 0.02``: Fawzi et al.'s small overshoot, on 4 pairs.
+
+Certification rows (``certify: ...``): the straight segments between those 8 natural pairs,
+certified all in one batched call, then one segment per call.
+
+Columns:
+
+- ``pairs``: pairs (search rows) or segments (certification rows);
+- ``certified``: share of paths (segments) certified; ``sampled``: share that passed only the
+  sampled check (search rows);
+- ``points``: mean vertices of a certified path;
+- ``evals/path``: images the model classified or attacked per path, as the search counts them;
+- ``pieces/seg``: mean linear pieces the certifier walked per segment (each one forward of the
+  segment and of its direction, i.e. one jvp); ``max pieces``: the most for one segment
+  (search rows: the most for one path, summed over every segment it certified);
+- ``forwards``: batched forwards the certifier ran (each over every segment still walking);
+- ``ms/seg``: CPU milliseconds per certified segment (search rows: per path);
+- ``x sampled check``: ``ms/seg`` over the cost of the sampled check of the same segments (one
+  batched forward of their 17 check points each);
+- ``x batched``: ms per segment walked alone over ms per segment walked in one batch.
+
+Times are CPU seconds of this process on one thread, so other jobs on a shared machine skew
+neither side. Target (last row): batching the certification walk across segments is at least 2x
+cheaper per segment than walking them one at a time.
 """
 
 from __future__ import annotations
@@ -25,9 +44,20 @@ from torch import nn
 
 from robustness.bench import single_thread
 from robustness.bench.attacks import train_digits_smallcnn
-from robustness.geometry.paths import PathResult, find_paths, path_metrics
+from robustness.geometry.certify import Certifier
+from robustness.geometry.paths import PathResult, check_fractions, find_paths
+from robustness.registry import build
 from robustness.tensors import predict
-from robustness.probes.path_connectivity import Pairs, PathOptions, make_pairs
+from robustness.probes.path_connectivity import Pairs, PathOptions, make_pairs, variant_check
+
+
+# Pairs per row: each certified segment walks ~1000-2000 linear pieces, one forward each, so the
+# report's 18 + 30 pairs would take minutes on a shared CPU; these keep `make bench` short.
+NATURAL, ADVERSARIAL, SMALL_OVERSHOOT = 8, 8, 4
+
+
+def _first(pairs: Pairs, n: int) -> Pairs:
+    return Pairs(pairs.x_start[:n], pairs.x_end[:n], pairs.label[:n], pairs.source[:n])
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -36,36 +66,64 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.process_time() - start
 
 
-def _search(model: nn.Module, pairs: Pairs, overshoot: float, options: PathOptions, sl: slice = slice(None)) -> list[PathResult]:
+def _search(model: nn.Module, pairs: Pairs, overshoot: float, options: PathOptions, certifier: Certifier | None) -> list[PathResult]:
+    pull = build("attack", {**options.pull_attack, "overshoot": overshoot})
     return find_paths(
-        model, pairs.x_start[sl], pairs.x_end[sl], pairs.label[sl],
-        points_per_segment=options.points_per_segment, max_depth=options.max_depth, overshoot=overshoot,
-        max_iter=options.pull_max_iter, batch_size=options.batch_size,
+        model, pairs.x_start, pairs.x_end, pairs.label, attack=pull, points_per_segment=options.points_per_segment,
+        max_depth=options.max_depth, batch_size=options.batch_size, certifier=certifier,
     )
 
 
-def _row(name: str, model: nn.Module, pairs: Pairs, overshoot: float, options: PathOptions, compare_alone: bool) -> dict[str, Any]:
+def _search_row(name: str, model: nn.Module, pairs: Pairs, overshoot: float, options: PathOptions, certifier: Certifier | None) -> dict[str, Any]:
     n = len(pairs.label)
-    batched, seconds = _timed(lambda: _search(model, pairs, overshoot, options))
-    ok = [p for p in batched if p.success]
-    row: dict[str, Any] = {
-        "row": name,
+    found, seconds = _timed(lambda: _search(model, pairs, overshoot, options, certifier))
+    certified = [p for p in found if p.certified]
+    return {
+        "row": f"search: {name}",
         "pairs": n,
-        "success": len(ok) / n,
-        "points": float(np.mean([len(p.vertices) for p in ok])) if ok else float("nan"),
-        "deviation": float(np.mean([path_metrics(p.vertices)["deviation"] for p in ok])) if ok else float("nan"),
-        "evals/path": float(np.mean([p.evaluations for p in batched])),
-        "ms/path": 1e3 * seconds / n,
+        "certified": len(certified) / n,
+        "sampled": sum(p.status == "sampled" for p in found) / n,
+        "points": float(np.mean([len(p.vertices) for p in certified])) if certified else float("nan"),
+        "evals/path": float(np.mean([p.evaluations for p in found])),
+        "pieces/seg": float("nan"),
+        "max pieces": max(p.pieces for p in found),
+        "forwards": float("nan"),
+        "ms/seg": 1e3 * seconds / n,
+        "x sampled check": float("nan"),
+        "x batched": float("nan"),
     }
-    if compare_alone:
-        alone, alone_seconds = _timed(lambda: [_search(model, pairs, overshoot, options, slice(i, i + 1))[0] for i in range(n)])
-        # Same paths either way: batching must change the cost, never the answer.
-        assert [len(p.vertices) for p in alone] == [len(p.vertices) for p in batched]
-        row["ms/path alone"] = 1e3 * alone_seconds / n
-        row["x batched"] = alone_seconds / seconds
-    else:
-        row["ms/path alone"] = row["x batched"] = float("nan")
-    return row
+
+
+def _certify_rows(model: nn.Module, pairs: Pairs, certifier: Certifier, options: PathOptions) -> list[dict[str, Any]]:
+    a, b, label = pairs.x_start, pairs.x_end, pairs.label
+    n = len(label)
+    fractions = check_fractions(options.points_per_segment)
+    points = a.unsqueeze(1) + fractions.view(1, -1, 1, 1, 1).to(a.dtype) * (b - a).unsqueeze(1)
+    _, sampled_seconds = _timed(lambda: predict(model, points.flatten(0, 1)))
+    batched, batched_seconds = _timed(lambda: certifier(model, a, b, label))
+    alone, alone_seconds = _timed(lambda: [certifier(model, a[i : i + 1], b[i : i + 1], label[i : i + 1]) for i in range(n)])
+    # Batching changes the cost, never the answer.
+    assert [int(c.pieces[0]) for c in alone] == batched.pieces.tolist()
+    rows = []
+    for name, seconds, forwards in (
+        ("certify: natural chords, batched", batched_seconds, batched.batched_calls),
+        ("certify: natural chords, one per call", alone_seconds, sum(c.batched_calls for c in alone)),
+    ):
+        rows.append({
+            "row": name,
+            "pairs": n,
+            "certified": float(batched.certified.float().mean()),
+            "sampled": float("nan"),
+            "points": float("nan"),
+            "evals/path": float("nan"),
+            "pieces/seg": float(batched.pieces.double().mean()),
+            "max pieces": int(batched.pieces.max()),
+            "forwards": forwards,
+            "ms/seg": 1e3 * seconds / n,
+            "x sampled check": seconds / sampled_seconds,
+            "x batched": alone_seconds / batched_seconds,
+        })
+    return rows
 
 
 def run() -> list[dict]:
@@ -75,11 +133,17 @@ def run() -> list[dict]:
         x = splits["test"][0][:500]
         pred = predict(model, x)
         options = PathOptions()
-        natural = make_pairs("natural", model, x, pred, options, seed=0)
-        adversarial = make_pairs("adversarial", model, x, pred, options, seed=0)
-        few = Pairs(adversarial.x_start[:10], adversarial.x_end[:10], adversarial.label[:10], adversarial.source[:10])
-        return [
-            _row("natural", model, natural, options.pull_overshoot, options, compare_alone=True),
-            _row("adversarial", model, adversarial, options.pull_overshoot, options, compare_alone=True),
-            _row("adversarial, pull overshoot 0.02", model, few, 0.02, options, compare_alone=False),
+        certifier, _, _ = variant_check(model, options)
+        assert certifier is not None, "the digits smallcnn is piecewise linear"
+        natural = _first(make_pairs("natural", model, x, pred, options, seed=0), NATURAL)
+        adversarial = _first(make_pairs("adversarial", model, x, pred, options, seed=0), ADVERSARIAL)
+        overshoot = options.pull_attack["overshoot"]
+        rows = _certify_rows(model, natural, certifier, options)
+        rows += [
+            _search_row("natural", model, natural, overshoot, options, certifier),
+            _search_row("adversarial", model, adversarial, overshoot, options, certifier),
+            _search_row("adversarial, pull overshoot 0.02", model, _first(adversarial, SMALL_OVERSHOOT), 0.02, options, certifier),
         ]
+        speedup = rows[1]["x batched"]
+        rows.append({"row": f"target: batched certification >= 2x cheaper per segment than one per call: {'met' if speedup >= 2 else 'missed'} ({speedup:.1f}x)"})
+        return rows

@@ -1,16 +1,25 @@
 """Paths inside one classification region, after Fawzi et al. 2018 (report section 2.2).
 
-:func:`find_paths` looks for a polygonal path between two images of the same class ``k`` every
-checked point of which the model still puts in ``k``:
+:func:`find_paths` looks for a polygonal path between two images of the same class ``k``:
 
-* a straight segment is kept when all its check points (one batched forward) are classified ``k``;
-* otherwise its midpoint becomes a vertex; a midpoint outside ``k`` is first pulled back into ``k``
-  by a minimal targeted perturbation (targeted DeepFool by default), then both halves are searched
-  the same way, one level deeper, up to ``max_depth``.
+* a straight segment is checked at evenly spaced points (one batched forward); with a
+  ``certifier`` (piecewise-linear networks, :mod:`robustness.geometry.certify`) a segment whose
+  points all pass is then certified exactly: every point of it, not only the checked ones, is
+  classified ``k``. A segment the certifier proves to leave ``k`` is treated like one whose check
+  failed; one it cannot decide within its budget is kept, but only as sampled;
+* a segment that fails its sampled check is split at its midpoint, one the certifier proves to
+  leave ``k`` at its point deepest outside ``k``; that point becomes a vertex, pulled back into
+  ``k`` first when it lies outside by the targeted ``attack`` the caller passes (the probe builds
+  it from its ``pull_attack`` config: targeted DeepFool), then both halves are searched the same
+  way, one level deeper, up to ``max_depth``.
+
+A completed path is "certified" when every one of its segments was certified, "sampled" when
+some segment passed the sampled check only; a path that cannot be completed within the limits is
+a failure, never a success.
 
 The recursion runs breadth-first over all pairs at once, so each level costs one batched forward
-for every segment check of every pair and one batched attack call for every midpoint to pull.
-A path that cannot be completed within the limits is a failure, never a success.
+for every segment check of every pair, one certification walk over every segment that passed and
+one batched attack call for every midpoint to pull.
 
 :func:`path_metrics` measures a path by its number of vertices and by its largest distance from
 the straight segment between its endpoints, divided by that segment's length (Table 2).
@@ -20,20 +29,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from robustness.errors import ConfigError, InputError
+from robustness.geometry.certify import Certifier
 from robustness.tensors import predict
 
-# ``pull(x, target) -> (x_pulled, forwards)``: move each image of ``x`` into class ``target``
-# with a small perturbation; ``forwards`` counts the model evaluations each image used.
-Pull = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
-# Segments are keyed by dyadic fractions of the recursion tree; float64 holds them exactly
-# down to 2**-52, so deeper searches would merge vertices.
+
+class TargetedAttack(Protocol):
+    """The attack group's call shape, targeted: ``attack(model, x, target=t)`` returns an
+    ``AttackResult``-like object with ``x_adv`` (each image moved towards ``t[i]``) and ``steps``
+    (iterations each image used; each costs one forward and backward, plus a final forward)."""
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor | None = None, target: Tensor | None = None) -> Any: ...
+
+# A sanity bound on the recursion: deeper than this, a path would have more vertices than any
+# search could afford to find.
 MAX_DEPTH_LIMIT = 50
 
 
@@ -43,12 +58,16 @@ class PathResult:
 
     vertices:    (V, *image_shape) the polyline from the start to the end image, in order; for a
                  failure, the vertices found before the search stopped (possibly with gaps)
-    success:     True only when every segment passed its check within the limits
+    success:     True when every segment passed its check within the limits (sampled, at least)
+    certified:   True when, besides, every segment was certified: every point of the path is in the class
     depth:       deepest recursion level reached (0: the straight segment was kept)
     evaluations: images the model classified for this path: check points of every segment, each
-                 pull's own evaluations (for DeepFool: one forward+backward per step plus its final
+                 pull's own evaluations (one forward+backward per attack step plus its final
                  forward) and one check of its result, and the two endpoints
     reason:      why the search failed ("" on success): "max_depth", "max_vertices" or "pull_failed"
+    pieces:      linear pieces the certifier walked for this path's segments (each one a forward
+                 of the segment and its direction), 0 without a certifier
+    uncertified: kept segments the certifier could not decide (over its piece budget)
     """
 
     vertices: Tensor
@@ -56,18 +75,14 @@ class PathResult:
     depth: int
     evaluations: int
     reason: str = ""
+    certified: bool = False
+    pieces: int = 0
+    uncertified: int = 0
 
-
-def deepfool_pull(model: nn.Module, overshoot: float = 0.02, max_iter: int = 50, num_candidates: int = 10) -> Pull:
-    """The default pull: targeted DeepFool towards the path's class with a small overshoot."""
-    from robustness.attacks.deepfool import deepfool
-
-    def pull(x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        result = deepfool(model, x, target=target, overshoot=overshoot, max_iter=max_iter, num_candidates=num_candidates)
-        # DeepFool's last forward finds the target reached; it runs no step after it.
-        return result.x_adv.detach(), result.steps + 1
-
-    return pull
+    @property
+    def status(self) -> str:
+        """"certified", "sampled" (completed, some segment only sampled) or "failed"."""
+        return "certified" if self.certified else "sampled" if self.success else "failed"
 
 
 def check_fractions(points_per_segment: int) -> Tensor:
@@ -86,25 +101,29 @@ def find_paths(
     x_end: Tensor,
     label: Tensor,
     *,
-    pull: Pull | None = None,
+    attack: TargetedAttack,
     points_per_segment: int = 16,
     max_depth: int = 10,
     max_vertices: int | None = None,
-    overshoot: float = 0.02,
-    max_iter: int = 50,
     batch_size: int = 4096,
+    certifier: Certifier | None = None,
 ) -> list[PathResult]:
     """Search a path inside class ``label[i]`` from ``x_start[i]`` to ``x_end[i]`` for every pair ``i``.
 
-    ``pull`` defaults to :func:`deepfool_pull` with ``overshoot`` and ``max_iter``. ``max_vertices``
-    (optional) fails a pair whose path would need more vertices. Both endpoints of every pair must
-    already be classified ``label[i]``; the model must be in eval mode.
+    ``attack`` pulls split points that lie outside the class back in. ``max_vertices``
+    (optional) fails a pair whose path would need more vertices. ``certifier`` (optional; the
+    model must then be piecewise linear) certifies every segment that passes its sampled check.
+    Both endpoints of every pair must already be classified ``label[i]``; the model must be in
+    eval mode.
     """
     _check_search_inputs(model, x_start, x_end, label, points_per_segment, max_depth, max_vertices, batch_size)
+    if certifier is not None and (problems := certifier.problems(model)):
+        raise InputError(
+            "a certifier was given but the model is not piecewise linear: " + "; ".join(problems[:3]),
+            "search without a certifier (segments are then only sampled)",
+        )
     n_pairs = len(label)
     label = label.to(x_start.device)
-    if pull is None:
-        pull = deepfool_pull(model, overshoot=overshoot, max_iter=max_iter)
 
     ends = predict(model, torch.cat([x_start, x_end]), batch_size)
     bad = ((ends[:n_pairs] != label) | (ends[n_pairs:] != label)).nonzero().flatten().tolist()
@@ -118,18 +137,21 @@ def find_paths(
     depth_reached = [0] * n_pairs
     alive = [True] * n_pairs
     reason = [""] * n_pairs
-    kept: list[list[tuple[float, Tensor]]] = [[] for _ in range(n_pairs)]  # (key of segment start, start vertex)
+    pieces = [0] * n_pairs
+    # (key of the segment, start vertex, whether the segment was certified)
+    kept: list[list[tuple[str, Tensor, bool]]] = [[] for _ in range(n_pairs)]
 
     fractions = check_fractions(points_per_segment).to(x_start.device, x_start.dtype)
     mid_column = int((fractions == 0.5).nonzero())
     view = (1, -1) + (1,) * (x_start.dim() - 1)
 
-    # Pending segments of all pairs: start, end, owner pair, depth, dyadic keys of start and end.
+    # Pending segments of all pairs: start, end, owner pair, depth, and a key that orders the
+    # segments of a pair along its path: the left/right turns ("0"/"1") from the root segment, so
+    # the kept segments (leaves of the split tree) sort into path order.
     seg_a, seg_b = x_start.detach(), x_end.detach()
     owner = torch.arange(n_pairs)
     depth = torch.zeros(n_pairs, dtype=torch.long)
-    lo = torch.zeros(n_pairs, dtype=torch.float64)
-    hi = torch.ones(n_pairs, dtype=torch.float64)
+    keys = [""] * n_pairs
 
     while len(owner):
         m = len(fractions)
@@ -137,11 +159,27 @@ def find_paths(
         labels = predict(model, points.flatten(0, 1), batch_size).view(len(owner), m).cpu()
         target = label.cpu()[owner]
         ok = (labels == target.unsqueeze(1)).all(1)
+        certified = torch.zeros_like(ok)
+        # Where a failed segment is split, and whether that point must be pulled into the class.
+        split_at = torch.full((len(owner),), 0.5, dtype=torch.float64)
+        outside_at_split = labels[:, mid_column] != target
+        sampled_ok = ok.nonzero().flatten()
+        if certifier is not None and len(sampled_ok):
+            # Walked to the end even past an exit, so that a proven exit also says where the
+            # segment lies deepest outside the class: that point is split off and pulled in.
+            found = certifier(model, seg_a[sampled_ok], seg_b[sampled_ok], label[owner[sampled_ok]], stop_at_exit=False)
+            for j, i in enumerate(sampled_ok.tolist()):
+                pieces[int(owner[i])] += int(found.pieces[j])
+                certified[i] = found.status[j] == "certified"
+                if found.status[j] == "exits":
+                    ok[i] = False
+                    split_at[i] = float(found.worst_t[j])
+                    outside_at_split[i] = True
         for i, pair in enumerate(owner.tolist()):
             evaluations[pair] += m
             depth_reached[pair] = max(depth_reached[pair], int(depth[i]))
             if ok[i]:
-                kept[pair].append((float(lo[i]), seg_a[i]))
+                kept[pair].append((keys[i], seg_a[i], bool(certified[i])))
 
         split = (~ok).nonzero().flatten()
         for i in split[depth[split] >= max_depth].tolist():
@@ -149,13 +187,15 @@ def find_paths(
         # A pair that just failed needs no more pulls: drop all its segments now.
         split = split[(depth[split] < max_depth) & torch.tensor([alive[int(owner[i])] for i in split.tolist()], dtype=torch.bool)]
 
-        mids = (seg_a[split] + seg_b[split]) / 2
-        outside = (labels[split, mid_column] != target[split]).nonzero().flatten()
+        fraction = split_at[split].to(seg_a.device, seg_a.dtype).view((-1,) + (1,) * (seg_a.dim() - 1))
+        mids = torch.where(fraction == 0.5, (seg_a[split] + seg_b[split]) / 2, seg_a[split] + fraction * (seg_b[split] - seg_a[split]))
+        outside = outside_at_split[split].nonzero().flatten()
         if len(outside):
-            pulled, forwards = pull(mids[outside], label[owner[split[outside]]].to(mids.device))
-            pulled = pulled.detach().to(mids.dtype)
+            result = attack(model, mids[outside], target=label[owner[split[outside]]].to(mids.device))
+            pulled = result.x_adv.detach().to(mids.dtype)
             now = predict(model, pulled, batch_size).cpu()
-            forwards = torch.as_tensor(forwards).cpu()
+            # The attack's last forward finds the target reached; it runs no step after it.
+            forwards = torch.as_tensor(result.steps).cpu() + 1
             for j, i in enumerate(split[outside].tolist()):
                 pair = int(owner[i])
                 evaluations[pair] += int(forwards[j]) + 1
@@ -163,12 +203,11 @@ def find_paths(
                     _fail(alive, reason, pair, "pull_failed")
             mids[outside] = pulled
 
-        halves = (lo[split] + hi[split]) / 2
         seg_a = torch.cat([seg_a[split], mids])
         seg_b = torch.cat([mids, seg_b[split]])
         owner = torch.cat([owner[split], owner[split]])
         depth = torch.cat([depth[split], depth[split]]) + 1
-        lo, hi = torch.cat([lo[split], halves]), torch.cat([halves, hi[split]])
+        keys = [keys[i] + "0" for i in split.tolist()] + [keys[i] + "1" for i in split.tolist()]
 
         if max_vertices is not None:
             # Every kept or pending segment contributes its start vertex; the end image adds one.
@@ -178,13 +217,18 @@ def find_paths(
                     _fail(alive, reason, pair, "max_vertices")
 
         keep = torch.tensor([alive[p] for p in owner.tolist()], dtype=torch.bool)
-        seg_a, seg_b, owner, depth, lo, hi = seg_a[keep], seg_b[keep], owner[keep], depth[keep], lo[keep], hi[keep]
+        seg_a, seg_b, owner, depth = seg_a[keep], seg_b[keep], owner[keep], depth[keep]
+        keys = [key for key, alive_segment in zip(keys, keep.tolist()) if alive_segment]
 
     results = []
     for pair in range(n_pairs):
-        starts = [vertex for _, vertex in sorted(kept[pair], key=lambda item: item[0])]
-        vertices = torch.stack(starts + [x_end[pair].detach()])
-        results.append(PathResult(vertices, alive[pair], depth_reached[pair], evaluations[pair], reason[pair]))
+        segments = sorted(kept[pair], key=lambda item: item[0])
+        vertices = torch.stack([vertex for _, vertex, _ in segments] + [x_end[pair].detach()])
+        uncertified = sum(not c for _, _, c in segments) if certifier is not None else 0
+        certified = alive[pair] and certifier is not None and uncertified == 0
+        results.append(
+            PathResult(vertices, alive[pair], depth_reached[pair], evaluations[pair], reason[pair], certified, pieces[pair], uncertified)
+        )
     return results
 
 

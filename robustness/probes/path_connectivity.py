@@ -4,16 +4,23 @@ For every model variant and pair type, pairs of images the model puts in one cla
 joined by a path inside class ``k`` (:func:`robustness.geometry.paths.find_paths`):
 
 * ``natural``: two test images the model classifies alike (the report used 18 pairs);
-* ``adversarial``: two test images of different predicted classes, each pushed by targeted
-  DeepFool into a third class, the path's class (the report used 30 pairs);
+* ``adversarial``: two test images of different predicted classes, each pushed by the targeted
+  ``push_attack`` (DeepFool by default) into a third class, the path's class (the report used 30 pairs);
 * ``noise``: a uniform white-noise image pushed into class ``k``, paired with a test image
   classified ``k`` (Fawzi et al.'s third case; not in the report's table).
 
-Results: ``tables["pairs"]`` (one row per pair), ``tables["table2"]`` (mean and std of the number
-of points and of the normalised deviation over the successful paths, with the success rate), and
-for one path per variant and pair type (the successful one that deviates most) its principal
-components: the projection of points spaced evenly along it and of its vertices, and the
-explained-variance ratio of the first components (Figures 5-8).
+A path counts as a success only when every point on it is in the class: for piecewise-linear
+variants (ReLU, max-pool, affine layers) every segment is certified exactly
+(:mod:`robustness.geometry.certify`), and a path that passed only its sampled checks (a segment
+over ``max_pieces``) is "sampled", not a success. Other variants (softplus, tanh, ...) cannot be
+certified: their paths are checked at ``points_per_segment`` points per segment, and every table
+says so in its ``check`` column.
+
+Results: ``tables["pairs"]`` (one row per pair), ``tables["table2"]`` (certified / sampled-only /
+failed counts, and the mean and std of the number of points and of the normalised deviation over
+the successful paths), and for one path per variant and pair type (the successful one that
+deviates most) its principal components: the projection of points spaced evenly along it and of
+its vertices, and the explained-variance ratio of the first components (Figures 5-8).
 
 Every pair's result is saved under ``ctx.work_dir`` as soon as it is found; a rerun with the
 same options and model reuses them and only searches the pairs still missing.
@@ -25,27 +32,34 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar, Any
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 import torch
 from sklearn.decomposition import PCA
 from torch import Tensor, nn
+from torchvision.models import resnet as tv_resnet
 
-from robustness.attacks.deepfool import deepfool
 from robustness import fingerprint
-from robustness.errors import ConfigError
-from robustness.geometry.paths import PathResult, find_paths, path_metrics, resample_path
+from robustness.errors import ConfigError, InputError
+from robustness.geometry.certify import Certifier
+from robustness.geometry.paths import PathResult, TargetedAttack, find_paths, path_metrics, resample_path
 from robustness.io import atomic_torch_save
+from robustness.models.normalize import Normalize
 from robustness.probes.base import ProbeContext, ProbeOptions, ProbeResult
 from robustness.tensors import predict
-from robustness.registry import register
+from robustness.registry import build, register
 
 PAIR_TYPES = ("natural", "adversarial", "noise")
+# What the reporter may draw: each pair type's two figures (Figures 5-8), and Table 2.
+DRAWINGS = ("figures", "table2")
 # Keeps the pairs of each type independent of which other types a run asks for.
 _TYPE_SEED = {"natural": 0, "adversarial": 1, "noise": 2}
 # Candidates drawn per requested pair where DeepFool may fail to reach the target class.
 _OVERSAMPLE = 2
+# Containers whose forward only calls their children, adds and flattens (torchvision's ResNets):
+# the certifier may trust them as it trusts nn.Sequential.
+_PLAIN_CONTAINERS = (tv_resnet.ResNet, tv_resnet.BasicBlock, tv_resnet.Bottleneck)
 
 
 @dataclass
@@ -63,19 +77,27 @@ class PathOptions(ProbeOptions):
     points_per_segment: int = 16
     max_depth: int = 10
     max_vertices: int | None = None
-    pull_overshoot: float = 1.0
-    pull_max_iter: int = 50
-    pair_overshoot: float = 0.02
-    pair_max_iter: int = 50
+    certify: bool = True
+    max_pieces: int = 10_000
+    pull_attack: dict[str, Any] = field(default_factory=lambda: {"name": "deepfool", "overshoot": 1.0, "max_iter": 50})
+    push_attack: dict[str, Any] = field(default_factory=lambda: {"name": "deepfool", "overshoot": 0.02, "max_iter": 50})
     pairs_per_batch: int = 6
     batch_size: int = 4096
     pca_points: int = 100
     pca_components: int = 10
+    draw: list[str] = field(default_factory=lambda: list(DRAWINGS))
 
     @classmethod
     def normalise(cls, values: dict[str, Any]) -> dict[str, Any]:
-        if "pair_types" in values:
-            values["pair_types"] = list(values["pair_types"])
+        for name in ("pair_types", "draw"):
+            if name in values:
+                values[name] = list(values[name])
+        for name in ("pull_attack", "push_attack"):
+            if name in values:
+                if not isinstance(values[name], Mapping) or "name" not in values[name]:
+                    raise ConfigError(f"probe.{name} must be an attack config node with a 'name' key, got {values[name]!r}",
+                                      f"e.g. probe.{name}={{name: deepfool, overshoot: 0.02, max_iter: 50}}")
+                values[name] = dict(values[name])
         return values
 
     def validate(self) -> None:
@@ -87,6 +109,8 @@ class PathOptions(ProbeOptions):
                 raise ConfigError(f"probe.{name} must be >= 1, got {getattr(self, name)}", f"set probe.{name}, e.g. probe.{name}=10")
         if self.candidate_images < 2:
             raise ConfigError(f"probe.candidate_images must be >= 2, got {self.candidate_images}", "pairs are drawn from that many test images, e.g. 500")
+        if not set(self.draw) <= set(DRAWINGS):
+            raise ConfigError(f"unknown drawing(s) {sorted(set(self.draw) - set(DRAWINGS))} in probe.draw", f"choose from {list(DRAWINGS)}")
         if self.pairs_per_batch < 1:
             raise ConfigError(f"probe.pairs_per_batch must be >= 1, got {self.pairs_per_batch}", "e.g. probe.pairs_per_batch=6")
         if self.pca_components < 3:
@@ -96,12 +120,34 @@ class PathOptions(ProbeOptions):
                 f"probe.pca_points ({self.pca_points}) must be >= probe.pca_components ({self.pca_components})",
                 "sample more points along the path, e.g. probe.pca_points=100",
             )
-        for name in ("pull_overshoot", "pair_overshoot"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"probe.{name} must be >= 0, got {getattr(self, name)}", f"set probe.{name}, e.g. 0.02")
+        if self.max_pieces < 1:
+            raise ConfigError(f"probe.max_pieces must be >= 1, got {self.max_pieces}", "e.g. probe.max_pieces=10000")
+        for name in ("pull_attack", "push_attack"):
+            self.attack(name)  # builds it: a bad name or option is a ConfigError now, not mid-run
+
+    def attack(self, which: str) -> Any:
+        """The targeted attack of node ``which`` ("pull_attack" or "push_attack"), from the attack group."""
+        try:
+            return build("attack", getattr(self, which))
+        except InputError as exc:  # an attack's own range checks
+            raise ConfigError(f"probe.{which}: {exc.message}", exc.hint) from None
 
     def count(self, pair_type: str) -> int:
         return int(getattr(self, f"{pair_type}_pairs"))
+
+    def sampled_check(self) -> str:
+        return f"sampled at {self.points_per_segment} points per segment"
+
+
+def variant_check(model: nn.Module, options: PathOptions) -> tuple[Certifier | None, str, list[str]]:
+    """How this variant's segments are checked: (certifier or None, the check's wording, why not certified)."""
+    if not options.certify:
+        return None, options.sampled_check(), ["probe.certify is false"]
+    certifier = Certifier(max_pieces=options.max_pieces, affine=(Normalize,), containers=_PLAIN_CONTAINERS)
+    problems = certifier.problems(model)
+    if problems:
+        return None, options.sampled_check(), problems
+    return certifier, "certified", []
 
 
 @dataclass
@@ -142,12 +188,10 @@ def _distinct_images(x: Tensor, members: list[int], generator: torch.Generator) 
     raise ConfigError("could not find two distinct images of one class among the candidates", "raise probe.candidate_images")
 
 
-def adversarial_pairs(
-    model: nn.Module, x: Tensor, pred: Tensor, n: int, generator: torch.Generator, overshoot: float, max_iter: int, batch_size: int
-) -> Pairs:
+def adversarial_pairs(model: nn.Module, x: Tensor, pred: Tensor, n: int, generator: torch.Generator, push: TargetedAttack, batch_size: int) -> Pairs:
     """``n`` pairs of images from two different classes, both pushed into a third class.
 
-    All candidates go through one batched targeted DeepFool call; candidates that it does not
+    All candidates go through one batched call of the targeted attack ``push``; candidates that it does not
     bring into the target class are dropped (counted in ``dropped``).
     """
     classes = pred.unique()
@@ -167,7 +211,7 @@ def adversarial_pairs(
     a_idx, b_idx, target = (torch.tensor(column) for column in zip(*picks))
     images = torch.cat([x[a_idx], x[b_idx]])
     goal = torch.cat([target, target]).to(x.device)
-    moved = deepfool(model, images, target=goal, overshoot=overshoot, max_iter=max_iter).x_adv.detach()
+    moved = push(model, images, target=goal).x_adv.detach()
     reached = (predict(model, moved, batch_size) == goal).view(2, -1).all(0).cpu()
     keep = reached.nonzero().flatten()[:n]
     m = len(picks)
@@ -178,15 +222,13 @@ def adversarial_pairs(
     return Pairs(moved[:m][keep], moved[m:][keep], target[keep], source, dropped=_dropped(reached, keep, n))
 
 
-def noise_pairs(
-    model: nn.Module, x: Tensor, pred: Tensor, n: int, generator: torch.Generator, overshoot: float, max_iter: int, batch_size: int
-) -> Pairs:
+def noise_pairs(model: nn.Module, x: Tensor, pred: Tensor, n: int, generator: torch.Generator, push: TargetedAttack, batch_size: int) -> Pairs:
     """``n`` pairs of (white noise pushed into class k, a test image classified k)."""
     picks = torch.randint(len(x), (_OVERSAMPLE * n,), generator=generator)
     target = pred[picks].cpu()
     noise = torch.rand((len(picks), *x.shape[1:]), generator=generator).to(x.device, x.dtype)
     goal = target.to(x.device)
-    moved = deepfool(model, noise, target=goal, overshoot=overshoot, max_iter=max_iter).x_adv.detach()
+    moved = push(model, noise, target=goal).x_adv.detach()
     reached = (predict(model, moved, batch_size) == goal).cpu()
     keep = reached.nonzero().flatten()[:n]
     source = [{"start_index": -1, "end_index": int(picks[i]), "start_class": -1, "end_class": int(target[i])} for i in keep.tolist()]
@@ -206,7 +248,7 @@ def make_pairs(pair_type: str, model: nn.Module, x: Tensor, pred: Tensor, option
     if pair_type == "natural":
         return natural_pairs(x, pred, n, generator)
     maker = adversarial_pairs if pair_type == "adversarial" else noise_pairs
-    return maker(model, x, pred, n, generator, options.pair_overshoot, options.pair_max_iter, options.batch_size)
+    return maker(model, x, pred, n, generator, options.attack("push_attack"), options.batch_size)
 
 
 def path_pca(vertices: Tensor, num_points: int, components: int) -> dict[str, Tensor]:
@@ -247,6 +289,7 @@ def compute(ctx: ProbeContext) -> ProbeResult:
     arrays: dict[str, Tensor] = {}
     figure_paths: dict[str, dict[str, Any]] = {}
     generation: dict[str, dict[str, Any]] = {}
+    checks: dict[str, dict[str, Any]] = {}
     total = len(ctx.models) * sum(options.count(t) for t in options.pair_types)
     done = 0
 
@@ -254,13 +297,15 @@ def compute(ctx: ProbeContext) -> ProbeResult:
         model.eval()
         pred = predict(model, x_all, options.batch_size)
         fingerprint = _fingerprint(model, options, ctx.seed, info.name)
+        certifier, check, why_not = variant_check(model, options)
+        checks[variant] = {"check": check, "not_certified_because": why_not[:5]}
         for pair_type in options.pair_types:
             folder = Path(ctx.work_dir) / "path_connectivity" / variant / pair_type
             pairs = _load_or_make_pairs(folder, fingerprint, pair_type, model, x_all, pred, options, ctx.seed)
             generation.setdefault(variant, {})[pair_type] = {"requested": options.count(pair_type), "found": len(pairs.label), "dropped": pairs.dropped}
-            records = _search_pairs(folder, fingerprint, model, pairs, options, ctx, done, total, f"{variant}/{pair_type}")
+            records = _search_pairs(folder, fingerprint, model, pairs, options, certifier, ctx, done, total, f"{variant}/{pair_type}")
             done += options.count(pair_type)
-            rows = [_pair_row(variant, pair_type, i, pairs, record, info.class_names) for i, record in enumerate(records)]
+            rows = [_pair_row(variant, pair_type, i, pairs, record, info.class_names, check) for i, record in enumerate(records)]
             pair_rows.extend(rows)
             chosen = _figure_path(rows)
             if chosen is not None:
@@ -276,6 +321,7 @@ def compute(ctx: ProbeContext) -> ProbeResult:
         "pair_types": options.pair_types,
         "options": asdict(options),
         "pair_generation": generation,
+        "checks": checks,
         "figure_paths": figure_paths,
         "seed": ctx.seed,
     }
@@ -283,7 +329,8 @@ def compute(ctx: ProbeContext) -> ProbeResult:
 
 
 def table2_rows(pair_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and std (over successful paths) of points and normalised deviation, per variant and pair type."""
+    """Per variant and pair type: certified / sampled-only / failed counts, and the mean and std
+    (over successful paths) of points and normalised deviation."""
     out = []
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in pair_rows:
@@ -296,7 +343,11 @@ def table2_rows(pair_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             {
                 "model": variant,
                 "pair_type": pair_type,
+                "check": rows[0]["check"],
                 "pairs": len(rows),
+                "certified": sum(r["status"] == "certified" for r in rows),
+                "sampled_only": sum(r["status"] == "sampled" for r in rows),
+                "failed": sum(r["status"] == "failed" for r in rows),
                 "successes": len(ok),
                 "success_rate": len(ok) / len(rows) if rows else math.nan,
                 "points_mean": _mean(points),
@@ -305,6 +356,7 @@ def table2_rows(pair_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "deviation_std": _std(deviation),
                 "depth_mean": _mean(np.array([r["depth"] for r in ok], dtype=float)),
                 "evaluations_mean": _mean(np.array([r["evaluations"] for r in rows], dtype=float)),
+                "pieces_mean": _mean(np.array([r["pieces"] for r in rows], dtype=float)),
                 "seconds_mean": _mean(np.array([r["seconds"] for r in rows], dtype=float)),
             }
         )
@@ -327,7 +379,7 @@ def _num_classes(model: nn.Module, x: Tensor) -> int:
 
 def _fingerprint(model: nn.Module, options: PathOptions, seed: int, dataset: str) -> str:
     """Identifies the model weights and options that saved partial results depend on."""
-    settings = {k: v for k, v in asdict(options).items() if k not in ("pair_types", "pairs_per_batch", "batch_size", "pca_points", "pca_components")}
+    settings = {k: v for k, v in asdict(options).items() if k not in ("pair_types", "pairs_per_batch", "batch_size", "pca_points", "pca_components", "draw")}
     return fingerprint.of_config({"weights": fingerprint.of_state(model), "options": settings, "seed": seed, "dataset": dataset})
 
 
@@ -365,7 +417,16 @@ def _load_or_make_pairs(
 
 
 def _search_pairs(
-    folder: Path, fingerprint: str, model: nn.Module, pairs: Pairs, options: PathOptions, ctx: ProbeContext, done: int, total: int, what: str
+    folder: Path,
+    fingerprint: str,
+    model: nn.Module,
+    pairs: Pairs,
+    options: PathOptions,
+    certifier: Certifier | None,
+    ctx: ProbeContext,
+    done: int,
+    total: int,
+    what: str,
 ) -> list[dict[str, Any]]:
     """Search every pair (batches of ``pairs_per_batch``), reusing and saving per-pair results."""
     n = len(pairs.label)
@@ -384,9 +445,9 @@ def _search_pairs(
             points_per_segment=options.points_per_segment,
             max_depth=options.max_depth,
             max_vertices=options.max_vertices,
-            overshoot=options.pull_overshoot,
-            max_iter=options.pull_max_iter,
+            attack=options.attack("pull_attack"),
             batch_size=options.batch_size,
+            certifier=certifier,
         )
         # The pairs of a chunk share their forwards; each is charged an equal share of the time.
         seconds = (time.perf_counter() - began) / len(chunk)
@@ -395,6 +456,9 @@ def _search_pairs(
                 "fingerprint": fingerprint,
                 "vertices": path.vertices.detach().cpu(),
                 "success": path.success,
+                "certified": path.certified,
+                "pieces": path.pieces,
+                "uncertified": path.uncertified,
                 "depth": path.depth,
                 "evaluations": path.evaluations,
                 "reason": path.reason,
@@ -405,8 +469,14 @@ def _search_pairs(
     return [r for r in records if r is not None]
 
 
-def _pair_row(variant: str, pair_type: str, i: int, pairs: Pairs, record: dict[str, Any], class_names: tuple[str, ...]) -> dict[str, Any]:
+def _pair_row(
+    variant: str, pair_type: str, i: int, pairs: Pairs, record: dict[str, Any], class_names: tuple[str, ...], check: str
+) -> dict[str, Any]:
+    """One pair's row. ``success`` follows the variant's check: a certified path where paths can
+    be certified, a sampled one where they cannot."""
     k = int(pairs.label[i])
+    status = "certified" if record["certified"] else "sampled" if record["success"] else "failed"
+    success = status == "certified" or (status == "sampled" and check != "certified")
     metrics = path_metrics(record["vertices"]) if record["success"] else {"points": math.nan, "deviation": math.nan, "length_ratio": math.nan}
     return {
         "model": variant,
@@ -415,13 +485,16 @@ def _pair_row(variant: str, pair_type: str, i: int, pairs: Pairs, record: dict[s
         "class": k,
         "class_name": class_names[k] if 0 <= k < len(class_names) else str(k),
         **pairs.source[i],
-        "success": bool(record["success"]),
-        "reason": record["reason"],
+        "check": check,
+        "status": status,
+        "success": success,
+        "reason": record["reason"] or ("" if success else f"{record['uncertified']} segment(s) over probe.max_pieces"),
         "points": int(metrics["points"]) if record["success"] else math.nan,
         "deviation": metrics["deviation"],
         "length_ratio": metrics["length_ratio"],
         "depth": int(record["depth"]),
         "evaluations": int(record["evaluations"]),
+        "pieces": int(record["pieces"]),
         "seconds": float(record["seconds"]),
     }
 

@@ -1,4 +1,10 @@
-"""Figures 5-8 and Table 2 of the report from a ``path_connectivity`` probe result."""
+"""Figures 5-8 and Table 2 of the report from a ``path_connectivity`` probe result.
+
+What is drawn follows the probe's ``draw`` option, so that the three experiments behind these
+figures split them and a report shows each once. The per-pair table is always written to
+``path_pairs.csv`` (and ``.md``) and linked from the captions, but never returned as an artefact
+to embed: with 48 pairs per variant it would swamp the report.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,9 @@ from robustness.probes.base import ProbeResult
 from robustness.reporting.base import Artefact, save_figure, write_table
 from robustness.registry import register
 
+PAIRS_TABLE = "path_pairs"
+_PAIRS_NOTE = f"Every pair's path, check and status is in {PAIRS_TABLE}.csv, in the same output folder as this table."
+
 # pair type -> (projection figure name, variance figure name, the report's figure numbers, wording)
 _FIGURES = {
     "natural": ("fig5_natural_path", "fig6_natural_variance", (5, 6), "two natural images"),
@@ -26,14 +35,20 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     out_dir = Path(out_dir)
     artefacts: list[Artefact] = []
     meta = result.meta
-    for pair_type in meta["pair_types"]:
-        chosen = {v: meta["figure_paths"][v][pair_type] for v in meta["variants"] if pair_type in meta["figure_paths"].get(v, {})}
-        if not chosen:
-            continue  # no successful path of this type: Table 2 shows the failures
-        artefacts.append(_projection_figure(result, pair_type, chosen, out_dir))
-        artefacts.append(_variance_figure(result, pair_type, chosen, out_dir))
-    artefacts.append(_table2(result, out_dir))
-    artefacts.append(write_table(result.tables["pairs"], out_dir, "path_pairs", "Every searched path: its pair, success, metrics and cost."))
+    draw = meta["options"].get("draw", ["figures", "table2"])
+    pairs = write_table(result.tables["pairs"], out_dir, PAIRS_TABLE, "Every searched path: its pair, check, status, metrics and cost.")
+    if "figures" in draw:
+        for pair_type in meta["pair_types"]:
+            chosen = {v: meta["figure_paths"][v][pair_type] for v in meta["variants"] if pair_type in meta["figure_paths"].get(v, {})}
+            if not chosen:
+                continue  # no successful path of this type: Table 2 shows the failures
+            artefacts.append(_projection_figure(result, pair_type, chosen, out_dir))
+            artefacts.append(_variance_figure(result, pair_type, chosen, out_dir))
+    if "table2" in draw:
+        table = _table2(result, out_dir)
+        # The per-pair files travel with Table 2 (after its own CSV, which a report links first).
+        table.paths += pairs.paths
+        artefacts.append(table)
     return artefacts
 
 
@@ -74,7 +89,7 @@ def _projection_figure(result: ProbeResult, pair_type: str, chosen: dict[str, di
         f"{_which(pair_type, 0)}: low-dimensional views of the path found between {wording} of one class: "
         "points spaced evenly along the path (coloured by position, dark at the start to yellow at the end) and its vertices, projected on the "
         "path's first principal components ((a) second vs first, (b) third vs first). The path shown is "
-        "the successful one that deviates most from its straight line."
+        f"the successful one that deviates most from its straight line (its pair number is in {PAIRS_TABLE}.csv)."
     )
     return save_figure(fig, out_dir, name, caption)
 
@@ -112,7 +127,11 @@ def _table2(result: ProbeResult, out_dir: Path) -> Artefact:
         {
             "model": r["model"],
             "pair type": r["pair_type"],
+            "check": r["check"],
             "pairs": r["pairs"],
+            "certified": r["certified"],
+            "sampled-only": r["sampled_only"],
+            "failed": r["failed"],
             "success rate": f"{r['success_rate']:.0%}",
             "number of points": _pm(r["points_mean"], r["points_std"], scientific=False),
             "normalised deviation": _pm(r["deviation_mean"], r["deviation_std"], scientific=True),
@@ -123,6 +142,10 @@ def _table2(result: ProbeResult, out_dir: Path) -> Artefact:
     caption = (
         "Reproduces Table 2 of the report: mean ± standard deviation, over the successful paths, of the number of "
         "points representing a path and of its largest distance from the straight line between its endpoints "
-        f"divided by that line's length, per model and pair type ({result.meta['dataset']})."
+        f"divided by that line's length, per model and pair type ({result.meta['dataset']}). A path is a success "
+        "when every point on it is in the class: 'certified' paths are proven so segment by segment (piecewise-linear "
+        "models); 'sampled-only' paths passed their sampled checks but some segment exceeded the certifier's budget, "
+        "and are not counted as successes. Where the check reads 'sampled at K points per segment' the model is not "
+        "piecewise linear, and a success means only that those points are in the class. " + _PAIRS_NOTE
     )
     return write_table(rows, out_dir, "table2_paths", caption)
