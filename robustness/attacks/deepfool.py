@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from robustness.attacks.base import AttackResult, check_attack_classes, prepare_attack_inputs
-from robustness.tensors import l2_norm
+from robustness.attacks.base import AttackResult, MinimisationAttack, Perturbed, check_attack_classes, clean_label, goal_reached
 from robustness.errors import InputError
 from robustness.registry import register
 
@@ -42,7 +41,14 @@ def deepfool(
     max_iter: int = 50,
     num_candidates: int = 10,
 ) -> AttackResult:
-    """DeepFool l2 on a batch of images in [0, 1].
+    """DeepFool l2 on a batch of images in [0, 1]; see :class:`DeepFool`."""
+    return DeepFool(overshoot=overshoot, max_iter=max_iter, num_candidates=num_candidates)(model, x, y, target)
+
+
+@register("attack", "deepfool")
+@dataclass
+class DeepFool(MinimisationAttack):
+    """``attack=deepfool``: DeepFool l2 on a batch of images in [0, 1].
 
     Untargeted (``target`` None): move each image out of class ``y`` (default: the model's
     prediction) across the nearest linearised boundary among the ``num_candidates`` classes with
@@ -52,85 +58,7 @@ def deepfool(
     boundary between the current class and the target; success means the prediction equals it.
 
     ``steps`` counts the perturbation steps each image took (0 for an image already fooled).
-    The returned ``logits`` are the model's on ``x_adv``: the last forward of the loop.
     """
-    _check_params(overshoot, max_iter, num_candidates)
-    prepare_attack_inputs(model, x, y, target)
-    x0 = x.detach()
-    n = x0.shape[0]
-    device = x0.device
-    if n == 0:
-        return AttackResult.unattacked(x0)
-    steps = torch.full((n,), max_iter, dtype=torch.long, device=device)
-    success = torch.zeros(n, dtype=torch.bool, device=device)
-    x_adv = torch.empty_like(x0)
-    final_logits: Tensor | None = None
-    goal_all = None if target is None else target.to(device=device, dtype=torch.long)
-
-    # The working set holds only the images still being attacked, compacted whenever some of
-    # them succeed, so each image pays for its own iterations and nothing is re-indexed from
-    # the full batch inside the loop.
-    active = torch.arange(n, device=device)
-    start = x0
-    current = x0
-    r_total = torch.zeros_like(x0)
-    source = others = goal = None
-    with torch.enable_grad():
-        for it in range(max_iter + 1):
-            last = it == max_iter
-            xa = current.detach().requires_grad_(not last)
-            with torch.set_grad_enabled(not last):
-                logits = model(xa)
-            z = logits.detach()
-            if it == 0:
-                source, others, final_logits = _setup(model, x0, y, goal_all, z, num_candidates)
-                goal = goal_all
-            pred = z.argmax(1)
-            done = pred == goal if goal is not None else pred != source
-            n_done = int(done.sum())  # the loop's one host sync per iteration
-            if n_done or last:
-                finished = done if not last else torch.ones_like(done)
-                rows = active[finished]
-                x_adv[rows] = current[finished]
-                final_logits[rows] = z[finished]
-                steps[rows] = it
-                success[active[done]] = True
-                if last or n_done == len(active):
-                    break
-                keep = ~done
-                active, start, current, r_total = active[keep], start[keep], current[keep], r_total[keep]
-                if goal is not None:
-                    goal = goal[keep]
-                    pred = pred[keep]
-                else:
-                    source, others = source[keep], others[keep]
-                # Gradients of the finished images would be wasted; a fresh forward of the rest
-                # is cheaper once they outnumber a forward's share of the backward passes.
-                backward_rows = 1 if goal is not None else others.shape[1]
-                if n_done * backward_rows >= len(active):
-                    xa = current.detach().requires_grad_(True)
-                    logits = model(xa)
-                    z = logits.detach()
-                    if goal is not None:
-                        pred = z.argmax(1)
-                    keep = None
-            else:
-                keep = None
-
-            if goal is None:
-                step = _untargeted_step(logits, z, xa, keep, source, others)
-            else:
-                step = _targeted_step(logits, z, xa, keep, pred, goal)
-            r_total = r_total + step
-            current = (start + (1.0 + overshoot) * r_total).clamp_(0.0, 1.0)
-
-    return AttackResult(x_adv, success, l2_norm(x_adv - x0), steps)
-
-
-@register("attack", "deepfool")
-@dataclass
-class DeepFool:
-    """``attack=deepfool``: see :func:`deepfool`."""
 
     overshoot: float = 0.02
     max_iter: int = 50
@@ -139,10 +67,67 @@ class DeepFool:
     def __post_init__(self) -> None:
         _check_params(self.overshoot, self.max_iter, self.num_candidates)
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor | None = None, target: Tensor | None = None) -> AttackResult:
-        return deepfool(
-            model, x, y, target=target, overshoot=self.overshoot, max_iter=self.max_iter, num_candidates=self.num_candidates
-        )
+    def perturb(self, model: nn.Module, x0: Tensor, y: Tensor | None, target: Tensor | None) -> Perturbed:
+        max_iter, overshoot = self.max_iter, self.overshoot
+        n = x0.shape[0]
+        steps = torch.full((n,), max_iter, dtype=torch.long, device=x0.device)
+        x_adv = torch.empty_like(x0)
+        final_logits = torch.empty(0)
+
+        # The working set holds only the images still being attacked, compacted whenever some
+        # of them succeed, so each image pays for its own iterations and nothing is re-indexed
+        # from the full batch inside the loop.
+        active = torch.arange(n, device=x0.device)
+        start, current, r_total = x0, x0, torch.zeros_like(x0)
+        label = source = others = None
+        goal = target
+        for it in range(max_iter + 1):
+            last = it == max_iter
+            xa = current.detach().requires_grad_(not last)
+            with torch.set_grad_enabled(not last):
+                logits = model(xa)
+            z = logits.detach()
+            if it == 0:
+                check_attack_classes(model, x0, y, target, z.shape[1])
+                final_logits = torch.empty_like(z)
+                if target is None:
+                    label = source = clean_label(z, y)
+                    others = _candidates(z, source, self.num_candidates)
+            done = goal_reached(z, source, goal)
+            n_done = int(done.sum())  # the loop's one host sync per iteration
+            if n_done or last:
+                finished = torch.ones_like(done) if last else done
+                rows = active[finished]
+                x_adv[rows] = current[finished]
+                final_logits[rows] = z[finished]
+                steps[rows] = it
+                if last or n_done == len(active):
+                    break
+                keep = ~done
+                active, start, current, r_total = active[keep], start[keep], current[keep], r_total[keep]
+                if goal is not None:
+                    goal = goal[keep]
+                else:
+                    source, others = source[keep], others[keep]
+                # Gradients of the finished images would be wasted; a fresh forward of the rest
+                # is cheaper once they outnumber a forward's share of the backward passes.
+                backward_passes = 1 if goal is not None else others.shape[1]
+                if n_done * backward_passes >= len(active):
+                    xa = current.detach().requires_grad_(True)
+                    logits = model(xa)
+                    z = logits.detach()
+                    keep = None
+            else:
+                keep = None
+
+            if goal is None:
+                step = _untargeted_step(logits, z, xa, keep, source, others)
+            else:
+                step = _targeted_step(logits, z, xa, keep, goal)
+            r_total = r_total + step
+            current = (start + (1.0 + overshoot) * r_total).clamp_(0.0, 1.0)
+
+        return Perturbed(x_adv, steps, label, target, final_logits)
 
 
 def _check_params(overshoot: float, max_iter: int, num_candidates: int) -> None:
@@ -157,23 +142,12 @@ def _check_params(overshoot: float, max_iter: int, num_candidates: int) -> None:
         )
 
 
-def _setup(
-    model: nn.Module, x0: Tensor, y: Tensor | None, goal: Tensor | None, logits: Tensor, num_candidates: int
-) -> tuple[Tensor | None, Tensor | None, Tensor]:
-    """Validate labels against the class count, pick the source and candidate classes, and
-    allocate the logits of the final iterates."""
-    num_classes = logits.shape[1]
-    check_attack_classes(model, x0, y, goal, num_classes)
-    final_logits = torch.empty_like(logits)
-    if goal is not None:
-        return None, None, final_logits
-    source = logits.argmax(1) if y is None else y.to(device=logits.device, dtype=torch.long)
-    # Candidates are the top logits other than the source, ranked once at the start as in the
-    # reference implementation; the source itself is excluded even when y is not the top class.
-    k = min(num_candidates, num_classes) - 1
-    ranked = logits.scatter(1, source[:, None], float("-inf"))
-    others = ranked.topk(k, dim=1).indices
-    return source, others, final_logits
+def _candidates(logits: Tensor, source: Tensor, num_candidates: int) -> Tensor:
+    """(n, k-1) classes to move to: the top logits other than the source, ranked once at the
+    start as in the reference implementation; the source itself is excluded even when y is not
+    the top class."""
+    k = min(num_candidates, logits.shape[1]) - 1
+    return logits.scatter(1, source[:, None], float("-inf")).topk(k, dim=1).indices
 
 
 def _untargeted_step(logits: Tensor, z: Tensor, xa: Tensor, keep: Tensor | None, source: Tensor, others: Tensor) -> Tensor:
@@ -208,15 +182,16 @@ def _untargeted_step(logits: Tensor, z: Tensor, xa: Tensor, keep: Tensor | None,
     return (scale * w_best).view(-1, *xa.shape[1:])
 
 
-def _targeted_step(logits: Tensor, z: Tensor, xa: Tensor, keep: Tensor | None, current: Tensor, goal: Tensor) -> Tensor:
+def _targeted_step(logits: Tensor, z: Tensor, xa: Tensor, keep: Tensor | None, goal: Tensor) -> Tensor:
     """The minimal step onto the linearised boundary between the current class and the target."""
+    z = z if keep is None else z[keep]
+    current = z.argmax(1)
     rows = torch.arange(len(goal), device=goal.device) if keep is None else keep.nonzero().squeeze(1)
     cot = torch.zeros_like(logits)
     cot[rows, goal] = 1.0
     cot[rows, current] = -1.0
     (g,) = torch.autograd.grad(logits, xa, cot)
     w = (g if keep is None else g[keep]).flatten(1)
-    z = z if keep is None else z[keep]
     f = z.gather(1, goal[:, None]) - z.gather(1, current[:, None])
     w_norm = w.norm(dim=1, keepdim=True)
     scale = (f.abs() / (w_norm + _TINY) + _NUDGE) / (w_norm + _TINY)
