@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustness.attacks import FGSM, PGDL2, AttackResult, DeepFool, PGDLinf, RunnerUp, deepfool
+from robustness.attacks import FGSM, PGDL2, AttackResult, DeepFool, FixedEpsilonAttack, MinimisationAttack, PGDLinf, RunnerUp, deepfool
 from robustness.attacks.deepfool import _NUDGE
 from robustness.bench.attacks import correctly_classified, rho, train_digits_smallcnn
 from robustness.errors import InputError
@@ -353,3 +353,62 @@ def test_empty_batch(digits_model, attack):
     model, x, _ = digits_model
     result = attack(model, x[:0])
     assert result.x_adv.shape == (0, *x.shape[1:]) and result.success.shape == (0,) and result.norm.shape == (0,)
+
+
+# ---------------------------------------------------------------- the two attack shapes
+
+
+class _ForwardCounter(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.model(x)
+
+
+def test_attacks_are_one_of_two_kinds():
+    from robustness.attacks.colour import ColourAttack
+
+    for attack in (DeepFool(), RunnerUp()):
+        assert isinstance(attack, MinimisationAttack) and not isinstance(attack, FixedEpsilonAttack)
+    for attack in (PGDLinf(), PGDL2(), FGSM(), ColourAttack()):
+        assert isinstance(attack, FixedEpsilonAttack) and not isinstance(attack, MinimisationAttack)
+    assert (PGDLinf().norm, PGDL2().norm, FGSM().norm) == ("linf", "l2", "linf")
+
+
+def test_with_eps_moves_the_radius_and_the_relative_step():
+    from robustness.attacks.colour import ColourAttack
+
+    pgd = PGDLinf(eps=0.1, step_size=0.01, steps=7).with_eps(0.2, relative_step=0.25)
+    assert isinstance(pgd, PGDLinf) and (pgd.eps, pgd.step_size, pgd.steps) == (0.2, 0.05, 7)
+    assert PGDL2(eps=0.5, step_size=0.1).with_eps(1.0).step_size == 0.1  # no relative step: kept
+    assert FGSM(eps=0.1).with_eps(0.3, relative_step=0.25).eps == 0.3
+    colour = ColourAttack(max_hue=45.0, grid=3)
+    wider = colour.with_eps(90.0)
+    assert (wider.eps, wider.max_hue, wider.grid, colour.max_hue) == (90.0, 90.0, 3, 45.0)
+    with pytest.raises(InputError, match="eps must be >= 0"):
+        PGDLinf().with_eps(-0.1)
+
+
+def test_deepfool_success_comes_from_its_last_forward(linear_problem):
+    """One step on a linear model: the clean forward and the forward that finds the image fooled,
+    and no third forward for the success mask."""
+    model, x, _, _ = linear_problem
+    counted = _ForwardCounter(model).eval()
+    result = DeepFool()(counted, x)
+    assert counted.calls == 2 and result.success.all()
+    # the base's one criterion agrees with the model on the returned images
+    assert torch.equal(result.success, model(result.x_adv).argmax(1) != model(x).argmax(1))
+
+
+def test_success_is_decided_by_the_base_for_every_attack(digits_model):
+    model, x, y = digits_model
+    target = (y + 1) % 10
+    for attack in ATTACKS:
+        for kwargs, reached in (({}, lambda p: p != y[:16]), ({"target": target[:16]}, lambda p: p == target[:16])):
+            if isinstance(attack, RunnerUp) and not kwargs:
+                continue  # its untargeted goal is the runner-up class: covered above
+            result = attack(model, x[:16], y[:16], **kwargs)
+            assert torch.equal(result.success, reached(model(result.x_adv).argmax(1))), type(attack).__name__

@@ -1,14 +1,29 @@
-"""The one call shape every attack shares: ``attack(model, x, y) -> AttackResult``."""
+"""The one call shape every attack shares, ``attack(model, x, y=None, target=None) -> AttackResult``,
+and the two kinds of attack behind it (foolbox's two shapes):
+
+- :class:`MinimisationAttack` (DeepFool, runner_up): looks for the smallest perturbation that
+  reaches the goal; ``norm`` is what it needed, ``success`` whether it got there at all.
+- :class:`FixedEpsilonAttack` (PGD, FGSM, colour, AutoAttack): looks for a perturbation within a
+  budget ``eps`` in its own ``norm``; :meth:`FixedEpsilonAttack.with_eps` gives the same attack at
+  another radius, so callers that sweep eps choose by type, not by config keys.
+
+Success is decided once, here in :meth:`Attack.__call__`, from the logits of the final iterate
+(handed over by the attack when it has them, so it costs no extra forward) and one criterion
+(:func:`goal_reached`): untargeted, the prediction is no longer the label; targeted, it is the
+target. Callers read ``AttackResult.success`` and never check again.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from robustness.errors import InputError
-from robustness.tensors import check_images
+from robustness.tensors import check_images, l2_norm
 
 
 @dataclass
@@ -85,3 +100,84 @@ def check_attack_classes(model: nn.Module, x: Tensor, y: Tensor | None, target: 
             f"target classes must lie in [0, {num_classes - 1}], got values in [{int(target.min())}, {int(target.max())}]",
             "pick targets among the model's classes",
         )
+
+
+def goal_reached(logits: Tensor, label: Tensor | None, goal: Tensor | None) -> Tensor:
+    """The one success criterion: the top class is ``goal`` where given, else it is not ``label``."""
+    pred = logits.argmax(1)
+    return pred == goal if goal is not None else pred != label
+
+
+@dataclass
+class Perturbed:
+    """What an attack's :meth:`Attack.perturb` hands to the base.
+
+    x_adv:  the final iterates, in [0, 1]
+    steps:  iterations each image used
+    label:  the class each image must leave (``y``, or the clean prediction where ``y`` is None);
+            None when ``goal`` decides
+    goal:   the class each image must reach (the caller's target, or one the attack chose)
+    logits: the model's logits on ``x_adv`` when the attack computed them anyway, else None (the
+            base then runs one forward)
+    """
+
+    x_adv: Tensor
+    steps: Tensor
+    label: Tensor | None
+    goal: Tensor | None = None
+    logits: Tensor | None = None
+
+
+class Attack(ABC):
+    """Validates the inputs, runs :meth:`perturb` with gradients on, decides success."""
+
+    #: images per forward when the base has to compute the final logits itself
+    eval_batch_size: int = 1024
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor | None = None, target: Tensor | None = None) -> AttackResult:
+        prepare_attack_inputs(model, x, y, target)
+        x0 = x.detach()
+        if x0.shape[0] == 0:
+            return AttackResult.unattacked(x0)
+        goal = None if target is None else target.to(device=x0.device, dtype=torch.long)
+        with torch.enable_grad():  # probes may call attacks under no_grad
+            out = self.perturb(model, x0, y, goal)
+        x_adv = out.x_adv.detach()
+        logits = out.logits
+        if logits is None:
+            with torch.no_grad():
+                logits = torch.cat([model(chunk) for chunk in x_adv.split(self.eval_batch_size)])
+        success = goal_reached(logits.detach(), out.label, out.goal)
+        return AttackResult(x_adv, success, l2_norm(x_adv - x0), out.steps.to(device=x0.device, dtype=torch.long))
+
+    @abstractmethod
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor | None, target: Tensor | None) -> Perturbed:
+        """Attack a non-empty, validated batch; ``target`` is None or a LongTensor on x's device."""
+
+
+class MinimisationAttack(Attack):
+    """Looks for the smallest perturbation that reaches the goal (no budget)."""
+
+
+class FixedEpsilonAttack(Attack):
+    """Looks for a perturbation within ``eps`` in the attack's ``norm``.
+
+    Subclasses have an ``eps`` attribute and a ``norm`` ("linf", "l2", or the unit of their own
+    budget) and may override :meth:`with_eps` when more than ``eps`` follows the radius.
+    """
+
+    eps: float
+    norm: str
+
+    def with_eps(self, eps: float, relative_step: float | None = None) -> "FixedEpsilonAttack":
+        """The same attack at radius ``eps``; attacks with a ``step_size`` take
+        ``relative_step * eps`` as their step where ``relative_step`` is given."""
+        changes: dict[str, float] = {"eps": eps}
+        if relative_step is not None and hasattr(self, "step_size"):
+            changes["step_size"] = relative_step * eps
+        return dataclasses.replace(self, **changes)
+
+
+def clean_label(logits: Tensor, y: Tensor | None) -> Tensor:
+    """The class an untargeted attack must leave: ``y``, or the prediction where ``y`` is None."""
+    return logits.argmax(1) if y is None else y.to(device=logits.device, dtype=torch.long)

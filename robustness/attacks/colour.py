@@ -21,12 +21,13 @@ success. Restarts after the first start from random fields within the budget.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustness.attacks.base import AttackResult, check_attack_classes, prepare_attack_inputs
-from robustness.tensors import l2_norm
+from robustness.attacks.base import FixedEpsilonAttack, Perturbed, check_attack_classes, clean_label
 from robustness.errors import InputError
 from robustness.geometry.colour import recolour, region_mask
 from robustness.registry import register
@@ -44,8 +45,13 @@ def _margin(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
 
 
 @register("attack", "colour")
-class ColourAttack:
-    """Smooth hue/saturation fields optimised by gradient to flip (or target) the label."""
+class ColourAttack(FixedEpsilonAttack):
+    """Smooth hue/saturation fields optimised by gradient to flip (or target) the label.
+
+    As a fixed-epsilon attack its budget is ``max_hue`` (degrees, ``norm`` "hue_degrees").
+    """
+
+    norm = "hue_degrees"
 
     def __init__(
         self,
@@ -94,32 +100,36 @@ class ColourAttack:
         angle, saturation = self.fields(hue_params, sat_params, tuple(x.shape[2:]))
         return recolour(x, angle=angle, saturation=saturation, mask=mask)
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor | None = None, target: Tensor | None = None) -> AttackResult:
-        prepare_attack_inputs(model, x, y, target)
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor | None, target: Tensor | None) -> Perturbed:
         if x.dim() != 4 or x.shape[1] != 3:
             raise InputError(
                 f"the colour attack needs RGB images (N, 3, H, W), got shape {tuple(x.shape)}",
                 "use a colour dataset, e.g. dataset=colour_digits instead of digits",
             )
         with torch.no_grad():
-            logits = torch.cat([model(chunk) for chunk in x.split(self.batch_size)]) if len(x) else None
-        if logits is not None:
-            check_attack_classes(model, x, y, target, logits.shape[1])
-            if y is None:
-                y = logits.argmax(1)
+            logits = torch.cat([model(chunk) for chunk in x.split(self.batch_size)])
+        check_attack_classes(model, x, y, target, logits.shape[1])
+        label = clean_label(logits, y)
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         parts = []
-        with torch.enable_grad():  # probes may call attacks under no_grad
-            for start in range(0, len(x), self.batch_size):
-                chunk = slice(start, start + self.batch_size)
-                parts.append(self._attack_batch(model, x[chunk], y[chunk], None if target is None else target[chunk], generator))
-        if not parts:
-            empty = torch.zeros(0, dtype=torch.bool, device=x.device)
-            return AttackResult(x.clone(), empty, torch.zeros(0, device=x.device), torch.zeros(0, dtype=torch.long, device=x.device))
+        for start in range(0, len(x), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            parts.append(self._attack_batch(model, x[chunk], label[chunk], None if target is None else target[chunk], generator))
         x_adv = torch.cat([p[0] for p in parts])
-        success = torch.cat([p[1] for p in parts])
         steps = torch.cat([p[2] for p in parts])
-        return AttackResult(x_adv.detach(), success, l2_norm(x_adv - x).detach(), steps)
+        # The kept images are the best ones seen, not the last iterates: their logits are
+        # recomputed once by the base.
+        return Perturbed(x_adv.detach(), steps, None if target is not None else label, target)
+
+    @property
+    def eps(self) -> float:
+        """The budget a probe sweeps: the largest hue rotation, in degrees."""
+        return self.max_hue
+
+    def with_eps(self, eps: float, relative_step: float | None = None) -> "ColourAttack":
+        attack = copy.copy(self)
+        attack.max_hue = float(eps)
+        return attack
 
     def _attack_batch(self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         n = len(x)

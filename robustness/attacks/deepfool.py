@@ -6,8 +6,10 @@ The perturbations of all iterations are summed into ``r_total`` and the returned
 ``clip(x + (1 + overshoot) * r_total, 0, 1)``.
 
 Cost per iteration: one forward pass over the images still running and one input-gradient
-backward pass per candidate class, all reusing that forward's graph. Images that are already
-fooled leave the working set, so each one pays only for its own iterations.
+backward pass per candidate class, all reusing that forward's graph, plus one final forward per
+image (under no_grad at the last iteration). Images that are fooled leave the working set, so
+each one pays only for its own iterations; when enough of them leave at once, the rest get a
+fresh forward rather than paying backward passes for rows that are done.
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from robustness.attacks.base import AttackResult, check_attack_classes, prepare_attack_inputs
-from robustness.tensors import l2_norm
+from robustness.attacks.base import AttackResult, MinimisationAttack, Perturbed, check_attack_classes, clean_label, goal_reached
 from robustness.errors import InputError
 from robustness.registry import register
 
@@ -40,7 +41,14 @@ def deepfool(
     max_iter: int = 50,
     num_candidates: int = 10,
 ) -> AttackResult:
-    """DeepFool l2 on a batch of images in [0, 1].
+    """DeepFool l2 on a batch of images in [0, 1]; see :class:`DeepFool`."""
+    return DeepFool(overshoot=overshoot, max_iter=max_iter, num_candidates=num_candidates)(model, x, y, target)
+
+
+@register("attack", "deepfool")
+@dataclass
+class DeepFool(MinimisationAttack):
+    """``attack=deepfool``: DeepFool l2 on a batch of images in [0, 1].
 
     Untargeted (``target`` None): move each image out of class ``y`` (default: the model's
     prediction) across the nearest linearised boundary among the ``num_candidates`` classes with
@@ -51,54 +59,6 @@ def deepfool(
 
     ``steps`` counts the perturbation steps each image took (0 for an image already fooled).
     """
-    _check_params(overshoot, max_iter, num_candidates)
-    prepare_attack_inputs(model, x, y, target)
-    x0 = x.detach()
-    n = x0.shape[0]
-    device = x0.device
-    steps = torch.zeros(n, dtype=torch.long, device=device)
-    success = torch.zeros(n, dtype=torch.bool, device=device)
-    if n == 0:
-        return AttackResult.unattacked(x0)
-
-    x_adv = x0.clone()
-    r_total = torch.zeros_like(x0)
-    active = torch.arange(n, device=device)  # images still being attacked
-    source: Tensor | None = None  # the class each image must leave (untargeted)
-    others: Tensor | None = None  # (n, k-1) candidate classes to move to (untargeted)
-    goal = None if target is None else target.to(device=device, dtype=torch.long)
-
-    with torch.enable_grad():
-        for it in range(max_iter + 1):
-            xa = x_adv[active].requires_grad_(True)
-            logits = model(xa)
-            if it == 0:
-                source, others = _setup(model, x0, y, goal, logits.detach(), num_candidates)
-            pred = logits.detach().argmax(1)
-            done = pred == goal[active] if goal is not None else pred != source[active]
-            success[active[done]] = True
-            if it == max_iter or bool(done.all()):
-                break
-            keep = ~done
-            idx = active[keep]
-
-            if goal is None:
-                step = _untargeted_step(logits, xa, keep, source[idx], others[idx])
-            else:
-                step = _targeted_step(logits, xa, keep, pred[keep], goal[idx])
-            r_total[idx] += step
-            x_adv[idx] = (x0[idx] + (1.0 + overshoot) * r_total[idx]).clamp_(0.0, 1.0)
-            steps[idx] += 1
-            active = idx
-
-    x_adv = x_adv.detach()
-    return AttackResult(x_adv, success, l2_norm(x_adv - x0), steps)
-
-
-@register("attack", "deepfool")
-@dataclass
-class DeepFool:
-    """``attack=deepfool``: see :func:`deepfool`."""
 
     overshoot: float = 0.02
     max_iter: int = 50
@@ -107,10 +67,67 @@ class DeepFool:
     def __post_init__(self) -> None:
         _check_params(self.overshoot, self.max_iter, self.num_candidates)
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor | None = None, target: Tensor | None = None) -> AttackResult:
-        return deepfool(
-            model, x, y, target=target, overshoot=self.overshoot, max_iter=self.max_iter, num_candidates=self.num_candidates
-        )
+    def perturb(self, model: nn.Module, x0: Tensor, y: Tensor | None, target: Tensor | None) -> Perturbed:
+        max_iter, overshoot = self.max_iter, self.overshoot
+        n = x0.shape[0]
+        steps = torch.full((n,), max_iter, dtype=torch.long, device=x0.device)
+        x_adv = torch.empty_like(x0)
+        final_logits = torch.empty(0)
+
+        # The working set holds only the images still being attacked, compacted whenever some
+        # of them succeed, so each image pays for its own iterations and nothing is re-indexed
+        # from the full batch inside the loop.
+        active = torch.arange(n, device=x0.device)
+        start, current, r_total = x0, x0, torch.zeros_like(x0)
+        label = source = others = None
+        goal = target
+        for it in range(max_iter + 1):
+            last = it == max_iter
+            xa = current.detach().requires_grad_(not last)
+            with torch.set_grad_enabled(not last):
+                logits = model(xa)
+            z = logits.detach()
+            if it == 0:
+                check_attack_classes(model, x0, y, target, z.shape[1])
+                final_logits = torch.empty_like(z)
+                if target is None:
+                    label = source = clean_label(z, y)
+                    others = _candidates(z, source, self.num_candidates)
+            done = goal_reached(z, source, goal)
+            n_done = int(done.sum())  # the loop's one host sync per iteration
+            if n_done or last:
+                finished = torch.ones_like(done) if last else done
+                rows = active[finished]
+                x_adv[rows] = current[finished]
+                final_logits[rows] = z[finished]
+                steps[rows] = it
+                if last or n_done == len(active):
+                    break
+                keep = ~done
+                active, start, current, r_total = active[keep], start[keep], current[keep], r_total[keep]
+                if goal is not None:
+                    goal = goal[keep]
+                else:
+                    source, others = source[keep], others[keep]
+                # Gradients of the finished images would be wasted; a fresh forward of the rest
+                # is cheaper once they outnumber a forward's share of the backward passes.
+                backward_passes = 1 if goal is not None else others.shape[1]
+                if n_done * backward_passes >= len(active):
+                    xa = current.detach().requires_grad_(True)
+                    logits = model(xa)
+                    z = logits.detach()
+                    keep = None
+            else:
+                keep = None
+
+            if goal is None:
+                step = _untargeted_step(logits, z, xa, keep, source, others)
+            else:
+                step = _targeted_step(logits, z, xa, keep, goal)
+            r_total = r_total + step
+            current = (start + (1.0 + overshoot) * r_total).clamp_(0.0, 1.0)
+
+        return Perturbed(x_adv, steps, label, target, final_logits)
 
 
 def _check_params(overshoot: float, max_iter: int, num_candidates: int) -> None:
@@ -125,57 +142,56 @@ def _check_params(overshoot: float, max_iter: int, num_candidates: int) -> None:
         )
 
 
-def _setup(
-    model: nn.Module, x0: Tensor, y: Tensor | None, goal: Tensor | None, logits: Tensor, num_candidates: int
-) -> tuple[Tensor, Tensor | None]:
-    """Validate labels against the class count and pick the source and candidate classes."""
-    num_classes = logits.shape[1]
-    check_attack_classes(model, x0, y, goal, num_classes)
-    if goal is not None:
-        return logits.argmax(1), None
-    source = logits.argmax(1) if y is None else y.to(device=logits.device, dtype=torch.long)
-    # Candidates are the top logits other than the source, ranked once at the start as in the
-    # reference implementation; the source itself is excluded even when y is not the top class.
-    k = min(num_candidates, num_classes) - 1
-    ranked = logits.scatter(1, source[:, None], float("-inf"))
-    others = ranked.topk(k, dim=1).indices
-    return source, others
+def _candidates(logits: Tensor, source: Tensor, num_candidates: int) -> Tensor:
+    """(n, k-1) classes to move to: the top logits other than the source, ranked once at the
+    start as in the reference implementation; the source itself is excluded even when y is not
+    the top class."""
+    k = min(num_candidates, logits.shape[1]) - 1
+    return logits.scatter(1, source[:, None], float("-inf")).topk(k, dim=1).indices
 
 
-def _untargeted_step(logits: Tensor, xa: Tensor, keep: Tensor, source: Tensor, others: Tensor) -> Tensor:
-    """The minimal step onto the nearest linearised boundary ``f_k - f_source = 0``."""
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    kept = rows[keep]
-    # One backward per candidate, all through the same forward graph. In eval mode the images
-    # are independent, so the gradient of a batch sum is the per-image gradient; the fooled
-    # images get zero cotangent and drop out below.
-    grads = []
-    for j in range(others.shape[1]):
-        cot = torch.zeros_like(logits)
-        cot[kept, others[:, j]] = 1.0
-        cot[kept, source] = -1.0
-        (g,) = torch.autograd.grad(logits, xa, cot, retain_graph=j + 1 < others.shape[1])
-        grads.append(g[keep].flatten(1))
-    w = torch.stack(grads, dim=1)  # (m, k-1, d)
-    z = logits.detach()[keep]
+def _untargeted_step(logits: Tensor, z: Tensor, xa: Tensor, keep: Tensor | None, source: Tensor, others: Tensor) -> Tensor:
+    """The minimal step onto the nearest linearised boundary ``f_k - f_source = 0``.
+
+    ``logits`` (with graph) may hold rows of finished images that ``keep`` drops; ``source``
+    and ``others`` are those of the kept rows only.
+    """
+    if keep is not None:
+        source_rows = torch.zeros(len(keep), dtype=source.dtype, device=source.device)
+        other_rows = torch.zeros(len(keep), others.shape[1], dtype=others.dtype, device=others.device)
+        source_rows[keep], other_rows[keep] = source, others
+        z = z[keep]
+    else:
+        source_rows, other_rows = source, others
+    # One backward per candidate through the same forward graph. In eval mode the images are
+    # independent, so the gradient of a batch sum is the per-image gradient. (A single batched
+    # vector-Jacobian product, autograd.grad(is_grads_batched=True), gives the same numbers but
+    # runs slower on CPU in torch 2.x; robustness.bench.attacks measures both.)
+    gaps = logits.gather(1, other_rows) - logits.gather(1, source_rows[:, None])
+    k = other_rows.shape[1]
+    grads = torch.stack(
+        [torch.autograd.grad(gaps[:, j].sum(), xa, retain_graph=j + 1 < k)[0] for j in range(k)], dim=1
+    ).flatten(2)  # (rows, k-1, d)
+    w = grads if keep is None else grads[keep]
     f = z.gather(1, others) - z.gather(1, source[:, None])  # (m, k-1), negative while not fooled
     w_norm = w.norm(dim=2)
     dist = f.abs() / (w_norm + _TINY)
-    best = dist.argmin(dim=1)
-    m = torch.arange(len(best), device=best.device)
-    scale = (dist[m, best] + _NUDGE) / (w_norm[m, best] + _TINY)
-    return (scale[:, None] * w[m, best]).view(-1, *xa.shape[1:])
+    best = dist.argmin(dim=1, keepdim=True)
+    scale = (dist.gather(1, best) + _NUDGE) / (w_norm.gather(1, best) + _TINY)
+    w_best = w.gather(1, best[:, :, None].expand(-1, 1, w.shape[2])).squeeze(1)
+    return (scale * w_best).view(-1, *xa.shape[1:])
 
 
-def _targeted_step(logits: Tensor, xa: Tensor, keep: Tensor, current: Tensor, goal: Tensor) -> Tensor:
+def _targeted_step(logits: Tensor, z: Tensor, xa: Tensor, keep: Tensor | None, goal: Tensor) -> Tensor:
     """The minimal step onto the linearised boundary between the current class and the target."""
-    rows = torch.arange(logits.shape[0], device=logits.device)[keep]
+    z = z if keep is None else z[keep]
+    current = z.argmax(1)
+    rows = torch.arange(len(goal), device=goal.device) if keep is None else keep.nonzero().squeeze(1)
     cot = torch.zeros_like(logits)
     cot[rows, goal] = 1.0
     cot[rows, current] = -1.0
     (g,) = torch.autograd.grad(logits, xa, cot)
-    w = g[keep].flatten(1)
-    z = logits.detach()[keep]
+    w = (g if keep is None else g[keep]).flatten(1)
     f = z.gather(1, goal[:, None]) - z.gather(1, current[:, None])
     w_norm = w.norm(dim=1, keepdim=True)
     scale = (f.abs() / (w_norm + _TINY) + _NUDGE) / (w_norm + _TINY)

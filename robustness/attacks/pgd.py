@@ -9,12 +9,13 @@ clip never takes an iterate back outside the ball.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustness.attacks.base import AttackResult, check_attack_classes, check_nonnegative, prepare_attack_inputs
+from robustness.attacks.base import AttackResult, FixedEpsilonAttack, Perturbed, check_attack_classes, check_nonnegative
 from robustness.tensors import l2_norm
 from robustness.errors import InputError
 from robustness.registry import register
@@ -34,92 +35,89 @@ def pgd(
     norm: str = "linf",
     random_start: bool = True,
 ) -> AttackResult:
-    """PGD on a batch of images in [0, 1]; returns the last iterate.
+    """PGD on a batch of images in [0, 1]; see :class:`PGD`."""
+    _check_params(eps, step_size, steps, norm)
+    attack = PGDLinf if norm == "linf" else PGDL2
+    return attack(eps=eps, step_size=step_size, steps=steps, random_start=random_start)(model, x, y, target)
+
+
+@dataclass
+class PGD(FixedEpsilonAttack):
+    """PGD in the ``norm`` ball of radius ``eps``; returns the last iterate.
 
     Untargeted: ascend the cross-entropy of ``y`` (default: the model's prediction on ``x``);
     success means the prediction is no longer ``y``. Targeted: descend the cross-entropy of
     ``target``; success means the prediction equals it. Every image runs all ``steps``.
     """
-    _check_params(eps, step_size, steps, norm)
-    prepare_attack_inputs(model, x, y, target)
-    x0 = x.detach()
-    n = x0.shape[0]
-    device = x0.device
-    if n == 0:
-        return AttackResult.unattacked(x0)
 
-    if y is None and target is None:
-        with torch.no_grad():
-            y = model(x0).argmax(1)
-    labels = (target if target is not None else y).to(device=device, dtype=torch.long)
-    sign = -1.0 if target is not None else 1.0  # descend towards a target, ascend away from y
+    eps: float
+    step_size: float
+    steps: int = 10
+    random_start: bool = True
+    norm: ClassVar[str] = "linf"
 
-    delta = _random_start(x0, eps, norm) if random_start and eps > 0 else torch.zeros_like(x0)
-    x_adv = (x0 + delta).clamp_(0.0, 1.0)
-    with torch.enable_grad():
-        for step in range(steps):
+    def __post_init__(self) -> None:
+        _check_params(self.eps, self.step_size, self.steps, self.norm)
+
+    def perturb(self, model: nn.Module, x0: Tensor, y: Tensor | None, target: Tensor | None) -> Perturbed:
+        eps, norm = self.eps, self.norm
+        label = None
+        if target is None:
+            if y is None:
+                with torch.no_grad():
+                    y = model(x0).argmax(1)
+            label = y.to(device=x0.device, dtype=torch.long)
+        wanted = target if target is not None else label
+        sign = -1.0 if target is not None else 1.0  # descend towards a target, ascend away from y
+
+        delta = _random_start(x0, eps, norm) if self.random_start and eps > 0 else torch.zeros_like(x0)
+        x_adv = (x0 + delta).clamp_(0.0, 1.0)
+        for step in range(self.steps):
             xa = x_adv.requires_grad_(True)
             logits = model(xa)
             if step == 0:
                 check_attack_classes(model, x0, y, target, logits.shape[1])
-            loss = F.cross_entropy(logits, labels, reduction="sum")
+            loss = F.cross_entropy(logits, wanted, reduction="sum")
             (grad,) = torch.autograd.grad(loss, xa)
-            x_adv = _ascend(xa.detach(), grad, sign * step_size, norm)
+            x_adv = _ascend(xa.detach(), grad, sign * self.step_size, norm)
             x_adv = _project(x_adv, x0, eps, norm)
-
-    with torch.no_grad():
-        logits = model(x_adv)
-    pred = logits.argmax(1)
-    success = pred == labels if target is not None else pred != labels
-    return AttackResult(x_adv, success, l2_norm(x_adv - x0), torch.full((n,), steps, dtype=torch.long, device=device))
+        steps = torch.full((x0.shape[0],), self.steps, dtype=torch.long, device=x0.device)
+        return Perturbed(x_adv, steps, label, target)
 
 
 @register("attack", "pgd_linf")
 @dataclass
-class PGDLinf:
+class PGDLinf(PGD):
     """``attack=pgd_linf``: PGD in the l-inf ball of radius ``eps``, sign-gradient steps."""
 
     eps: float = 8 / 255
     step_size: float = 2 / 255
-    steps: int = 10
-    random_start: bool = True
-
-    def __post_init__(self) -> None:
-        _check_params(self.eps, self.step_size, self.steps, "linf")
-
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor | None = None, target: Tensor | None = None) -> AttackResult:
-        return pgd(model, x, y, target=target, eps=self.eps, step_size=self.step_size, steps=self.steps, norm="linf", random_start=self.random_start)
+    norm: ClassVar[str] = "linf"
 
 
 @register("attack", "pgd_l2")
 @dataclass
-class PGDL2:
+class PGDL2(PGD):
     """``attack=pgd_l2``: PGD in the l2 ball of radius ``eps``, normalised-gradient steps."""
 
     eps: float = 0.5
     step_size: float = 0.1
-    steps: int = 10
-    random_start: bool = True
-
-    def __post_init__(self) -> None:
-        _check_params(self.eps, self.step_size, self.steps, "l2")
-
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor | None = None, target: Tensor | None = None) -> AttackResult:
-        return pgd(model, x, y, target=target, eps=self.eps, step_size=self.step_size, steps=self.steps, norm="l2", random_start=self.random_start)
+    norm: ClassVar[str] = "l2"
 
 
 @register("attack", "fgsm")
 @dataclass
-class FGSM:
+class FGSM(FixedEpsilonAttack):
     """``attack=fgsm``: one sign-gradient step of size ``eps`` from ``x`` (PGD l-inf, one step, no random start)."""
 
     eps: float = 8 / 255
+    norm: ClassVar[str] = "linf"
 
     def __post_init__(self) -> None:
         _check_params(self.eps, self.eps, 1, "linf")
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor | None = None, target: Tensor | None = None) -> AttackResult:
-        return pgd(model, x, y, target=target, eps=self.eps, step_size=self.eps, steps=1, norm="linf", random_start=False)
+    def perturb(self, model: nn.Module, x0: Tensor, y: Tensor | None, target: Tensor | None) -> Perturbed:
+        return PGDLinf(eps=self.eps, step_size=self.eps, steps=1, random_start=False).perturb(model, x0, y, target)
 
 
 def _check_params(eps: float, step_size: float, steps: int, norm: str) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from robustness.attacks.base import AttackResult, check_attack_classes, prepare_attack_inputs
+from robustness.attacks.base import MinimisationAttack, Perturbed, check_attack_classes, clean_label, goal_reached
 from robustness.tensors import l2_norm
 from robustness.errors import InputError
 from robustness.registry import register
@@ -25,7 +25,7 @@ _TINY = 1e-12
 
 @register("attack", "runner_up")
 @dataclass
-class RunnerUp:
+class RunnerUp(MinimisationAttack):
     """``attack=runner_up``.
 
     ``y`` (default: the prediction) is the class to leave: the runner-up is the most probable
@@ -45,53 +45,48 @@ class RunnerUp:
         if self.norm not in ("l2", "linf"):
             raise InputError(f"unknown norm '{self.norm}'", "set attack.norm to 'l2' or 'linf'")
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor | None = None, target: Tensor | None = None) -> AttackResult:
-        prepare_attack_inputs(model, x, y, target)
-        x0 = x.detach()
+    def perturb(self, model: nn.Module, x0: Tensor, y: Tensor | None, target: Tensor | None) -> Perturbed:
         n = x0.shape[0]
-        device = x0.device
-        steps = torch.zeros(n, dtype=torch.long, device=device)
-        success = torch.zeros(n, dtype=torch.bool, device=device)
-        if n == 0:
-            return AttackResult.unattacked(x0)
-
+        steps = torch.full((n,), self.max_steps, dtype=torch.long, device=x0.device)
         x_adv = x0.clone()
-        active = torch.arange(n, device=device)
-        goal: Tensor | None = None
-        with torch.enable_grad():
-            for it in range(self.max_steps + 1):
-                xa = x_adv[active].requires_grad_(True)
+        final_logits = torch.empty(0)
+        active = torch.arange(n, device=x0.device)
+        goal = torch.empty(0, dtype=torch.long)
+        for it in range(self.max_steps + 1):
+            last = it == self.max_steps
+            xa = x_adv[active].requires_grad_(not last)
+            with torch.set_grad_enabled(not last):
                 logits = model(xa)
-                if it == 0:
-                    goal = self._goal(model, x0, y, target, logits.detach())
-                g = goal[active]
-                done = logits.detach().argmax(1) == g
-                success[active[done]] = True
-                if it == self.max_steps or bool(done.all()):
-                    break
-                # The margin of the goal class over its strongest rival; the images are
-                # independent in eval mode, so the gradient of the sum is per image.
-                rival = logits.detach().scatter(1, g[:, None], float("-inf")).argmax(1)
-                rows = torch.arange(len(g), device=device)
-                margin = logits[rows, g] - logits[rows, rival]
-                (grad,) = torch.autograd.grad(margin.sum(), xa)
-                keep = ~done
-                idx = active[keep]
-                grad = grad[keep]
-                if self.norm == "l2":
-                    step = grad / (l2_norm(grad) + _TINY).view(-1, *([1] * (grad.dim() - 1)))
-                else:
-                    step = grad.sign()
-                x_adv[idx] = (xa.detach()[keep] + self.step_size * step).clamp_(0.0, 1.0)
-                steps[idx] += 1
-                active = idx
+            z = logits.detach()
+            if it == 0:
+                check_attack_classes(model, x0, y, target, z.shape[1])
+                goal = target if target is not None else _runner_up(z, clean_label(z, y))
+                final_logits = torch.empty_like(z)
+            g = goal[active]
+            done = goal_reached(z, None, g)
+            finished = torch.ones_like(done) if last else done
+            final_logits[active[finished]] = z[finished]
+            steps[active[finished]] = it
+            if last or bool(done.all()):
+                break
+            # The margin of the goal class over its strongest rival; the images are
+            # independent in eval mode, so the gradient of the sum is per image.
+            rival = z.scatter(1, g[:, None], float("-inf")).argmax(1)
+            rows = torch.arange(len(g), device=x0.device)
+            margin = logits[rows, g] - logits[rows, rival]
+            (grad,) = torch.autograd.grad(margin.sum(), xa)
+            keep = ~done
+            idx = active[keep]
+            grad = grad[keep]
+            if self.norm == "l2":
+                step = grad / (l2_norm(grad) + _TINY).view(-1, *([1] * (grad.dim() - 1)))
+            else:
+                step = grad.sign()
+            x_adv[idx] = (xa.detach()[keep] + self.step_size * step).clamp_(0.0, 1.0)
+            active = idx
+        return Perturbed(x_adv, steps, None, goal, final_logits)
 
-        return AttackResult(x_adv, success, l2_norm(x_adv - x0), steps)
 
-    @staticmethod
-    def _goal(model: nn.Module, x0: Tensor, y: Tensor | None, target: Tensor | None, logits: Tensor) -> Tensor:
-        check_attack_classes(model, x0, y, target, logits.shape[1])
-        if target is not None:
-            return target.to(device=logits.device, dtype=torch.long)
-        source = logits.argmax(1) if y is None else y.to(device=logits.device, dtype=torch.long)
-        return logits.scatter(1, source[:, None], float("-inf")).argmax(1)
+def _runner_up(logits: Tensor, source: Tensor) -> Tensor:
+    """The most probable class other than ``source``."""
+    return logits.scatter(1, source[:, None], float("-inf")).argmax(1)

@@ -1,4 +1,5 @@
-"""Table and figure of the ``adversarial_accuracy`` probe: robust accuracy against eps per variant."""
+"""Table and figure of the ``adversarial_accuracy`` probe: robust accuracy against eps per variant
+and attack (the main attack solid, attacks reported beside it dashed)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,18 @@ from robustness.registry import register
 
 def _attack_label(meta: dict) -> str:
     attack = meta.get("attack", {})
-    return f"{attack.get('name', '?')} ({meta.get('attack_kind', '')}, {meta.get('norm', '')})"
+    label = f"{attack.get('name', '?')} ({meta.get('attack_kind', '')}, {meta.get('norm', '')})"
+    extra = [name for name in meta.get("attacks", {}) if name != attack.get("name")]
+    return label + (f" and {', '.join(extra)}" if extra else "")
 
 
 @register("reporter", "adversarial_accuracy")
 def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     meta = result.meta
     rows = result.tables["robust_accuracy"]
-    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    main = meta.get("attack", {}).get("name")
+    curves = list(dict.fromkeys((row["variant"], row.get("attack", main)) for row in rows))
+    several = len({attack for _, attack in curves}) > 1
     attack = _attack_label(meta)
     caption = (
         f"Clean and robust accuracy of each variant under {attack} on {meta.get('n_images')} "
@@ -29,14 +34,23 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     table = write_table(rows, out_dir, "adversarial_accuracy", caption)
 
     fig, ax = plt.subplots(figsize=(4.8, 3.4))
-    for variant in variants:
-        mine = [row for row in rows if row["variant"] == variant]
-        ax.plot([row["eps"] for row in mine], [row["robust_acc"] for row in mine], marker="o", label=variant)
+    colours = {}
+    for variant, name in curves:
+        mine = [row for row in rows if row["variant"] == variant and row.get("attack", main) == name]
+        line = ax.plot(
+            [row["eps"] for row in mine],
+            [row["robust_acc"] for row in mine],
+            marker="o",
+            linestyle="-" if name == main else "--",
+            color=colours.get(variant),
+            label=f"{variant} ({name})" if several else variant,
+        )[0]
+        colours.setdefault(variant, line.get_color())
     ax.set_xlabel(f"eps ({meta.get('norm', '')})")
     ax.set_ylabel("robust accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, fontsize="small")
     ax.set_title(attack, fontsize="small")
     figure = save_figure(fig, out_dir, "adversarial_accuracy_vs_eps", f"Robust accuracy against eps under {attack}")
     return [table, figure]
