@@ -431,8 +431,11 @@ def test_results_survive_a_round_trip_and_draw_their_figures_and_tables(tmp_path
         out = tmp_path / f"out_{module.__name__.rsplit('.', 1)[1]}"
         artefacts = reporter.draw(loaded, out)
         written = {path.name for artefact in artefacts for path in artefact.paths}
-        figure = artefacts[0].name
-        assert written == {f"{figure}.png", f"{figure}.pdf", f"{table}.csv", f"{table}.md"}
+        figure, spread = artefacts[0].name, artefacts[2].name
+        assert written == {f"{figure}.png", f"{figure}.pdf", f"{table}.csv", f"{table}.md", f"{spread}.png", f"{spread}.pdf"}
+        # Captions stay short; how it was measured goes to the appendix text.
+        assert all(artefact.caption.count(". ") <= 1 for artefact in artefacts)
+        assert all("per-image statistics" in artefact.methods.lower() for artefact in artefacts)
         assert all(path.stat().st_size > 0 for artefact in artefacts for path in artefact.paths)
         header = (out / f"{table}.csv").read_text().splitlines()[0].split(",")
         assert header[:2] == ["variant", "sample_class"]

@@ -120,3 +120,24 @@ def test_verdicts_follow_the_interval_and_the_predicted_sign() -> None:
     assert all_hold(["holds", "holds"]) == "holds"
     assert all_hold(["holds", "inconclusive"]) == "inconclusive"
     assert all_hold(["inconclusive", "does not hold"]) == "does not hold"
+
+
+def test_one_sample_interval_matches_the_standard_error_of_the_mean() -> None:
+    from robustness.geometry.stats import bootstrap_statistic
+
+    values = np.random.default_rng(6).exponential(2.0, 5000)
+    interval = bootstrap_statistic(values, "mean", seed=1)
+    half = Z95 * values.std(ddof=1) / math.sqrt(len(values))
+    assert interval.estimate == pytest.approx(values.mean())
+    assert (interval.low, interval.high) == pytest.approx((values.mean() - half, values.mean() + half), abs=0.1 * half)
+    median = bootstrap_statistic(values, "median", seed=1)
+    # Median of Exp(scale 2) is 2 ln 2, its density there 1/4: standard error 1 / (2 f sqrt(n)) = 2 / sqrt(n).
+    assert (median.high - median.low) / 2 == pytest.approx(Z95 * 2 / math.sqrt(len(values)), rel=0.12)
+    assert median.low < 2 * math.log(2) < median.high
+
+
+def test_ordering_names_variants_from_smallest_to_largest() -> None:
+    from robustness.geometry.stats import ordering
+
+    assert ordering({"base": 5.5, "adversarial": 1.1, "cure": 6.4e-4}) == "cure < adversarial < base"
+    assert ordering({"base": 1.0, "cure": float("nan")}) == "base, cure ?"

@@ -30,8 +30,9 @@ DEFAULT_RESAMPLES = 4000
 class Interval:
     """``estimate`` = statistic(b) - statistic(a) on the data; ``[low, high]`` its bootstrap interval.
 
-    ``n_a`` and ``n_b`` count the finite values used (equal when paired); ``level`` is the
-    interval's nominal coverage. With fewer than two values per group there is no interval and
+    ``n_a`` and ``n_b`` count the finite values used (equal when paired; ``n_b`` is 0 for the
+    one-sample interval of :func:`bootstrap_statistic`, whose ``estimate`` is the statistic
+    itself); ``level`` is the interval's nominal coverage. With fewer than two values per group there is no interval and
     ``low``/``high`` are NaN.
     """
 
@@ -67,6 +68,38 @@ def _as_vector(values: Sequence[float] | np.ndarray, what: str) -> np.ndarray:
     return array
 
 
+def _check(statistic: str, level: float, resamples: int) -> None:
+    if statistic not in STATISTICS:
+        raise InputError(f"statistic must be one of {', '.join(STATISTICS)}, got '{statistic}'")
+    if not 0.0 < level < 1.0:
+        raise InputError(f"the interval's level must lie in (0, 1), got {level}", "e.g. 0.95")
+    if isinstance(resamples, bool) or int(resamples) < 1:
+        raise InputError(f"resamples must be a positive integer, got {resamples}", f"e.g. {DEFAULT_RESAMPLES}")
+
+
+def _percentiles(draws: np.ndarray, level: float) -> tuple[float, float]:
+    tail = 100.0 * (1.0 - level) / 2.0
+    low, high = np.percentile(draws, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_statistic(
+    values: Sequence[float] | np.ndarray, statistic: str = "mean", *, seed: int = 0, resamples: int = DEFAULT_RESAMPLES, level: float = 0.95
+) -> Interval:
+    """Percentile bootstrap interval of one group's mean or median (non-finite values dropped)."""
+    _check(statistic, level, resamples)
+    values = _as_vector(values, "values")
+    values = values[np.isfinite(values)]
+    nan = float("nan")
+    if len(values) == 0:
+        return Interval(statistic, nan, nan, nan, 0, 0, False, level)
+    estimate = float(_statistic(values, statistic))
+    if len(values) < 2:
+        return Interval(statistic, estimate, nan, nan, len(values), 0, False, level)
+    draws = _statistic(values[np.random.default_rng(int(seed)).integers(0, len(values), size=(int(resamples), len(values)))], statistic)
+    return Interval(statistic, estimate, *_percentiles(draws, level), len(values), 0, False, level)
+
+
 def bootstrap_difference(
     a: Sequence[float] | np.ndarray,
     b: Sequence[float] | np.ndarray,
@@ -86,12 +119,7 @@ def bootstrap_difference(
     median it is the difference of the two medians (not the median of the differences), which is
     what a table of medians compares.
     """
-    if statistic not in STATISTICS:
-        raise InputError(f"statistic must be one of {', '.join(STATISTICS)}, got '{statistic}'")
-    if not 0.0 < level < 1.0:
-        raise InputError(f"the interval's level must lie in (0, 1), got {level}", "e.g. 0.95")
-    if isinstance(resamples, bool) or int(resamples) < 1:
-        raise InputError(f"resamples must be a positive integer, got {resamples}", f"e.g. {DEFAULT_RESAMPLES}")
+    _check(statistic, level, resamples)
     a, b = _as_vector(a, "a"), _as_vector(b, "b")
     if paired:
         if a.shape != b.shape:
@@ -115,9 +143,15 @@ def bootstrap_difference(
         draws = _statistic(b[rng.integers(0, len(b), size=(int(resamples), len(b)))], statistic) - _statistic(
             a[rng.integers(0, len(a), size=(int(resamples), len(a)))], statistic
         )
-    tail = 100.0 * (1.0 - level) / 2.0
-    low, high = np.percentile(draws, [tail, 100.0 - tail])
-    return Interval(statistic, estimate, float(low), float(high), len(a), len(b), paired, level)
+    return Interval(statistic, estimate, *_percentiles(draws, level), len(a), len(b), paired, level)
+
+
+def ordering(estimates: dict[str, float]) -> str:
+    """Variants from smallest to largest estimate, e.g. ``"cure < adversarial < base"`` (NaN last, as ``?``)."""
+    finite = sorted((value, name) for name, value in estimates.items() if math.isfinite(value))
+    missing = [name for name, value in estimates.items() if not math.isfinite(value)]
+    text = " < ".join(name for _, name in finite)
+    return text + "".join(f", {name} ?" for name in missing)
 
 
 def verdict(interval: Interval, expected_sign: int) -> str:
