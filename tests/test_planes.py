@@ -478,4 +478,5 @@ def test_fig4_draws_the_cure_model_in_both_planes(tmp_path: Path) -> None:
         assert {f"{name}.png", f"{name}.pdf"} <= written
     for table in ("boundary_plane_curvature", "random_plane_regions"):
         (csv,) = [p for p in out.rglob(f"{table}.csv")]
-        assert [line.split(",")[0] for line in csv.read_text().splitlines()[1:]] == ["cure"]
+        # CURE beside the two models it is compared with, on one scale.
+        assert [line.split(",")[0] for line in csv.read_text().splitlines()[1:]] == ["base", "adversarial", "cure"]
