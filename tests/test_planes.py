@@ -22,6 +22,7 @@ from robustness.geometry.planes import (
     first_exit_rows,
     fit_quadratic,
     gaussian_direction,
+    image_seed,
     orthonormalize,
     plane_points,
     region_statistics,
@@ -52,7 +53,9 @@ class PlaneData:
         self.y = torch.tensor([0, 1, 2, 0])
 
     def split_tensors(self, split: str = "test", limit: int | None = None, indices=None) -> tuple[Tensor, Tensor]:
-        if indices is None or any(not 0 <= i < len(self.x) for i in indices):
+        if indices is None:
+            return self.x[:limit], self.y[:limit]
+        if any(not 0 <= i < len(self.x) for i in indices):
             raise ConfigError("bad index in the toy data", "pick an index in [0, 3]")
         return self.x[list(indices)], self.y[list(indices)]
 
@@ -299,6 +302,80 @@ def test_bad_probe_options_are_config_errors(cfg: dict, message: str) -> None:
         boundary_plane.BoundaryPlaneOptions.from_cfg({"name": "boundary_plane", **cfg})
 
 
+def test_per_image_boundary_of_a_linear_classifier_is_flat_at_each_images_own_distance(tmp_path: Path) -> None:
+    data = PlaneData(num_classes=2)
+    model, _, _ = _linear_two_class(data.x[0])
+    layer = model[1]
+    cfg = {"name": "boundary_plane", "stats_resolution": 41, "num_images": 10}
+    result = boundary_plane.compute(_context({"linear": model}, cfg, data, tmp_path))
+    logits = layer(data.x.flatten(1)).detach()
+    exact = (logits[:, 0] - logits[:, 1]).abs() / (layer.weight[0] - layer.weight[1]).norm()
+    assert torch.equal(result.arrays["per_image/index"], torch.arange(4))  # capped at the 4 images there are
+    assert torch.allclose(result.arrays["linear/per_image/attack_distance"], 1.02 * exact.double(), rtol=1e-3)
+    curvature = result.arrays["linear/per_image/curvature_x_distance"]
+    assert torch.isfinite(curvature).all() and curvature.abs().max() < 1e-3
+    # 41 points over [-2d, 2d]: the 21 columns with |s| <= d enter the fit.
+    assert result.arrays["linear/per_image/fit_columns"].tolist() == [21] * 4
+    assert [row["image"] for row in result.tables["per_image"]] == [0, 1, 2, 3]
+
+
+class ShiftedAlongNormal(PlaneData):
+    """Images ``x0 + alpha_i n``: at each of them the attack direction of :class:`PlaneFunction` is ``n``."""
+
+    def __init__(self, x0: Tensor, n: Tensor, alphas: list[float]) -> None:
+        super().__init__(num_classes=2)
+        self.x = torch.stack([x0 + a * n for a in alphas])
+        self.y = torch.zeros(len(alphas), dtype=torch.long)
+
+
+@pytest.mark.parametrize("k", [3.0, -3.0])
+def test_per_image_curvature_of_a_known_quadratic_boundary_in_each_images_own_plane(tmp_path: Path, k: float) -> None:
+    x0 = PlaneData(num_classes=2).x[0]
+    normal = torch.zeros(SHAPE)
+    normal[1, 2, 1] = 1.0
+    w = torch.zeros(SHAPE)
+    w[0, 0, 3] = 1.0
+    data = ShiftedAlongNormal(x0, normal, [0.0, 0.02, -0.03, 0.04])
+    model = PlaneFunction(x0, normal, w, offset=0.1, k=k).eval()
+    cfg = {"name": "boundary_plane", "direction_seed": 5, "stats_resolution": 81, "chunk_size": 3}
+    result = boundary_plane.compute(_context({"quadratic": model}, cfg, data, tmp_path))
+    # In image i's plane (n, v_i) the boundary is t = 0.1 - alpha_i + k <w, v_i>^2 s^2.
+    for i in range(4):
+        _, v = direction_pair(SHAPE, image_seed(5, i), first=normal)
+        expected = 2 * k * float((v * w).sum()) ** 2
+        assert float(result.arrays["quadratic/per_image/curvature"][i]) == pytest.approx(expected, rel=0.05, abs=1e-4)
+    # Different images draw different directions (else the statistics would repeat one plane).
+    assert len({round(float(c), 6) for c in result.arrays["quadratic/per_image/curvature"]}) == 4
+
+
+def test_per_image_values_do_not_depend_on_the_chunking_and_resume_from_kept_chunks(tmp_path: Path) -> None:
+    data = PlaneData(num_classes=3)
+    models = {"a": _linear_two_class(data.x[0], seed=0)[0], "b": _linear_two_class(data.x[0], seed=4)[0]}
+    base_cfg = {"name": "random_plane", "resolution": 21, "stats_resolution": 31}
+    whole = random_plane.compute(_context(models, {**base_cfg, "chunk_size": 4}, data, tmp_path / "one"))
+    pieces = random_plane.compute(_context(models, {**base_cfg, "chunk_size": 1}, data, tmp_path / "four"))
+    for variant in models:
+        for key in ("area_fraction", "num_classes", "predicted"):
+            assert torch.equal(whole.arrays[f"{variant}/per_image/{key}"], pieces.arrays[f"{variant}/per_image/{key}"])
+    kept = sorted(p.name for p in (tmp_path / "four").rglob("*.pt"))
+    assert len(kept) == 8  # 4 chunks of 1 image for each of the 2 models
+    again = random_plane.compute(_context(models, {**base_cfg, "chunk_size": 1}, data, tmp_path / "four"))
+    assert again.tables["per_image"] == pieces.tables["per_image"]
+
+
+def test_per_image_area_fraction_of_a_disk_in_each_images_own_plane(tmp_path: Path) -> None:
+    data = PlaneData(num_classes=3)
+    x0 = data.x[0]
+    u, v = direction_pair(SHAPE, seed=image_seed(9, 0))  # image 0's own plane
+    half_width = 1.5 * float(x0.norm())
+    model = DiskAndHalves(x0, u, v, 0.6 * half_width).eval()
+    cfg = {"name": "random_plane", "direction_seed": 9, "extent": 1.5, "resolution": 21, "stats_resolution": 201, "num_images": 1}
+    result = random_plane.compute(_context({"disk": model}, cfg, data, tmp_path))
+    (row,) = result.tables["per_image"]
+    assert row["predicted_label"] == 2 and row["num_classes"] == 3
+    assert row["area_fraction"] == pytest.approx(math.pi * 0.36 / 4 * (200 / 201) ** 2, rel=0.005)
+
+
 # ---------------------------------------------------------------- the random_plane probe
 
 
@@ -354,8 +431,11 @@ def test_results_survive_a_round_trip_and_draw_their_figures_and_tables(tmp_path
         out = tmp_path / f"out_{module.__name__.rsplit('.', 1)[1]}"
         artefacts = reporter.draw(loaded, out)
         written = {path.name for artefact in artefacts for path in artefact.paths}
-        figure = artefacts[0].name
-        assert written == {f"{figure}.png", f"{figure}.pdf", f"{table}.csv", f"{table}.md"}
+        figure, spread = artefacts[0].name, artefacts[2].name
+        assert written == {f"{figure}.png", f"{figure}.pdf", f"{table}.csv", f"{table}.md", f"{spread}.png", f"{spread}.pdf"}
+        # Captions stay short; how it was measured goes to the appendix text.
+        assert all(artefact.caption.count(". ") <= 1 for artefact in artefacts)
+        assert all("per-image statistics" in artefact.methods.lower() for artefact in artefacts)
         assert all(path.stat().st_size > 0 for artefact in artefacts for path in artefact.paths)
         header = (out / f"{table}.csv").read_text().splitlines()[0].split(",")
         assert header[:2] == ["variant", "sample_class"]
@@ -366,7 +446,8 @@ def test_results_survive_a_round_trip_and_draw_their_figures_and_tables(tmp_path
 # ---------------------------------------------------------------- the experiments on digits
 
 # A coarse grid keeps the experiment tests quick; the maths is checked above at full resolution.
-COARSE = ["++probe.resolution=41"]  # ++: a report has no probe node of its own to override
+COARSE_IMAGES = 6
+COARSE = ["++probe.resolution=41", "++probe.stats_resolution=21", f"++probe.num_images={COARSE_IMAGES}"]  # ++: a report has no probe node of its own to override
 
 
 def _written(out: Path) -> set[str]:
@@ -381,9 +462,11 @@ def _written(out: Path) -> set[str]:
 def test_experiment_on_digits_writes_its_figure_and_table(tmp_path: Path, experiment: str, figure: str, table: str) -> None:
     out = run_experiment(experiment, COARSE, tmp_path)
     assert {f"{figure}.png", f"{figure}.pdf", f"{table}.csv", f"{table}.md"} <= _written(out)
-    rows = ProbeResult.load(out / "results" / figure).tables
-    (rows,) = rows.values()
+    tables = ProbeResult.load(out / "results" / figure).tables
+    rows = tables["curvature" if figure == "boundary_plane" else "regions"]
     assert [row["variant"] for row in rows] == ["base", "adversarial"]
+    # The per-image statistics: every variant at each of the first num_images test images.
+    assert [(row["variant"], row["image"]) for row in tables["per_image"]] == [(v, i) for v in ("base", "adversarial") for i in range(COARSE_IMAGES)]
 
 
 @pytest.mark.slow
@@ -395,4 +478,5 @@ def test_fig4_draws_the_cure_model_in_both_planes(tmp_path: Path) -> None:
         assert {f"{name}.png", f"{name}.pdf"} <= written
     for table in ("boundary_plane_curvature", "random_plane_regions"):
         (csv,) = [p for p in out.rglob(f"{table}.csv")]
-        assert [line.split(",")[0] for line in csv.read_text().splitlines()[1:]] == ["cure"]
+        # CURE beside the two models it is compared with, on one scale.
+        assert [line.split(",")[0] for line in csv.read_text().splitlines()[1:]] == ["base", "adversarial", "cure"]

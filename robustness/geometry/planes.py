@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -48,6 +49,16 @@ def gaussian_direction(shape: Sequence[int], seed: int) -> Tensor:
     """
     generator = torch.Generator().manual_seed(int(seed))
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The direction seed of image ``index`` when a probe draws one plane per image.
+
+    Derived from ``(seed, index)`` alone, so image ``index`` gets the same plane whatever other
+    images a run measures, every model meets the same draw, and neighbouring seeds or indices
+    give unrelated streams (unlike ``seed + index``).
+    """
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint32)[0])
 
 
 def orthonormalize(vectors: Sequence[Tensor]) -> list[Tensor]:

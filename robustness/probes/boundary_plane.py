@@ -20,6 +20,15 @@ false``): the model accepts any input, and only the unclamped slice is a plane, 
 boundary whose curvature means what the fit measures. ``clamp: true`` clips every point to the
 pixel box instead, which shows what the model does on valid images but folds the slice along the
 box faces and bends the boundary there.
+
+The figure shows one fixed sample (``sample_index``), every model's panel on one scale: the square
+is ``extent`` times the largest of the models' distances ``d``, and each model's fit window is
+``fit_halfwidth`` times its own ``d``. So that a claim does not rest on one image, the curvature is
+also measured at each of the first ``num_images`` images of the split (each with its own random
+direction, seeded by ``(direction_seed, image index)`` and the same for every model), on the part
+of a ``stats_resolution`` grid over ``[-extent d, extent d]`` that the fit needs (rows from the
+sample towards the adversarial image, columns inside the fit window); those values are
+``tables["per_image"]`` and the arrays ``{variant}/per_image/<key>``.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from robustness.errors import ConfigError, InputError
 from robustness.geometry.planes import (
@@ -38,14 +47,16 @@ from robustness.geometry.planes import (
     curvature_at_zero,
     direction_pair,
     fit_quadratic,
+    image_seed,
     origin_index,
     quadratic_values,
 )
 from robustness.probes.base import ProbeContext, ProbeResult
+from robustness.probes.random_plane import PerImageFn, PlaneOptions, load_sample, measure_per_image, per_image_outputs, sample_meta
+from robustness.registry import build, register
 from robustness.tensors import predict
-from robustness.probes.random_plane import PlaneOptions, load_sample, sample_meta
-from robustness.registry import build
-from robustness.registry import register
+
+PER_IMAGE_COLUMNS = ("attack_success", "attack_distance", "curvature", "curvature_x_distance", "fit_columns")
 
 
 @dataclass(frozen=True)
@@ -74,15 +85,22 @@ def compute(ctx: ProbeContext) -> ProbeResult:
     attack_name = str(ctx.attack.get("name", "attack"))
     class_names = ctx.data.info.class_names
 
+    predicted = {variant: int(predict(model, x0.unsqueeze(0))[0]) for variant, model in ctx.models.items()}
+    attacked = {variant: _attack_sample(model, x0, predicted[variant], attack, attack_name, variant, options) for variant, model in ctx.models.items()}
+    # One square for every panel, so the figure compares the models on one scale.
+    half_width = float(options.extent) * max(distance for _, distance, _ in attacked.values())
     arrays: dict[str, Tensor] = {"x0": x0.cpu()}
     rows: list[dict[str, Any]] = []
-    predicted: dict[str, int] = {}
     for done, (variant, model) in enumerate(ctx.models.items()):
-        label = predicted[variant] = int(predict(model, x0.unsqueeze(0))[0])
-        plane = _boundary_plane(model, x0, label, attack, attack_name, variant, options)
+        delta, distance, success = attacked[variant]
+        plane = _boundary_plane(model, x0, predicted[variant], delta, distance, half_width, options)
         arrays.update({f"{variant}/{key}": value.cpu() for key, value in plane.pop("arrays").items()})
-        rows.append({"variant": variant, "sample_class": class_names[label], "attack": attack_name, **plane})
+        rows.append({"variant": variant, "sample_class": class_names[predicted[variant]], "attack": attack_name, "attack_success": success, **plane})
         ctx.progress(done + 1, len(ctx.models), f"boundary plane of {variant}")
+
+    labels, indices, measured = measure_per_image(ctx, options, boundary_curvature_per_image(attack, options), "boundary planes")
+    per_image_arrays, per_image_rows = per_image_outputs(labels, indices, measured, PER_IMAGE_COLUMNS)
+    arrays.update(per_image_arrays)
 
     meta = sample_meta(ctx, options, true_label)
     meta.update(
@@ -91,15 +109,32 @@ def compute(ctx: ProbeContext) -> ProbeResult:
             "bisection_steps": int(options.bisection_steps),
             "fit_halfwidth": float(options.fit_halfwidth),
             "predicted_label": predicted,
+            "half_width": half_width,
+            "num_images": int(len(indices)),
+            "methods": _methods(options, attack_name, int(len(indices))),
         }
     )
-    return ProbeResult(probe="boundary_plane", arrays=arrays, tables={"curvature": rows}, meta=meta)
+    return ProbeResult(probe="boundary_plane", arrays=arrays, tables={"curvature": rows, "per_image": per_image_rows}, meta=meta)
 
 
-def _boundary_plane(
-    model: torch.nn.Module, x0: Tensor, label: int, attack: Any, attack_name: str, variant: str, options: BoundaryPlaneOptions
-) -> dict[str, Any]:
-    """One model's plane: grid labels, boundary, fit, and the table row's numbers."""
+def _methods(options: BoundaryPlaneOptions, attack: str, num_images: int) -> str:
+    r = int(options.resolution)
+    return (
+        f"The {attack} attack moves the sample out of its predicted class; u is the unit vector towards the adversarial image "
+        f"(distance d) and v a Gaussian draw from seed {int(options.direction_seed)} made orthogonal to u. The plane x0 + a u + b v is "
+        f"classified on a {r}x{r} grid over {float(options.extent):g} x the largest d of the models shown, so every panel has one scale. "
+        f"In each column the boundary is where the column, walked from the sample towards the adversarial image, first leaves the "
+        f"sample's class, refined by {int(options.bisection_steps)} bisection steps; a = c0 + c1 b + c2 b^2 is fitted by least squares "
+        f"to the columns with |b| <= {float(options.fit_halfwidth):g} d, and the curvature at b = 0 is 2 c2 / (1 + c1^2)^1.5. "
+        f"Per-image statistics repeat the fit at each of the first {num_images} {options.split} images, each with its own random "
+        f"direction (seeded by the direction seed and the image's index, the same for every model), on a {int(options.stats_resolution)}-point "
+        f"grid per axis over [-{float(options.extent):g} d, {float(options.extent):g} d]. "
+        + ("Grid points are clipped to [0, 1]." if options.clamp else "Grid points are evaluated as they are (unclipped), so the slice is a plane.")
+    )
+
+
+def _attack_sample(model: torch.nn.Module, x0: Tensor, label: int, attack: Any, attack_name: str, variant: str, options: BoundaryPlaneOptions) -> tuple[Tensor, float, bool]:
+    """The fixed sample's attack direction, distance and success; an unmoved sample is an InputError."""
     adversarial = attack(model, x0.unsqueeze(0), torch.tensor([label], device=x0.device))
     delta = (adversarial.x_adv[0] - x0).detach()
     distance = float(delta.norm())
@@ -108,17 +143,12 @@ def _boundary_plane(
             f"the {attack_name} attack left sample {options.sample_index} unchanged for variant '{variant}', so there is no direction towards the boundary",
             "pick another probe.sample_index, or give the attack more iterations (attack.max_iter)",
         )
-    u, v = direction_pair(x0.shape, int(options.direction_seed), first=delta)
-    half_width = float(options.extent) * distance
-    coords = torch.linspace(-half_width, half_width, int(options.resolution), device=x0.device)
-    run = {"batch_size": int(options.batch_size), "clamp": bool(options.clamp)}
-    labels = classify_plane(model, x0, u, v, coords, coords, **run)
-    boundary = boundary_along_u(model, x0, u, v, labels, coords, coords, label, bisection_steps=int(options.bisection_steps), **run)
+    return delta, distance, bool(adversarial.success[0])
 
-    s = coords.to(torch.float64).cpu()
-    t = boundary.cpu()
-    window = torch.isfinite(t) & (s.abs() <= float(options.fit_halfwidth) * distance * (1 + 1e-6))
-    fit_columns = int(window.sum())
+
+def _fit_boundary(s: Tensor, t: Tensor, window: Tensor) -> dict[str, Any]:
+    """Quadratic fit of the boundary ``t(s)`` over the columns in ``window`` with a finite boundary."""
+    window = window & torch.isfinite(t)
     if len(torch.unique(s[window])) >= 3:
         coeffs = fit_quadratic(s[window], t[window])
         curvature = curvature_at_zero(coeffs)
@@ -127,23 +157,80 @@ def _boundary_plane(
         # Too few columns cross the boundary near the sample for a quadratic: report no curvature.
         coeffs = torch.full((3,), float("nan"), dtype=torch.float64)
         curvature = fit_rmse = float("nan")
+    return {"coeffs": coeffs, "curvature": curvature, "fit_rmse": fit_rmse, "fit_columns": int(window.sum()), "window": window}
 
+
+def _boundary_plane(
+    model: torch.nn.Module, x0: Tensor, label: int, delta: Tensor, distance: float, half_width: float, options: BoundaryPlaneOptions
+) -> dict[str, Any]:
+    """One model's plane over ``[-half_width, half_width]^2``: grid labels, boundary, fit, and the table row's numbers."""
+    u, v = direction_pair(x0.shape, int(options.direction_seed), first=delta)
+    coords = torch.linspace(-half_width, half_width, int(options.resolution), device=x0.device)
+    run = {"batch_size": int(options.batch_size), "clamp": bool(options.clamp)}
+    labels = classify_plane(model, x0, u, v, coords, coords, **run)
+    boundary = boundary_along_u(model, x0, u, v, labels, coords, coords, label, bisection_steps=int(options.bisection_steps), **run)
+
+    s = coords.to(torch.float64).cpu()
+    t = boundary.cpu()
+    fit = _fit_boundary(s, t, s.abs() <= float(options.fit_halfwidth) * distance * (1 + 1e-6))
+    coeffs = fit["coeffs"]
     return {
-        "attack_success": bool(adversarial.success[0]),
         "attack_distance": distance,
         "boundary_distance": float(t[origin_index(s)]),
-        "curvature": curvature,
-        "curvature_x_distance": curvature * distance,
+        "curvature": fit["curvature"],
+        "curvature_x_distance": fit["curvature"] * distance,
         "slope": float(coeffs[1]),
-        "fit_rmse": fit_rmse,
-        "fit_columns": fit_columns,
+        "fit_rmse": fit["fit_rmse"],
+        "fit_columns": fit["fit_columns"],
         "arrays": {
             "labels": labels,
             "coords": coords,
             "boundary": boundary,
-            "fit_window": window,
+            "fit_window": fit["window"],
             "coeffs": coeffs,
             "u": u,
             "v": v,
         },
     }
+
+
+def boundary_curvature_per_image(attack: Any, options: BoundaryPlaneOptions) -> PerImageFn:
+    """Per image: the attack (one batched call per chunk), then the boundary fit in its own plane.
+
+    Only the grid part the fit reads is classified: the rows from the sample (a = 0) towards the
+    adversarial image and the columns inside the fit window, on the same grid points as a full
+    ``stats_resolution`` grid over ``[-extent d, extent d]``.
+    """
+
+    def measure(model: nn.Module, x: Tensor, y: Tensor, image_ids: list[int]) -> dict[str, Tensor]:
+        predicted = predict(model, x)
+        adversarial = attack(model, x, predicted)
+        delta = (adversarial.x_adv - x).detach()
+        distance = delta.flatten(1).norm(dim=1).double().cpu()
+        n = len(x)
+        curvature = torch.full((n,), float("nan"), dtype=torch.float64)
+        fit_columns = torch.zeros(n, dtype=torch.long)
+        run = {"batch_size": int(options.batch_size), "clamp": bool(options.clamp)}
+        for i, index in enumerate(image_ids):
+            d = float(distance[i])
+            if not math.isfinite(d) or d <= 0.0:
+                continue  # the attack did not move this image: no direction, no value
+            u, v = direction_pair(x[i].shape, image_seed(options.direction_seed, index), first=delta[i])
+            coords = torch.linspace(-float(options.extent) * d, float(options.extent) * d, int(options.stats_resolution), device=x.device)
+            rows = coords[origin_index(coords):]
+            columns = coords[coords.abs() <= float(options.fit_halfwidth) * d * (1 + 1e-6)]
+            labels = classify_plane(model, x[i], u, v, rows, columns, **run)
+            boundary = boundary_along_u(model, x[i], u, v, labels, rows, columns, int(predicted[i]), bisection_steps=int(options.bisection_steps), **run)
+            s = columns.to(torch.float64).cpu()
+            fit = _fit_boundary(s, boundary.cpu(), torch.ones(len(s), dtype=torch.bool))
+            curvature[i], fit_columns[i] = fit["curvature"], fit["fit_columns"]
+        return {
+            "predicted": predicted.cpu(),
+            "attack_success": adversarial.success.bool().cpu(),
+            "attack_distance": distance,
+            "curvature": curvature,
+            "curvature_x_distance": curvature * distance,
+            "fit_columns": fit_columns,
+        }
+
+    return measure

@@ -7,6 +7,10 @@ classifies it correctly or not, so that all variants are measured on the same im
 * perturbation size: the ``min_perturbation`` probe's smallest label-changing ``||r||_2`` per
   image (and ``||r||_2 / ||x||_2``), averaged over the images where the attack succeeded.
 
+Per-image values span decades, so a mean can rest on a few images: each column gives the mean
+and the median over images, each with a seeded percentile-bootstrap 95% interval over images
+(:mod:`robustness.geometry.stats`), and ``tables["ordering"]`` orders the variants under both.
+
 Both come from the functions of those probes, with their chunk files in ``ctx.work_dir``, so an
 interrupted run resumes and a finished column is never recomputed.
 """
@@ -18,6 +22,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from robustness.geometry.stats import STATISTICS, bootstrap_statistic, ordering
 from robustness.tensors import l2_norm
 from robustness.probes.base import ProbeContext, ProbeResult
 from robustness.probes.hessian_norm import HessianNormOptions, accuracy, hessian_norm_row, measure_hessian_norm
@@ -50,16 +55,20 @@ def compute(ctx: ProbeContext) -> ProbeResult:
         distance = min_perturbation_row(variant, perturbation)
         rows.append({
             "variant": variant,
-            "fro2_mean": hessian["fro2_mean"],
+            **intervals("fro2", curvature["fro2"], ctx.seed),
             "fro2_stderr": hessian["fro2_stderr"],
-            "fro2_median": hessian["fro2_median"],
-            "norm_mean": distance["norm_mean"],
+            **intervals("norm", perturbation["norm"], ctx.seed),
             "norm_stderr": distance["norm_stderr"],
             "relative_mean": distance["relative_mean"],
             "found": distance["found"],
             "accuracy": accuracy(model, x, y),
             "images": int(len(x)),
         })
+    order = [
+        {"measure": measure, "statistic": statistic, "ordering": ordering({row["variant"]: row[f"{measure}_{statistic}"] for row in rows})}
+        for measure in MEASURES
+        for statistic in STATISTICS
+    ]
     meta = {
         "variants": list(ctx.models),
         "estimator": options.estimator,
@@ -70,5 +79,18 @@ def compute(ctx: ProbeContext) -> ProbeResult:
         "num_images": int(len(x)),
         "split": options.split,
         "seed": int(ctx.seed),
+        "interval": "seeded percentile bootstrap over images, 95%",
     }
-    return ProbeResult("table1", arrays, {"table1": rows}, meta)
+    return ProbeResult("table1", arrays, {"table1": rows, "ordering": order}, meta)
+
+
+MEASURES = ("fro2", "norm")
+
+
+def intervals(measure: str, values: Tensor, seed: int) -> dict[str, float]:
+    """``<measure>_<mean|median>`` with ``_low``/``_high``: each statistic and its bootstrap 95% interval over images."""
+    out: dict[str, float] = {}
+    for statistic in STATISTICS:
+        interval = bootstrap_statistic(values.double().numpy(), statistic, seed=seed)
+        out.update({f"{measure}_{statistic}": interval.estimate, f"{measure}_{statistic}_low": interval.low, f"{measure}_{statistic}_high": interval.high})
+    return out

@@ -9,8 +9,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from robustness.probes.base import ProbeResult
-from robustness.reporting.base import Artefact, save_figure, write_table
-from robustness.reporting.random_plane import PANEL_INCHES, class_colours, class_legend, draw_regions, ordered_rows, sample_phrase
+from robustness.reporting.base import Artefact, ordered_rows, sample_phrase, save_figure, write_table
+from robustness.reporting.random_plane import PANEL_INCHES, class_legend, draw_regions, grid_colours, per_image_artefact
 from robustness.registry import register
 
 CURVATURE_COLUMNS = (
@@ -25,11 +25,11 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     variants: list[str] = meta["variants"]
     class_names: list[str] = meta["class_names"]
     arrays = result.arrays
-    colours = class_colours([arrays[f"{variant}/labels"] for variant in variants])
+    colours = grid_colours([arrays[f"{variant}/labels"] for variant in variants])
     rows_by_variant = {row["variant"]: row for row in result.tables["curvature"]}
     attack = meta["attack"].get("name", "attack")
 
-    fig, axes = plt.subplots(1, len(variants), figsize=(PANEL_INCHES * len(variants), PANEL_INCHES + 0.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(variants), figsize=(PANEL_INCHES * len(variants), PANEL_INCHES + 0.4), squeeze=False, sharex=True, sharey=True)
     for ax, variant in zip(axes[0], variants):
         coords = np.asarray(arrays[f"{variant}/coords"], dtype=float)
         boundary = np.asarray(arrays[f"{variant}/boundary"], dtype=float)
@@ -55,22 +55,28 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     fig.tight_layout()
 
     sample = sample_phrase(meta, class_names)
+    methods = meta.get("methods", "")
+    scale = f"{meta['half_width']:.3g}" if "half_width" in meta else f"{meta['extent']:g} d"
     figure = save_figure(
         fig,
         out_dir,
         "boundary_plane",
-        f"Decision boundary near {sample} in the plane of the {attack} direction (vertical) and a random orthogonal "
-        f"direction (horizontal), over {meta['extent']:g} x the {attack} distance d each way; black: boundary of the "
-        "sample's class along the vertical axis, dashed red: its quadratic fit. Reproduces the report's Figure 2 "
-        "(initial vs adversarially trained model) and Figure 4, left (CURE model).",
+        f"Decision boundary near {sample} in the plane of the {attack} direction (vertical) and a random orthogonal direction "
+        f"(horizontal), every panel on the same square of half-width {scale} (l2); black: the boundary of the sample's class, "
+        "dashed red: its quadratic fit. Reproduces the report's Figure 2 (initial vs adversarially trained model) and Figure 4, left (CURE model).",
+        methods,
     )
     table = write_table(
         ordered_rows(result.tables["curvature"], CURVATURE_COLUMNS),
         out_dir,
         "boundary_plane_curvature",
-        f"Curvature at the sample's column of the quadratic fit t(s) = c0 + c1 s + c2 s^2 to the boundary "
-        f"(2 c2 / (1 + c1^2)^1.5, in 1/l2 units; positive bends away from the sample), fitted over |s| <= "
-        f"{meta['fit_halfwidth']:g} d; attack_distance is the {attack} perturbation's l2 norm, boundary_distance "
-        "the boundary's position along its direction at s = 0 (report, Figures 2 and 4).",
+        f"Curvature of the quadratic fit to the boundary at the sample's column (1/l2 units; positive bends away from the sample), "
+        f"attack_distance the {attack} perturbation's l2 norm d and boundary_distance the boundary's position along it (report, Figures 2 and 4).",
+        methods,
     )
-    return [figure, table]
+    spread = per_image_artefact(
+        result, "curvature", "|curvature| of the boundary fit (1/l2)", True, out_dir, "boundary_plane_per_image",
+        f"Per image, |curvature| of the boundary fit in its own plane over {meta.get('num_images')} {meta['split']} images "
+        "(bar: mean, diamond: median).",
+    )
+    return [figure, table] + ([spread] if spread else [])

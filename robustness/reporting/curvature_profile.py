@@ -9,8 +9,8 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from robustness.probes.base import ProbeResult
-from robustness.reporting.base import Artefact, save_figure, write_table
-from robustness.reporting.hessian_norm import HESSIAN_MEANING, images_phrase, variant_title
+from robustness.reporting.base import Artefact, images_phrase, save_figure, variant_colour, variant_title, write_table
+from robustness.reporting.hessian_norm import HESSIAN_MEANING
 from robustness.registry import register
 
 
@@ -23,7 +23,7 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     for variant, values in profiles.items():
         mean = values.mean(0)
         ranks = np.arange(1, len(mean) + 1)
-        line = ax.plot(ranks, mean, marker="o", markersize=3, label=variant_title(variant))[0]
+        line = ax.plot(ranks, mean, marker="o", markersize=3, label=variant_title(variant), color=variant_colour(variant, meta["variants"]))[0]
         # The band shows how much the spectrum varies from image to image.
         low, high = np.percentile(values, [25, 75], axis=0)
         ax.fill_between(ranks, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
@@ -38,10 +38,10 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     fig.tight_layout()
     caption = (
         f"Curvature profile: the eigenvalues of largest magnitude of the input Hessian of the loss, sorted by "
-        f"magnitude, mean over {images_phrase(meta)} (band: 25-75% of images); {meta['method']}. "
-        f"{HESSIAN_MEANING} Not in the report; the CURE paper's curvature profile."
+        f"magnitude, mean over {images_phrase(meta)} (band: 25-75% of images). Not in the report; the CURE paper's curvature profile."
     )
-    figure = save_figure(fig, out_dir, "curvature_profile", caption)
+    methods = f"{meta['method']}. {HESSIAN_MEANING}"
+    figure = save_figure(fig, out_dir, "curvature_profile", caption, methods)
     rows = [
         {
             "Model": variant_title(row["variant"]),
@@ -53,5 +53,5 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
         }
         for row in result.tables["curvature_profile"]
     ]
-    table = write_table(rows, out_dir, "curvature_profile", caption)
+    table = write_table(rows, out_dir, "curvature_profile", caption, methods)
     return [figure, table]

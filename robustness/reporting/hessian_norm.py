@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import matplotlib.pyplot as plt
-import numpy as np
-from torch import Tensor
 
 from robustness.probes.base import ProbeResult
-from robustness.reporting.base import Artefact, save_figure, write_table
+# images_phrase and variant_title live in reporting.base; they stay importable from here for
+# reporting/perceptual.py, which still imports them from this module.
+from robustness.reporting.base import Artefact, images_phrase, per_image_figure, save_figure, variant_title, write_table  # noqa: F401
 from robustness.registry import register
-
-# The report's names for its three models (Table 1's rows); other variants keep their own name.
-VARIANT_TITLES = {"base": "Base model", "adversarial": "Adversarial training", "cure": "CURE training"}
 
 HESSIAN_MEANING = (
     "H is the Hessian of the cross-entropy loss (true label) with respect to the input pixels in [0, 1]. "
@@ -22,35 +16,6 @@ HESSIAN_MEANING = (
     "is non-zero, the logit Hessian vanishing almost everywhere. Finite differences of gradients at step h "
     "(CURE's view) also count how the linear regions change within distance h."
 )
-
-
-def variant_title(variant: str) -> str:
-    return VARIANT_TITLES.get(variant, variant)
-
-
-def images_phrase(meta: dict[str, Any]) -> str:
-    dataset = f" of {meta['dataset']}" if meta.get("dataset") else ""
-    return f"the first {meta['num_images']} {meta.get('split', 'test')} images{dataset}"
-
-
-def per_image_figure(values: dict[str, Tensor], ylabel: str, title: str) -> Any:
-    """One column of points per variant (log scale) with its mean marked: how the per-image values spread."""
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(values), 3.6))
-    rng = np.random.default_rng(0)  # horizontal jitter only, so points do not hide each other
-    for position, (variant, tensor) in enumerate(values.items()):
-        data = tensor.double().numpy()
-        data = data[np.isfinite(data) & (data > 0)]
-        if len(data) == 0:
-            continue
-        ax.scatter(position + rng.uniform(-0.18, 0.18, len(data)), data, s=9, alpha=0.55)
-        ax.plot([position - 0.3, position + 0.3], [data.mean()] * 2, color="black", linewidth=2)
-    ax.set_xticks(range(len(values)), [variant_title(v) for v in values], rotation=15)
-    ax.set_yscale("log")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize="small")
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    return fig
 
 
 @register("reporter", "hessian_norm")
@@ -68,13 +33,16 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
         }
         for row in result.tables["hessian_norm"]
     ]
+    methods = f"{meta['method']}, at every one of {images_phrase(meta)}, correctly classified or not. {HESSIAN_MEANING}"
     caption = (
-        f"Squared Frobenius norm of the input Hessian of the loss, averaged over {images_phrase(meta)} "
-        f"(every image, correctly classified or not): {meta['method']}. {HESSIAN_MEANING} "
+        f"Squared Frobenius norm of the input Hessian of the loss, mean and median over {images_phrase(meta)}. "
         "Reproduces the first column of the report's Table 1."
     )
-    table = write_table(rows, out_dir, "hessian_norm", caption)
+    table = write_table(rows, out_dir, "hessian_norm", caption, methods)
     values = {v: result.arrays[f"{v}/fro2"] for v in meta["variants"]}
     fig = per_image_figure(values, "‖H‖_F² estimate per image", f"{meta['estimator']}, {meta['num_samples']} samples")
-    figure = save_figure(fig, out_dir, "hessian_norm_per_image", f"Per-image estimates of ‖H‖_F² (bar: mean) behind the first column of Table 1; {meta['method']}.")
+    figure = save_figure(
+        fig, out_dir, "hessian_norm_per_image",
+        "Per-image estimates of ‖H‖_F² behind the first column of Table 1 (bar: mean, diamond: median).", methods,
+    )
     return [table, figure]

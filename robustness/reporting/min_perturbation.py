@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from robustness.probes.base import ProbeResult
-from robustness.reporting.base import Artefact, save_figure, write_table
-from robustness.reporting.hessian_norm import images_phrase, per_image_figure, variant_title
+from robustness.reporting.base import Artefact, images_phrase, per_image_figure, save_figure, variant_title, write_table
 from robustness.registry import register
 
 IMAGES_RULE = (
@@ -30,13 +29,16 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
         }
         for row in result.tables["min_perturbation"]
     ]
+    methods = f"{meta['attack']}. {IMAGES_RULE} s.e.: standard error across images."
     caption = (
-        f"Smallest l2 perturbation that changes the predicted label, averaged over {images_phrase(meta)}: "
-        f"{meta['attack']}. {IMAGES_RULE} s.e.: standard error across images. "
+        f"Smallest l2 perturbation that changes the predicted label, averaged over {images_phrase(meta)}. "
         "Reproduces the second column of the report's Table 1."
     )
-    table = write_table(rows, out_dir, "min_perturbation", caption)
+    table = write_table(rows, out_dir, "min_perturbation", caption, methods)
     values = {v: result.arrays[f"{v}/norm"] for v in meta["variants"]}
     fig = per_image_figure(values, "‖r‖₂ per image", meta["attack"])
-    figure = save_figure(fig, out_dir, "min_perturbation_per_image", f"Per-image smallest label-changing perturbation (bar: mean) behind the second column of Table 1; {meta['attack']}.")
+    figure = save_figure(
+        fig, out_dir, "min_perturbation_per_image",
+        "Per-image smallest label-changing perturbation behind the second column of Table 1 (bar: mean, diamond: median).", methods,
+    )
     return [table, figure]

@@ -7,12 +7,22 @@ from typing import Any, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.colors import ListedColormap, to_rgba
+from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 from torch import Tensor
 
 from robustness.probes.base import ProbeResult
-from robustness.reporting.base import Artefact, save_figure, write_table
+from robustness.reporting.base import (
+    RGBA,
+    Artefact,
+    class_colours,
+    class_name,
+    ordered_rows,
+    per_image_figure,
+    sample_phrase,
+    save_figure,
+    write_table,
+)
 from robustness.registry import register
 
 PANEL_INCHES = 3.6
@@ -20,28 +30,12 @@ PANEL_INCHES = 3.6
 REGION_COLUMNS = ("variant", "sample_class", "num_classes", "area_fraction")
 
 
-def class_colours(grids: Sequence[Tensor]) -> dict[int, tuple[float, float, float, float]]:
-    """One colour per class present on any grid, the same in every panel.
-
-    Colours go to the present classes only (largest total area first), so up to 20 classes get
-    clearly distinct tab20 colours even on a 200-class dataset.
-    """
-    counts: dict[int, int] = {}
-    for grid in grids:
-        values, freq = np.unique(np.asarray(grid), return_counts=True)
-        for value, n in zip(values.tolist(), freq.tolist()):
-            counts[value] = counts.get(value, 0) + n
-    ordered = sorted(counts, key=lambda c: (-counts[c], c))
-    if len(ordered) <= 10:
-        palette = [plt.get_cmap("tab10")(i) for i in range(10)]
-    elif len(ordered) <= 20:
-        palette = [plt.get_cmap("tab20")(i) for i in range(20)]
-    else:
-        palette = [plt.get_cmap("gist_ncar")(i / len(ordered)) for i in range(len(ordered))]
-    return {cls: to_rgba(palette[i]) for i, cls in enumerate(ordered)}
+def grid_colours(grids: Sequence[Tensor]) -> dict[int, RGBA]:
+    """The fixed colour of every class present on any of the grids."""
+    return class_colours(sorted({int(c) for grid in grids for c in np.unique(np.asarray(grid)).tolist()}))
 
 
-def draw_regions(ax: Any, labels: Tensor, coords: Tensor, colours: dict[int, tuple], v_coords: Tensor | None = None) -> None:
+def draw_regions(ax: Any, labels: Tensor, coords: Tensor, colours: dict[int, RGBA], v_coords: Tensor | None = None) -> None:
     """Paint a label grid (rows along the vertical ``coords``, columns along ``v_coords``) in class colours."""
     grid = np.asarray(labels)
     classes = sorted(colours)
@@ -63,23 +57,19 @@ def draw_regions(ax: Any, labels: Tensor, coords: Tensor, colours: dict[int, tup
     )
 
 
-def class_legend(fig: Any, colours: dict[int, tuple], class_names: Sequence[str]) -> None:
+def class_legend(fig: Any, colours: dict[int, RGBA], class_names: Sequence[str]) -> None:
     handles = [Patch(facecolor=colours[c], edgecolor="black", linewidth=0.5, label=class_name(class_names, c)) for c in sorted(colours)]
     fig.legend(handles=handles, title="class", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize="small")
 
 
-def ordered_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[dict[str, Any]]:
-    """Rows with ``columns`` first, in that order, then any other keys."""
-    return [{**{c: row[c] for c in columns if c in row}, **{k: v for k, v in row.items() if k not in columns}} for row in rows]
-
-
-def class_name(class_names: Sequence[str], index: int) -> str:
-    return str(class_names[index]) if 0 <= index < len(class_names) else str(index)
-
-
-def sample_phrase(meta: dict, class_names: Sequence[str]) -> str:
-    """How captions name the probed image: dataset, split, index and true class."""
-    return f"{meta['dataset']} {meta['split']} image #{meta['sample_index']} (true class '{class_name(class_names, meta['true_label'])}')"
+def per_image_artefact(result: ProbeResult, key: str, ylabel: str, log: bool, out_dir: Path, name: str, caption: str) -> Artefact | None:
+    """The spread over images of one per-image value (absent in results saved before it existed)."""
+    variants = result.meta["variants"]
+    if f"{variants[0]}/per_image/{key}" not in result.arrays:
+        return None
+    values = {v: np.abs(result.arrays[f"{v}/per_image/{key}"].double().numpy()) if log else result.arrays[f"{v}/per_image/{key}"].double().numpy() for v in variants}
+    fig = per_image_figure(values, ylabel, f"{result.meta['num_images']} {result.meta['split']} images, one plane each")
+    return save_figure(fig, out_dir, name, caption, result.meta.get("methods", ""))
 
 
 @register("reporter", "random_plane")
@@ -89,10 +79,10 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     class_names: list[str] = meta["class_names"]
     coords = result.arrays["coords"]
     grids = [result.arrays[f"{variant}/labels"] for variant in variants]
-    colours = class_colours(grids)
+    colours = grid_colours(grids)
     rows_by_variant = {row["variant"]: row for row in result.tables["regions"]}
 
-    fig, axes = plt.subplots(1, len(variants), figsize=(PANEL_INCHES * len(variants), PANEL_INCHES + 0.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(variants), figsize=(PANEL_INCHES * len(variants), PANEL_INCHES + 0.4), squeeze=False, sharex=True, sharey=True)
     for ax, variant, grid in zip(axes[0], variants, grids):
         draw_regions(ax, grid, coords, colours)
         ax.plot([0.0], [0.0], marker="*", markersize=12, color="white", markeredgecolor="black", linestyle="none")
@@ -104,19 +94,27 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     fig.tight_layout()
 
     sample = sample_phrase(meta, class_names)
+    methods = meta.get("methods", "")
     figure = save_figure(
         fig,
         out_dir,
         "random_plane",
-        f"Decision regions in a random plane through {sample}, half-width {meta['half_width']:.3g} "
-        f"({meta['extent']:g} x the image's l2 norm); the star is the sample. Reproduces the report's Figure 3 "
-        "(initial vs adversarially trained model) and Figure 4, right (CURE model).",
+        f"Decision regions in one random plane through {sample}, every panel on the same square of half-width "
+        f"{meta['half_width']:.3g} (l2); the star is the sample. Reproduces the report's Figure 3 (initial vs adversarially "
+        "trained model) and Figure 4, right (CURE model).",
+        methods,
     )
     table = write_table(
         ordered_rows(result.tables["regions"], REGION_COLUMNS),
         out_dir,
         "random_plane_regions",
-        f"Classes met on the random plane through {sample} ({meta['resolution']}x{meta['resolution']} grid) and the share "
-        "of the plane that keeps the sample's predicted class (report, Figures 3 and 4).",
+        f"Classes met on the random plane through {sample} and the share of the plane that keeps the sample's predicted class "
+        "(report, Figures 3 and 4).",
+        methods,
     )
-    return [figure, table]
+    spread = per_image_artefact(
+        result, "area_fraction", "share of the plane in the image's class", False, out_dir, "random_plane_per_image",
+        f"Per image, the share of its own random plane that keeps its predicted class, over {meta.get('num_images')} "
+        f"{meta['split']} images (bar: mean, diamond: median).",
+    )
+    return [figure, table] + ([spread] if spread else [])

@@ -1,4 +1,4 @@
-"""The report's Table 1 (``table1`` probe), plus a per-image view of the same numbers."""
+"""The report's Table 1 (``table1`` probe), its ordering under mean and median, and a per-image view."""
 
 from __future__ import annotations
 
@@ -8,10 +8,22 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from robustness.probes.base import ProbeResult
-from robustness.reporting.base import Artefact, save_figure, write_table
-from robustness.reporting.hessian_norm import HESSIAN_MEANING, images_phrase, variant_title
+from robustness.reporting.base import Artefact, images_phrase, interval_text, save_figure, variant_colour, variant_title, write_table
+from robustness.reporting.hessian_norm import HESSIAN_MEANING
 from robustness.reporting.min_perturbation import IMAGES_RULE
 from robustness.registry import register
+
+MEASURE_NAMES = {"fro2": "‖H‖_F²", "norm": "‖r‖₂"}
+
+
+def _with_intervals(row: dict, measure: str) -> dict:
+    name = MEASURE_NAMES[measure]
+    out = {}
+    for statistic in ("mean", "median"):
+        key = f"{measure}_{statistic}"
+        out[f"{name} {statistic}"] = row[key]
+        out[f"{name} {statistic} 95% CI"] = interval_text(row[f"{key}_low"], row[f"{key}_high"])
+    return out
 
 
 @register("reporter", "table1")
@@ -20,32 +32,38 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     rows = [
         {
             "Model": variant_title(row["variant"]),
-            "‖H‖_F²": row["fro2_mean"],
-            "‖H‖_F² s.e.": row["fro2_stderr"],
-            # Per-image values span decades (see the scatter); the median is the typical image.
-            "‖H‖_F² median": row["fro2_median"],
-            "Perturbation size ‖r‖₂": row["norm_mean"],
-            "‖r‖₂ s.e.": row["norm_stderr"],
-            "‖r‖₂ / ‖x‖₂": row["relative_mean"],
+            **_with_intervals(row, "fro2"),
+            **_with_intervals(row, "norm"),
+            "‖r‖₂ / ‖x‖₂ mean": row["relative_mean"],
             "attack succeeded": f"{row['found']}/{row['images']}",
             "accuracy": row["accuracy"],
         }
         for row in result.tables["table1"]
     ]
-    caption = (
-        f"Table 1 of the report: average over {images_phrase(meta)} of the estimated squared Frobenius norm of "
-        f"the input Hessian of the loss ({meta['hessian_method']}) and of the norm of the smallest perturbation "
-        f"that changes the predicted label ({meta['attack']}). {IMAGES_RULE} s.e.: standard error across images "
-        f"(it includes the Monte-Carlo error). {HESSIAN_MEANING}"
+    methods = (
+        f"‖H‖_F²: {meta['hessian_method']}. Perturbation: {meta['attack']}. {IMAGES_RULE} "
+        f"Intervals: {meta['interval']} (seed {meta['seed']}). {HESSIAN_MEANING}"
     )
-    table = write_table(rows, out_dir, "table1_curvature", caption)
+    caption = (
+        f"Table 1 of the report: the squared Frobenius norm of the input Hessian of the loss and the smallest "
+        f"label-changing perturbation over {images_phrase(meta)}, mean and median each with a bootstrap 95% interval over images."
+    )
+    table = write_table(rows, out_dir, "table1_curvature", caption, methods)
+    order_rows = [
+        {"Measure": MEASURE_NAMES[row["measure"]], "Statistic": row["statistic"], "Ordering (smallest first)": row["ordering"]}
+        for row in result.tables["ordering"]
+    ]
+    ordering = write_table(
+        order_rows, out_dir, "table1_ordering",
+        "Table 1's models ordered under the mean and under the median over images (the scorecard tests each step with a paired interval).",
+    )
 
     fig, ax = plt.subplots(figsize=(4.8, 3.8))
     for variant in meta["variants"]:
         fro2 = result.arrays[f"{variant}/fro2"].double().numpy()
         norm = result.arrays[f"{variant}/norm"].double().numpy()
         keep = np.isfinite(fro2) & np.isfinite(norm) & (fro2 > 0) & (norm > 0)
-        ax.scatter(fro2[keep], norm[keep], s=12, alpha=0.6, label=variant_title(variant))
+        ax.scatter(fro2[keep], norm[keep], s=12, alpha=0.6, label=variant_title(variant), color=variant_colour(variant, meta["variants"]))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("‖H‖_F² estimate")
@@ -55,7 +73,7 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     fig.tight_layout()
     figure = save_figure(
         fig, out_dir, "table1_curvature_vs_distance",
-        f"Per image, curvature (‖H‖_F², {meta['estimator']}) against distance to the boundary (‖r‖₂): "
-        "the points behind the report's Table 1, one colour per model.",
+        f"Per image, curvature (‖H‖_F², {meta['estimator']}) against distance to the boundary (‖r‖₂): the points behind Table 1.",
+        methods,
     )
-    return [table, figure]
+    return [table, ordering, figure]
