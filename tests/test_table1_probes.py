@@ -250,7 +250,7 @@ def test_table1_curvature_experiment_writes_the_report_table(tmp_path):
     for name in ("table1_curvature.csv", "table1_curvature.md", "table1_curvature_vs_distance.png", "table1_curvature_vs_distance.pdf"):
         assert (out / name).is_file(), name
     rows = read_csv(out / "table1_curvature.csv")
-    assert [row["Model"] for row in rows] == ["Base model", "Adversarial training", "CURE training"]
+    assert [row["Model"] for row in rows] == ["Base model", "Adversarial training", "PGD training", "CURE training"]
     for row in rows:
         assert float(row["‖H‖_F² mean"]) > 0 and float(row["‖r‖₂ median"]) > 0
         assert row["attack succeeded"].endswith("/8")
@@ -265,6 +265,6 @@ def test_curvature_profile_experiment_writes_its_figure(tmp_path):
     for name in ("curvature_profile.png", "curvature_profile.pdf", "curvature_profile.csv", "curvature_profile.md"):
         assert (out / name).is_file(), name
     rows = read_csv(out / "curvature_profile.csv")
-    assert [row["Model"] for row in rows] == ["Base model", "Adversarial training", "CURE training"]
+    assert [row["Model"] for row in rows] == ["Base model", "Adversarial training", "PGD training", "CURE training"]
     # Sorted by magnitude: the mean top eigenvalue is at least the mean fifth one.
     assert all(float(row["λ₁ (mean)"]) >= abs(float(row["λ_5 (mean)"])) for row in rows)

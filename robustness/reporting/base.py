@@ -129,8 +129,8 @@ def class_colours(classes: Sequence[int]) -> dict[int, RGBA]:
 
 
 # The report's three models keep one colour in every figure; other variants take the next free one.
-_VARIANT_COLOURS = {"base": "#1f77b4", "adversarial": "#d62728", "cure": "#2ca02c"}
-_OTHER_VARIANT_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#ff7f0e")
+_VARIANT_COLOURS = {"base": "#1f77b4", "adversarial": "#d62728", "pgd": "#ff7f0e", "cure": "#2ca02c"}
+_OTHER_VARIANT_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
 
 def variant_colour(variant: str, variants: Sequence[str] = ()) -> str:
@@ -146,7 +146,7 @@ def variant_colour(variant: str, variants: Sequence[str] = ()) -> str:
 
 
 # The report's names for its three models (Table 1's rows); other variants keep their own name.
-VARIANT_TITLES = {"base": "Base model", "adversarial": "Adversarial training", "cure": "CURE training"}
+VARIANT_TITLES = {"base": "Base model", "adversarial": "Adversarial training", "pgd": "PGD training", "cure": "CURE training"}
 
 
 def variant_title(variant: str) -> str:

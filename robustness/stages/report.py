@@ -28,6 +28,19 @@ def reproduce_command(experiment: str, overrides: Sequence[str]) -> str:
     return " ".join(["python -m robustness", f"experiment={experiment}", *(shlex.quote(o) for o in overrides)])
 
 
+def _scorecard_section(results: dict[str, Any], seed: int, output_dir: Path, wandb_run: Any) -> Section:
+    """The scorecard of the seed report's claims, from every section's results: the first section."""
+    from robustness.probes.scorecard import compute_scorecard
+    from robustness.registry import lookup
+
+    scorecard = compute_scorecard(results, seed)
+    scorecard.save(output_dir / "results" / "scorecard")
+    artefacts = lookup("reporter", "scorecard")(scorecard, output_dir)
+    tracking.log_artefacts(wandb_run, artefacts)
+    return Section(title="Scorecard - which of the seed report's claims hold on these models",
+                   command="(computed from the sections below)", artefacts=artefacts)
+
+
 def report(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag: str = "", wandb_run: Any = None, _depth: int = 0) -> RunOutcome:
     """``task=report``: every section in order, then the documents."""
     from robustness.stages import run_stage
@@ -66,6 +79,8 @@ def report(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag
             results[f"{index:02d}_{experiment}/{key}" if key in results else key] = result
     if _depth == 0:
         log.info("[report] all %d sections done in %.0f s", len(sections), time.monotonic() - started)
+        if cfg.report.get("scorecard", True) and results:
+            entries.insert(0, _scorecard_section(results, int(cfg.seed), output_dir, wandb_run))
 
     md_path = atomic_write_text(output_dir / "report.md", render_markdown(title, entries, output_dir))
     html_path = atomic_write_text(output_dir / "report.html", render_html(title, entries))
