@@ -7,7 +7,7 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 install:  ## install the package (editable) with everything `make test` and `make bench` need
-	$(PYTHON) -m pip install -e ".[dev,bench,cluster]"
+	$(PYTHON) -m pip install -e ".[dev,bench,cluster,autoattack]"
 
 test:  ## run the test suite (CPU, embedded data, no network)
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)

@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"## {name} ({time.perf_counter() - start:.0f} s)\n")
         print(markdown_table(rows), flush=True)
+        notes = getattr(rows, "notes", [])  # a module's legend and met/missed targets, under its table
+        if notes:
+            print("\n".join(notes) + "\n", flush=True)
     return 1 if failed else 0
 
 

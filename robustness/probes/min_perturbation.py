@@ -12,12 +12,12 @@ which the table's ``found`` column counts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from robustness.attacks.base import AttackResult
+from robustness.attacks.base import Attack, MinimisationAttack
 from robustness.tensors import l2_norm
 from robustness import fingerprint
 from robustness.errors import ConfigError, InputError
@@ -28,7 +28,6 @@ from robustness.probes.per_image import PerImageOptions, load_images, run_in_chu
 from robustness.registry import build
 from robustness.registry import register
 
-Attack = Callable[[nn.Module, Tensor, Tensor], AttackResult]
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ def minimal_perturbation(model: nn.Module, x: Tensor, attack: Attack, refine_ste
     """
     label = predict(model, x)
     result = attack(model, x, label)
-    found = result.success.to(torch.bool) & (predict(model, result.x_adv) != label)
+    found = result.success  # decided once by the attack's base, from its final logits
     direction = (result.x_adv - x).detach()
     scale = shrink_to_boundary(model, x, label, direction, refine_steps)
     scale = torch.where(found, scale, torch.ones_like(scale))
@@ -94,6 +93,9 @@ def minimal_perturbation(model: nn.Module, x: Tensor, attack: Attack, refine_ste
 def measure_min_perturbation(ctx: ProbeContext, variant: str, model: nn.Module, x: Tensor, options: MinPerturbationOptions) -> dict[str, Tensor]:
     """:func:`minimal_perturbation` over all images with the ``attack`` group, resumable from ``ctx.work_dir``."""
     attack = build("attack", ctx.attack)
+    if not isinstance(attack, MinimisationAttack):
+        raise ConfigError(f"the minimal perturbation needs a minimisation attack, and attack={ctx.attack.get('name')} is bounded by eps",
+                          "use attack=deepfool or attack=runner_up")
     identity = {
         "refine_steps": int(options.refine_steps), "attack": dict(ctx.attack),
         "images": fingerprint.of_tensors(x), "model": fingerprint.of_state(model),
