@@ -61,8 +61,8 @@ def render_markdown(title: str, sections: list[Section], base: Path) -> str:
                 if artefact.caption:
                     lines += [f"*{artefact.caption}*", ""]
             else:
-                csv_path = _file(artefact, ".csv")
-                link = f" ([CSV]({_relative(csv_path, base)}))" if csv_path else ""
+                csvs = [Path(p) for p in artefact.paths if str(p).endswith(".csv")]
+                link = f" ({', '.join(f'[{p.name}]({_relative(p, base)})' for p in csvs)})" if csvs else ""
                 lines += [f"**{artefact.caption or artefact.name}**{link}", "", markdown_table(artefact.rows), ""]
     methods = _methods(sections)
     if methods:
@@ -78,7 +78,7 @@ def _environment() -> Environment:
     return env
 
 
-def render_html(title: str, sections: list[Section]) -> str:
+def render_html(title: str, sections: list[Section], base: Path | None = None) -> str:
     """One self-contained HTML file: figures inlined as base64 PNGs, wide tables scroll."""
     rendered: list[dict[str, Any]] = []
     for section in sections:
@@ -90,6 +90,7 @@ def render_html(title: str, sections: list[Section]) -> str:
                 items.append({"kind": "figure", "name": artefact.name, "caption": artefact.caption, "png": data})
             else:
                 items.append({"kind": "table", "name": artefact.name, "caption": artefact.caption or artefact.name,
-                              "columns": table_columns(artefact.rows), "rows": artefact.rows})
+                              "columns": table_columns(artefact.rows), "rows": artefact.rows,
+                              "csvs": [_relative(Path(p), base) if base else Path(p).name for p in artefact.paths if str(p).endswith(".csv")]})
         rendered.append({"title": section.title, "caption": section.caption, "command": section.command, "items": items})
     return _environment().get_template("report.html.j2").render(title=title, sections=rendered, methods=_methods(sections))

@@ -83,7 +83,7 @@ def report(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag
             entries.insert(0, _scorecard_section(results, int(cfg.seed), output_dir, wandb_run))
 
     md_path = atomic_write_text(output_dir / "report.md", render_markdown(title, entries, output_dir))
-    html_path = atomic_write_text(output_dir / "report.html", render_html(title, entries))
+    html_path = atomic_write_text(output_dir / "report.html", render_html(title, entries, output_dir))
     artefacts = [artefact for entry in entries for artefact in entry.artefacts]
     if wandb_run is not None and _depth == 0:
         import wandb
