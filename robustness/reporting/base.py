@@ -58,12 +58,17 @@ def format_cell(value: Any) -> str:
     return str(value)
 
 
+def _markdown_cell(value: Any) -> str:
+    # A bare "|" (as in |curvature| or ||H||_F^2) would end the cell.
+    return format_cell(value).replace("|", "\\|")
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     if not rows:
         return "(no rows)\n"
     columns = list(dict.fromkeys(key for row in rows for key in row))  # union, in first-seen order
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(format_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    lines = ["| " + " | ".join(_markdown_cell(c) for c in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_markdown_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
