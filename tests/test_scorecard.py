@@ -291,3 +291,7 @@ def test_scorecard_table_keeps_its_columns_through_a_saved_result(tmp_path: Path
     assert fig3["Verdict (mean)"] == "holds" and fig3["Items"] == f"{N} images"
     assert fig3["mean 95% CI"].startswith("[") and "Methods:" in (tmp_path / "out" / "scorecard.md").read_text(encoding="utf-8")
     assert {row["Source"] for row in table} >= {"Figure 2", "Figure 3", "Figure 4", "Table 1", "Table 2", "Figures 6/8", "Figure 9"}
+    # Every Markdown row has as many cells as the header, although measures such as |curvature| contain "|".
+    lines = [line for line in (tmp_path / "out" / "scorecard.md").read_text(encoding="utf-8").splitlines() if line.startswith("|")]
+    cells = {len(line.replace("\\|", "").split("|")) for line in lines}
+    assert len(cells) == 1 and len(lines) == len(table) + 2

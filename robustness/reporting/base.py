@@ -20,7 +20,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
 from robustness.io import atomic_savefig, atomic_write_text  # noqa: E402
+from robustness.probes.base import ProbeResult  # noqa: E402
 
 
 @dataclass
@@ -64,12 +70,17 @@ def table_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(key for row in rows for key in row))
 
 
+def _markdown_cell(value: Any) -> str:
+    # A bare "|" (as in |curvature| or ||H||_F^2) would end the cell.
+    return format_cell(value).replace("|", "\\|")
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     if not rows:
         return "(no rows)\n"
     columns = table_columns(rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(format_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    lines = ["| " + " | ".join(_markdown_cell(c) for c in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_markdown_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -191,3 +202,60 @@ def per_image_figure(values: Mapping[str, Any], ylabel: str, title: str, log: bo
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig
+
+
+# ---- shared by the plane reporters (boundary_plane, random_plane) --------------------------
+
+PANEL_INCHES = 3.6
+
+
+def grid_colours(grids: Sequence[Tensor]) -> dict[int, RGBA]:
+    """The fixed colour of every class present on any of the grids."""
+    return class_colours(sorted({int(c) for grid in grids for c in np.unique(np.asarray(grid)).tolist()}))
+
+
+def draw_regions(ax: Any, labels: Tensor, coords: Tensor, colours: dict[int, RGBA], v_coords: Tensor | None = None) -> None:
+    """Paint a label grid (rows along the vertical ``coords``, columns along ``v_coords``) in class colours."""
+    grid = np.asarray(labels)
+    classes = sorted(colours)
+    index = np.searchsorted(classes, grid)
+    cmap = ListedColormap([colours[c] for c in classes])
+    rows, cols = np.asarray(coords, dtype=float), np.asarray(coords if v_coords is None else v_coords, dtype=float)
+    # Each pixel is centred on its grid point, hence the half-step padding of the extent.
+    pad_r = (rows[-1] - rows[0]) / max(len(rows) - 1, 1) / 2
+    pad_c = (cols[-1] - cols[0]) / max(len(cols) - 1, 1) / 2
+    ax.imshow(
+        index,
+        origin="lower",
+        extent=(cols[0] - pad_c, cols[-1] + pad_c, rows[0] - pad_r, rows[-1] + pad_r),
+        cmap=cmap,
+        vmin=-0.5,
+        vmax=len(classes) - 0.5,
+        interpolation="nearest",
+        aspect="equal",
+    )
+
+
+def class_legend(fig: Any, colours: dict[int, RGBA], class_names: Sequence[str]) -> None:
+    handles = [Patch(facecolor=colours[c], edgecolor="black", linewidth=0.5, label=class_name(class_names, c)) for c in sorted(colours)]
+    fig.legend(handles=handles, title="class", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize="small")
+
+
+def per_image_artefact(result: ProbeResult, key: str, ylabel: str, log: bool, out_dir: Path, name: str, caption: str) -> Artefact | None:
+    """The spread over images of one per-image value (absent in results saved before it existed)."""
+    variants = result.meta["variants"]
+    if f"{variants[0]}/per_image/{key}" not in result.arrays:
+        return None
+    values = {v: np.abs(result.arrays[f"{v}/per_image/{key}"].double().numpy()) if log else result.arrays[f"{v}/per_image/{key}"].double().numpy() for v in variants}
+    fig = per_image_figure(values, ylabel, f"{result.meta['num_images']} {result.meta['split']} images, one plane each")
+    return save_figure(fig, out_dir, name, caption, result.meta.get("methods", ""))
+
+
+# ---- shared by the Hessian reporters (hessian_norm, table1, curvature_profile) -------------
+
+HESSIAN_MEANING = (
+    "H is the Hessian of the cross-entropy loss (true label) with respect to the input pixels in [0, 1]. "
+    "Exact products compute it at the point: for a ReLU network only its Gauss-Newton part J^T(diag p - pp^T)J "
+    "is non-zero, the logit Hessian vanishing almost everywhere. Finite differences of gradients at step h "
+    "(CURE's view) also count how the linear regions change within distance h."
+)

@@ -9,8 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from robustness.probes.base import ProbeResult
-from robustness.reporting.base import Artefact, ordered_rows, sample_phrase, save_figure, write_table
-from robustness.reporting.random_plane import PANEL_INCHES, class_legend, draw_regions, grid_colours, per_image_artefact
+from robustness.reporting.base import PANEL_INCHES, class_legend, draw_regions, grid_colours, per_image_artefact, Artefact, ordered_rows, sample_phrase, save_figure, write_table
 from robustness.registry import register
 
 CURVATURE_COLUMNS = (

@@ -9,8 +9,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from robustness.probes.base import ProbeResult
-from robustness.reporting.base import Artefact, images_phrase, save_figure, variant_colour, variant_title, write_table
-from robustness.reporting.hessian_norm import HESSIAN_MEANING
+from robustness.reporting.base import HESSIAN_MEANING, Artefact, images_phrase, save_figure, variant_colour, variant_title, write_table
 from robustness.registry import register
 
 

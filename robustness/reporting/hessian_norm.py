@@ -5,18 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from robustness.probes.base import ProbeResult
-# images_phrase and variant_title live in reporting.base; they stay importable from here for
-# reporting/perceptual.py, which still imports them from this module.
-from robustness.reporting.base import Artefact, images_phrase, per_image_figure, save_figure, variant_title, write_table  # noqa: F401
+from robustness.reporting.base import HESSIAN_MEANING, Artefact, images_phrase, per_image_figure, save_figure, variant_title, write_table
 from robustness.registry import register
-
-HESSIAN_MEANING = (
-    "H is the Hessian of the cross-entropy loss (true label) with respect to the input pixels in [0, 1]. "
-    "Exact products compute it at the point: for a ReLU network only its Gauss-Newton part J^T(diag p - pp^T)J "
-    "is non-zero, the logit Hessian vanishing almost everywhere. Finite differences of gradients at step h "
-    "(CURE's view) also count how the linear regions change within distance h."
-)
-
 
 @register("reporter", "hessian_norm")
 def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:

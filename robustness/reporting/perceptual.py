@@ -12,7 +12,7 @@ from torch import Tensor
 
 from robustness.probes.base import ProbeResult
 from robustness.reporting.base import Artefact, save_figure, write_table
-from robustness.reporting.hessian_norm import images_phrase, variant_title
+from robustness.reporting.base import images_phrase, variant_title
 from robustness.registry import register
 
 ROTATION_MEANING = "The rotation turns the YIQ chroma plane and keeps luma, hence shape, exactly."

@@ -3,73 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
 
 import matplotlib.pyplot as plt
-import numpy as np
-from matplotlib.colors import ListedColormap
-from matplotlib.patches import Patch
-from torch import Tensor
 
 from robustness.probes.base import ProbeResult
 from robustness.reporting.base import (
-    RGBA,
+    PANEL_INCHES,
     Artefact,
-    class_colours,
-    class_name,
+    class_legend,
+    draw_regions,
+    grid_colours,
     ordered_rows,
-    per_image_figure,
+    per_image_artefact,
     sample_phrase,
     save_figure,
     write_table,
 )
 from robustness.registry import register
 
-PANEL_INCHES = 3.6
 # Saved results come back with keys sorted (JSON); tables keep this order.
 REGION_COLUMNS = ("variant", "sample_class", "num_classes", "area_fraction")
-
-
-def grid_colours(grids: Sequence[Tensor]) -> dict[int, RGBA]:
-    """The fixed colour of every class present on any of the grids."""
-    return class_colours(sorted({int(c) for grid in grids for c in np.unique(np.asarray(grid)).tolist()}))
-
-
-def draw_regions(ax: Any, labels: Tensor, coords: Tensor, colours: dict[int, RGBA], v_coords: Tensor | None = None) -> None:
-    """Paint a label grid (rows along the vertical ``coords``, columns along ``v_coords``) in class colours."""
-    grid = np.asarray(labels)
-    classes = sorted(colours)
-    index = np.searchsorted(classes, grid)
-    cmap = ListedColormap([colours[c] for c in classes])
-    rows, cols = np.asarray(coords, dtype=float), np.asarray(coords if v_coords is None else v_coords, dtype=float)
-    # Each pixel is centred on its grid point, hence the half-step padding of the extent.
-    pad_r = (rows[-1] - rows[0]) / max(len(rows) - 1, 1) / 2
-    pad_c = (cols[-1] - cols[0]) / max(len(cols) - 1, 1) / 2
-    ax.imshow(
-        index,
-        origin="lower",
-        extent=(cols[0] - pad_c, cols[-1] + pad_c, rows[0] - pad_r, rows[-1] + pad_r),
-        cmap=cmap,
-        vmin=-0.5,
-        vmax=len(classes) - 0.5,
-        interpolation="nearest",
-        aspect="equal",
-    )
-
-
-def class_legend(fig: Any, colours: dict[int, RGBA], class_names: Sequence[str]) -> None:
-    handles = [Patch(facecolor=colours[c], edgecolor="black", linewidth=0.5, label=class_name(class_names, c)) for c in sorted(colours)]
-    fig.legend(handles=handles, title="class", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize="small")
-
-
-def per_image_artefact(result: ProbeResult, key: str, ylabel: str, log: bool, out_dir: Path, name: str, caption: str) -> Artefact | None:
-    """The spread over images of one per-image value (absent in results saved before it existed)."""
-    variants = result.meta["variants"]
-    if f"{variants[0]}/per_image/{key}" not in result.arrays:
-        return None
-    values = {v: np.abs(result.arrays[f"{v}/per_image/{key}"].double().numpy()) if log else result.arrays[f"{v}/per_image/{key}"].double().numpy() for v in variants}
-    fig = per_image_figure(values, ylabel, f"{result.meta['num_images']} {result.meta['split']} images, one plane each")
-    return save_figure(fig, out_dir, name, caption, result.meta.get("methods", ""))
 
 
 @register("reporter", "random_plane")

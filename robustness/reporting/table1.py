@@ -8,8 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from robustness.probes.base import ProbeResult
-from robustness.reporting.base import Artefact, images_phrase, interval_text, save_figure, variant_colour, variant_title, write_table
-from robustness.reporting.hessian_norm import HESSIAN_MEANING
+from robustness.reporting.base import HESSIAN_MEANING, Artefact, images_phrase, interval_text, save_figure, variant_colour, variant_title, write_table
 from robustness.reporting.min_perturbation import IMAGES_RULE
 from robustness.registry import register
 
