@@ -17,9 +17,9 @@ REDUCED = {
     "table1_curvature": ["probe.num_images=8", "probe.num_samples=16"],
     "curvature_profile": ["probe.num_images=4", "probe.k=5"],
     "robust_accuracy": ["probe.n_images=60"],
-    "fig5_6_natural_path": ["probe.natural_pairs=2"],
-    "fig7_8_adversarial_path": ["probe.adversarial_pairs=2"],
-    "table2_paths": ["probe.natural_pairs=2", "probe.adversarial_pairs=2"],
+    "fig5_6_natural_path": ["probe.natural_pairs=2", "probe.max_pieces=300"],
+    "fig7_8_adversarial_path": ["probe.adversarial_pairs=2", "probe.max_depth=4", "probe.max_pieces=300"],
+    "table2_paths": ["probe.natural_pairs=2", "probe.adversarial_pairs=2", "probe.max_depth=4", "probe.max_pieces=300"],
     "fig9_perceptual": ["probe.num_images=16", "attack.steps=10"],
     "perceptual_sweep": ["probe.num_images=16", "attack.steps=10"],
 }
