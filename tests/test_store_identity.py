@@ -294,3 +294,18 @@ def test_a_published_model_is_probed_not_trained(tmp_path: Path) -> None:
         cfg = compose_experiment("base_digits", overrides)
         with pytest.raises(ConfigError, match="model=torchvision is a published model: it is probed, not trained"):
             run(cfg, tmp_path / "out", overrides=overrides)
+
+
+@pytest.mark.parametrize(("report", "variant", "experiment"), [
+    ("report_cifar10", "adversarial", "adv_finetune_cifar10"), ("report_cifar10", "cure", "cure_cifar10"),
+    ("report_tinyimagenet", "adversarial", "adv_finetune_tinyimagenet"), ("report_tinyimagenet", "pgd", "pgd_tinyimagenet"),
+    ("report_fashion_mnist", "pgd", "pgd_fashion_mnist"), ("report_fashion_mnist", "cure", "cure_fashion_mnist"),
+])
+def test_a_training_experiment_trains_the_model_its_report_loads(report: str, variant: str, experiment: str, tmp_path: Path) -> None:
+    """Run on its own, a fine-tuning experiment starts from its own setting's base, not the digits recipe."""
+    common = ["logger=csv", f"paths.artifacts_dir={tmp_path}"]
+    with hydra_initialized():
+        direct = variants.of_training_config(compose_experiment(experiment, common), common)
+        extra = [*compose_experiment(report, common).report.overrides, *common]
+        from_report = variants.resolve(compose_experiment("fig2_boundary", extra), variant, extra)
+    assert direct.key == from_report.key, variants.fingerprint.identity_differences(direct.identity, from_report.identity)
