@@ -93,7 +93,8 @@ def log_artefacts(run: Any, artefacts: Iterable[Any], prefix: str = "") -> None:
         elif artefact.kind == "table" and artefact.rows:
             columns = table_columns(artefact.rows)
             data = [[_plain(row.get(c)) for c in columns] for row in artefact.rows]
-            payload[f"tables/{key}"] = wandb.Table(columns=columns, data=data)
+            # A column may hold numbers and blanks ('' where a claim was not measured).
+            payload[f"tables/{key}"] = wandb.Table(columns=columns, data=data, allow_mixed_types=True)
     if payload:
         run.log(payload)
 

@@ -413,11 +413,11 @@ def test_experiment_on_embedded_digits_writes_its_own_files(tmp_path: Path, expe
     result = ProbeResult.load(next(out.rglob("result.json")).parent)
     if experiment == "perceptual_sweep":
         rows = read_csv(next(out.rglob("perceptual_summary.csv")))
-        assert [row["Model"] for row in rows] == ["Base model", "Adversarial training", "CURE training"]
+        assert [row["Model"] for row in rows] == ["Base model", "Adversarial training", "PGD training", "CURE training"]
         caption = next(out.rglob("perceptual_summary.md")).read_text(encoding="utf-8")
     else:
         rows = read_csv(next(out.rglob("fig9_top_k.csv")))
-        assert list(dict.fromkeys(row["variant"] for row in rows)) == ["base", "adversarial", "cure"]
+        assert list(dict.fromkeys(row["variant"] for row in rows)) == ["base", "adversarial", "pgd", "cure"]
         caption = next(out.rglob("fig9_top_k.md")).read_text(encoding="utf-8")
     assert "the first 16 test images of colour_digits" in caption
     assert result.meta["dataset"] == "colour_digits" and result.meta["region"] == ("dominant" if experiment == "fig9_perceptual" else "all")

@@ -64,7 +64,8 @@ def readme_commands() -> list[str]:
         for line in block.splitlines():
             for part in line.split("  #", 1)[0].split("&&"):
                 command = part.strip()
-                if command.startswith("python -m robustness") and not command.startswith("python -m robustness."):
+                placeholder = "NAME" in command or "[key=value" in command  # the README's template line
+                if command.startswith("python -m robustness") and not command.startswith("python -m robustness.") and not placeholder:
                     commands.append(command)
     return commands
 

@@ -28,6 +28,8 @@ same options and model reuses them and only searches the pairs still missing.
 
 from __future__ import annotations
 
+import logging
+
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -60,6 +62,9 @@ _OVERSAMPLE = 2
 # Containers whose forward only calls their children, adds and flattens (torchvision's ResNets):
 # the certifier may trust them as it trusts nn.Sequential.
 _PLAIN_CONTAINERS = (tv_resnet.ResNet, tv_resnet.BasicBlock, tv_resnet.Bottleneck)
+
+
+log = logging.getLogger("robustness")
 
 
 @dataclass
@@ -196,7 +201,9 @@ def adversarial_pairs(model: nn.Module, x: Tensor, pred: Tensor, n: int, generat
     """
     classes = pred.unique()
     if len(classes) < 2:
-        raise ConfigError("the model predicts a single class on the candidates; adversarial pairs need two", "raise probe.candidate_images")
+        # A collapsed model (or one barely trained) has no pair of classes to push: no pairs, all requested ones counted as dropped.
+        log.warning("the model predicts a single class on the %d candidates, so there are no adversarial pairs for it", len(x))
+        return Pairs(x[:0], x[:0], torch.empty(0, dtype=torch.long), [], dropped=n)
     num_classes = _num_classes(model, x)
     if num_classes < 3:
         raise ConfigError("adversarial pairs need at least three classes (two sources and a different target)", "drop 'adversarial' from probe.pair_types")
