@@ -58,13 +58,18 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     )
 
     fig, ax = plt.subplots(figsize=(4.8, 3.8))
+    shown = 0
     for variant in meta["variants"]:
         fro2 = result.arrays[f"{variant}/fro2"].double().numpy()
         norm = result.arrays[f"{variant}/norm"].double().numpy()
         keep = np.isfinite(fro2) & np.isfinite(norm) & (fro2 > 0) & (norm > 0)
+        shown += int(keep.sum())
         ax.scatter(fro2[keep], norm[keep], s=12, alpha=0.6, label=variant_title(variant), color=variant_colour(variant, meta["variants"]))
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    if shown:  # log axes need a positive value to scale; with none (every attack failed) the panel says so
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "no image with a finite positive ‖H‖_F² and ‖r‖₂", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("‖H‖_F² estimate")
     ax.set_ylabel("smallest label-changing ‖r‖₂")
     ax.grid(alpha=0.3)
