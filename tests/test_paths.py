@@ -409,10 +409,103 @@ def test_segment_over_its_piece_budget_is_uncertified_and_its_path_sampled_only(
     capped = certify_segments(model, a, b, label, max_pieces=2)
     assert capped.status == ["over_budget"] and int(capped.pieces[0]) == 2 and math.isnan(float(capped.exit_t[0]))
     # the search keeps the segment (its sampled checks pass) but cannot call the path certified
-    (path,) = find_paths(model, a, b, label, attack=never_pull, certifier=Certifier(max_pieces=2))
+    walk_only = Certifier(max_pieces=2, bisect_depth=None)
+    (path,) = find_paths(model, a, b, label, attack=never_pull, certifier=walk_only)
     assert path.success and path.status == "sampled" and path.uncertified == 1 and path.pieces == 2
-    (enough,) = find_paths(model, a, b, label, attack=never_pull, certifier=Certifier())
+    (enough,) = find_paths(model, a, b, label, attack=never_pull, certifier=Certifier(bisect_depth=None))
     assert enough.status == "certified" and enough.pieces == 10 and len(enough.vertices) == 2
+    # the bounds prove it within the same small budget: no part is left to walk past it
+    (bounded,) = find_paths(model, a, b, label, attack=never_pull, certifier=Certifier(max_pieces=2))
+    assert bounded.status == "certified" and bounded.pieces <= 2
+
+
+def _dense_margins(model: nn.Module, x0: Tensor, x1: Tensor, label: Tensor, num: int) -> Tensor:
+    """(S, num) class margins at ``num`` evenly spaced points of every interval, by brute force."""
+    s = torch.linspace(0, 1, num, dtype=torch.float64).view(1, -1, *([1] * (x0.dim() - 1)))
+    points = (x0.unsqueeze(1) + s * (x1 - x0).unsqueeze(1)).flatten(0, 1)
+    with torch.no_grad():
+        z = model(points).view(len(x0), num, -1)
+    own = z.gather(2, label.view(-1, 1, 1).expand(-1, num, 1))
+    return (own - z).scatter(2, label.view(-1, 1, 1).expand(-1, num, 1), math.inf).amin(2)
+
+
+def residual_net(seed: int) -> nn.Module:
+    from torchvision.models.resnet import BasicBlock
+
+    torch.manual_seed(seed)
+    block = BasicBlock(4, 4)
+    for bn in (block.bn1, block.bn2):
+        with torch.no_grad():
+            bn.running_mean.uniform_(-0.3, 0.3), bn.running_var.uniform_(0.5, 2.0), bn.weight.uniform_(-1.5, 1.5), bn.bias.uniform_(-0.2, 0.2)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(inplace=True), block, nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 3)).double().eval()
+    with torch.no_grad():
+        model[-1].weight.mul_(8), model[-1].bias.zero_()  # classes that change across the input space
+    return model
+
+
+@pytest.mark.parametrize("build, shape", [(random_relu_mlp, (2,)), (tiny_conv_net, (1, 4, 4)), (residual_net, (1, 4, 4))])
+def test_interval_bounds_hold_below_every_margin_and_tighten_to_it(build, shape: tuple[int, ...]) -> None:
+    from torchvision.models.resnet import BasicBlock
+
+    from robustness.geometry.certify import bound_problems, interval_margin_bounds
+
+    model = build(0)
+    assert bound_problems(model) == [] and piecewise_linear_problems(model, containers=(BasicBlock,)) == []
+    generator = torch.Generator().manual_seed(2)
+    x0 = torch.randn(64, *shape, generator=generator, dtype=torch.float64)
+    label = predict(model, x0)
+    for length in (1.0, 1e-1, 1e-3):
+        x1 = x0 + length * torch.randn(64, *shape, generator=generator, dtype=torch.float64)
+        low, consistent = interval_margin_bounds(model, x0, x1, label)
+        true_min = _dense_margins(model, x0, x1, label, 2001).amin(1)
+        assert consistent.all()
+        assert (low <= true_min + 1e-9).all()  # sound: never above the smallest margin on the interval
+        if length == 1e-3:
+            # short intervals have almost no switching units: the bound is nearly the margin itself
+            positive = true_min > 1e-2
+            assert positive.sum() > 10 and ((true_min - low)[positive] < 0.05 * true_min[positive]).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("build, shape, reach", [(random_relu_mlp, (2,), 0.5), (tiny_conv_net, (1, 4, 4), 0.5), (residual_net, (1, 4, 4), 1.0)])
+def test_bounds_then_walk_decide_every_segment_as_the_walk_alone_does(build, shape: tuple[int, ...], reach: float) -> None:
+    from torchvision.models.resnet import BasicBlock
+
+    from robustness.geometry.certify import certify_with_bounds
+
+    model = build(1)  # seed 1: the residual net's classes change across these segments
+    generator = torch.Generator().manual_seed(3)
+    a = torch.randn(40, *shape, generator=generator, dtype=torch.float64)
+    b = a + reach * torch.randn(40, *shape, generator=generator, dtype=torch.float64)
+    label = predict(model, a)
+    walk = certify_segments(model, a, b, label, containers=(BasicBlock,))
+    for depth in (0, 3, 10):
+        both = certify_with_bounds(model, a, b, label, bisect_depth=depth, containers=(BasicBlock,))
+        assert both.status == walk.status
+        exits = torch.tensor([s == "exits" for s in walk.status])
+        assert both.exit_t[exits].tolist() == pytest.approx(walk.exit_t[exits].tolist(), abs=1e-9)
+        assert (both.min_margin[~exits] > 0).all() and (both.min_margin[exits] < 0).all()
+    assert set(walk.status) == {"certified", "exits"}
+    # the bounds prove most segments without walking them
+    assert int((both.pieces == 0).sum()) > len(a) // 4 and int(both.pieces.sum()) <= int(walk.pieces.sum())
+    # worst_t of an exiting segment is a point outside the class, as deep as the margin found there
+    points = a[exits] + both.worst_t[exits].view(-1, *([1] * len(shape))) * (b[exits] - a[exits])
+    with torch.no_grad():
+        z = model(points)
+    rows = torch.arange(len(points))
+    margin = (z[rows, label[exits]][:, None] - z).scatter(1, label[exits][:, None], math.inf).amin(1)
+    assert (margin <= 0).all() and margin.tolist() == pytest.approx(both.min_margin[exits].tolist(), abs=1e-9)
+
+
+def test_bounds_refuse_a_non_linearity_hidden_in_a_vouched_container() -> None:
+    torch.manual_seed(0)
+    head = nn.Linear(4, 2)
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor([10.0, 0.0]))
+    model = nn.Sequential(Vouched(nn.Linear(2, 4)), head).double().eval()
+    a, b = torch.tensor([[-3.0, 1.0]], dtype=torch.float64), torch.tensor([[3.0, -1.0]], dtype=torch.float64)
+    found = Certifier(containers=(Vouched,))(model, a, b, torch.tensor([0]))
+    assert found.status == ["inconsistent"]
 
 
 def test_certifiability_is_read_off_the_modules() -> None:
@@ -545,8 +638,9 @@ def test_probe_on_convex_regions_gives_straight_paths_and_resumes(tmp_path: Path
         # linear classifier: convex regions, so every path is its straight segment
         assert row["pairs"] == {"natural": 3, "adversarial": 4, "noise": 2}[pair_type]
         assert row["success_rate"] == 1.0 and row["points_mean"] == 2.0 and row["points_std"] == 0.0
-        # affine models: every straight path is certified, in one linear piece
-        assert row["check"] == "certified" and row["certified"] == row["pairs"] and row["pieces_mean"] == 1.0
+        # affine models: every straight path is certified by the bounds of its one interval, exact for an affine map
+        assert row["check"] == "certified" and row["certified"] == row["pairs"] and row["bound_checks_mean"] == 1.0
+        assert row["pieces_mean"] == 0.0
         assert row["deviation_mean"] == 0.0
     for row in result.tables["pairs"]:
         if row["pair_type"] == "adversarial":
@@ -601,7 +695,7 @@ def test_failed_and_sampled_only_paths_count_against_the_success_rate_only() -> 
     def row(status: str, points: float, deviation: float, depth: int, evaluations: int, check: str = "certified") -> dict:
         success = status == "certified" or (status == "sampled" and check != "certified")
         return {"model": "m", "pair_type": "natural", "check": check, "status": status, "success": success, "points": points,
-                "deviation": deviation, "depth": depth, "evaluations": evaluations, "pieces": 7, "seconds": 1.0}
+                "deviation": deviation, "depth": depth, "evaluations": evaluations, "pieces": 7, "bound_checks": 3, "seconds": 1.0}
 
     rows = [
         row("certified", 3, 0.1, 1, 10),

@@ -1,5 +1,9 @@
 """Exact certification that a straight segment stays inside one class of a piecewise-linear network.
 
+Two ways, one answer: :func:`certify_with_bounds` (what the path search uses) proves most of a
+segment with interval bounds and walks only what they leave undecided, piece by piece, with
+:func:`certify_segments`, which is described first.
+
 Along ``x(t) = a + t (b - a)``, ``t`` in [0, 1], a network made of affine layers, ReLUs and
 max-pools has logits that are piecewise linear in ``t``: they are linear as long as no ReLU
 pre-activation changes sign and no max-pool window changes its winner. :func:`certify_segments`
@@ -34,7 +38,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -130,10 +134,20 @@ class SegmentCertificates:
     worst_t: Tensor
     batched_calls: int = 0
     breakpoints: list[list[float]] | None = field(default=None)
+    bound_checks: Tensor | None = field(default=None)
 
     @property
     def certified(self) -> Tensor:
         return torch.tensor([s == "certified" for s in self.status], dtype=torch.bool)
+
+    def outside_point(self, rows: Tensor, margin: Tensor, where: Tensor, first_outside: Tensor) -> None:
+        """Note the points ``where`` of segments ``rows`` with class margin ``margin`` (CPU tensors):
+        the smallest margin and its t, and (``first_outside``) the first t with a margin <= 0."""
+        for row, m, t in zip(rows.tolist(), margin.tolist(), where.tolist()):
+            if m < float(self.min_margin[row]):
+                self.min_margin[row], self.worst_t[row] = m, t
+            if m <= 0 and t < float(first_outside[row]):
+                first_outside[row] = t
 
     @classmethod
     def empty(cls, n: int, record_breakpoints: bool) -> "SegmentCertificates":
@@ -280,21 +294,24 @@ def certify_segments(
 
 @dataclass(frozen=True)
 class Certifier:
-    """:func:`certify_segments` with its settings bound, as the path search calls it."""
+    """Segment certification with its settings bound, as the path search calls it: interval
+    bounds first (:func:`certify_with_bounds`), the exact walk for what they leave undecided;
+    ``bisect_depth=None`` walks every segment piece by piece (:func:`certify_segments`)."""
 
     max_pieces: int = 10_000
     batch_size: int = 256
     affine: tuple[type[nn.Module], ...] = ()
     containers: tuple[type[nn.Module], ...] = ()
+    bisect_depth: int | None = 10
 
     def problems(self, model: nn.Module) -> list[str]:
         return piecewise_linear_problems(model, self.affine, self.containers)
 
     def __call__(self, model: nn.Module, a: Tensor, b: Tensor, label: Tensor, stop_at_exit: bool = True) -> SegmentCertificates:
-        return certify_segments(
-            model, a, b, label, max_pieces=self.max_pieces, batch_size=self.batch_size, affine=self.affine,
-            containers=self.containers, stop_at_exit=stop_at_exit,
-        )
+        options = dict(max_pieces=self.max_pieces, batch_size=self.batch_size, affine=self.affine, containers=self.containers, stop_at_exit=stop_at_exit)
+        if self.bisect_depth is None:
+            return certify_segments(model, a, b, label, **options)
+        return certify_with_bounds(model, a, b, label, bisect_depth=self.bisect_depth, **options)
 
 
 def _walk_batch(
@@ -376,3 +393,329 @@ def _walk_batch(
             expected = end_z[keep]
             walking = walking[keep]
     return calls
+
+
+# ---- interval bounds along a segment ------------------------------------------------------------
+#
+# Walking every linear piece costs one forward per piece, and a segment between two digits crosses
+# some two thousand. Most of a segment lies far inside its class, where a cheap over-approximation
+# already proves it: every hidden value along a sub-interval [t0, t1] of the segment is bounded
+# by two linear functions of s in [0, 1] (t = t0 + s (t1 - t0)), kept as a centre c(s) and a
+# radius r(s) >= 0, each as (slope, intercept). Affine layers map the centre exactly and the
+# radius through |W|; a ReLU or max-pool whose state is fixed on the interval passes its bounds
+# on, and one that switches there is relaxed by chords (the maximum of linear functions is convex,
+# so the chord through its end values lies above it). The class margin's lower bound is linear in
+# s, so it is positive on the whole interval when it is at both ends. Intervals that are not
+# proved are halved; those still undecided at ``bisect_depth`` are walked exactly, piece by piece.
+
+# Leaves whose radius passes through unchanged: linear, positive and without offset.
+_POSITIVE_LINEAR_LEAVES: tuple[type[nn.Module], ...] = (
+    nn.Flatten, nn.Unflatten, nn.Identity, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.Dropout,
+)
+
+
+def _abs_linear(module: nn.Module) -> Any:
+    """The map ``r -> |A| r`` of an affine leaf ``x -> A x + b``, or None where it is unknown."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.padding_mode == "zeros":
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[module.weight.dim() - 2]
+        weight = module.weight.abs()
+        return lambda r: conv(r, weight, None, module.stride, module.padding, module.dilation, module.groups)
+    if isinstance(module, nn.Linear):
+        weight = module.weight.abs()
+        return lambda r: r @ weight.T
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and not module.training and module.running_var is not None:
+        scale = (module.running_var + module.eps).rsqrt()
+        if module.weight is not None:
+            scale = scale * module.weight
+        scale = scale.abs()
+        return lambda r: r * scale.view((1, -1) + (1,) * (r.dim() - 2))
+    mean, std = getattr(module, "mean", None), getattr(module, "std", None)
+    if torch.is_tensor(mean) and torch.is_tensor(std) and len(list(module.children())) == 0:  # the project's Normalize
+        inverse = 1.0 / std.abs()
+        return lambda r: r * inverse
+    return None
+
+
+def bound_problems(model: nn.Module) -> list[str]:
+    """Leaves the interval bounds cannot propagate through (empty: bounds apply)."""
+    problems = []
+    for name, module in model.named_modules():
+        if list(module.children()) or isinstance(module, SWITCHING_LEAVES + _POSITIVE_LINEAR_LEAVES):
+            continue
+        if _abs_linear(module) is None:
+            problems.append(f"{name or '(the model)'}: no interval rule for {type(module).__name__}")
+    return problems
+
+
+def _ends(parts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(lower at s=0, lower at s=1, upper at s=0, upper at s=1) of a ``[cw; cb; rw; rb]`` batch."""
+    cw, cb, rw, rb = parts.chunk(4)
+    return cb - rb, cb + cw - rb - rw, cb + rb, cb + cw + rb + rw
+
+
+def _parts(l0: Tensor, l1: Tensor, u0: Tensor, u1: Tensor) -> Tensor:
+    """The ``[cw; cb; rw; rb]`` batch of bounds given by their end values."""
+    c0, c1, r0, r1 = (l0 + u0) / 2, (l1 + u1) / 2, (u0 - l0) / 2, (u1 - l1) / 2
+    return torch.cat([c1 - c0, c0, r1 - r0, r0])
+
+
+class _BoundTracker:
+    """Forward hooks that make the model propagate ``[cw; cb; rw; rb]`` bounds (4 S rows) instead
+    of images. Affine leaves see only the centres (and one zero image, whose output is the
+    offset to take off the slopes); their hook adds the radii through ``|A|``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.handles = []
+        self.final: tuple[nn.Linear, Tensor, Tensor] | None = None  # the last Linear: (module, input bounds, output)
+        self._radii: list[Tensor] = []
+        self._pending: list[Tensor] = []
+        self.enabled = True  # off: the model computes its plain function
+        for module in model.modules():
+            if list(module.children()):
+                continue
+            if isinstance(module, nn.ReLU):
+                self.handles.append(module.register_forward_pre_hook(self._relu_in))
+                self.handles.append(module.register_forward_hook(self._relu_out))
+            elif isinstance(module, nn.MaxPool2d):
+                self.handles.append(module.register_forward_hook(self._pool_out))
+            elif not isinstance(module, _POSITIVE_LINEAR_LEAVES):
+                absolute = _abs_linear(module)
+                self.handles.append(module.register_forward_pre_hook(self._affine_in))
+                self.handles.append(module.register_forward_hook(self._make_affine_out(absolute)))
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _affine_in(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Tensor] | None:
+        if not self.enabled:
+            return None
+        parts = inputs[0]
+        s = len(parts) // 4
+        self._radii.append(parts[2 * s :])
+        if isinstance(module, nn.Linear):
+            self.final = (module, parts, parts)
+        return (torch.cat([parts[: 2 * s], torch.zeros_like(parts[:1])]),)
+
+    def _make_affine_out(self, absolute: Any) -> Any:
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
+            if not self.enabled:
+                return None
+            radii = self._radii.pop()
+            s = len(radii) // 2
+            out = torch.cat([output[:s] - output[2 * s :], output[s : 2 * s], absolute(radii)])
+            if isinstance(module, nn.Linear) and self.final is not None and self.final[0] is module:
+                self.final = (module, self.final[1], out)
+            return out
+
+        return hook
+
+    def _relu_in(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        if self.enabled:
+            self._pending.append(inputs[0].clone())  # an in-place ReLU overwrites the bounds it relaxes
+
+    def _relu_out(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
+        if not self.enabled:
+            return None
+        l0, l1, u0, u1 = _ends(self._pending.pop())
+        zero = torch.zeros_like(l0)
+        active = torch.minimum(l0, l1) >= 0
+        dead = torch.maximum(u0, u1) <= 0
+        # Switching on the interval: above by the chord of max(0, upper); below by the lower bound
+        # itself or by 0, whichever is larger on average (both are below max(0, x)).
+        take_lower = active | ((l0 + l1) > 0)
+        new = (
+            torch.where(take_lower, l0, zero), torch.where(take_lower, l1, zero),
+            torch.where(active, u0, u0.clamp(min=0)), torch.where(active, u1, u1.clamp(min=0)),
+        )
+        return _parts(*(torch.where(dead, zero, v) for v in new))
+
+    def _pool_out(self, module: nn.MaxPool2d, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
+        if not self.enabled:
+            return None
+        return _pool_bounds(module, inputs[0], output.shape[2:])
+
+
+def _pool_bounds(module: nn.MaxPool2d, parts: Tensor, shape: Any) -> Tensor:
+    ends = [_windows(module, v, -math.inf) for v in _ends(parts)]
+    l0, l1, u0, u1 = ends
+    best = (l0 + l1).argmax(2, keepdim=True)  # the entry with the highest lower bound bounds the max from below
+    lk0, lk1, uk0, uk1 = (v.gather(2, best) for v in ends)
+    others0 = u0.scatter(2, best, -math.inf).amax(2, keepdim=True)
+    others1 = u1.scatter(2, best, -math.inf).amax(2, keepdim=True)
+    wins = (lk0 >= others0) & (lk1 >= others1)  # that entry is the max on the whole interval
+    up0 = torch.where(wins, uk0, u0.amax(2, keepdim=True))
+    up1 = torch.where(wins, uk1, u1.amax(2, keepdim=True))
+    n, c = parts.shape[0] // 4, parts.shape[1]
+    return _parts(*(v.reshape(n, c, *shape) for v in (lk0, lk1, up0, up1)))
+
+
+# A proved margin must clear this share of the logits' scale: the bounds are float64 sums whose
+# rounding is some 1e-15 of it, so a margin this close to zero is left to the exact walk.
+BOUND_RTOL = 1e-9
+
+
+def interval_margin_bounds(model: nn.Module, x0: Tensor, x1: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
+    """For each interval ``x0[i] + s (x1[i] - x0[i])``, s in [0, 1]: a lower bound of the class
+    margin ``min_j z_c - z_j`` over the whole interval, and whether the bounds contain the logits
+    a plain forward gives at both ends (False: the model computes something the bounds do not
+    model, such as a functional non-linearity inside a container). ``model``: float64, eval mode,
+    no :func:`bound_problems`."""
+    tracker = _BoundTracker(model)
+    try:
+        with torch.no_grad():
+            return _margin_lower_bounds(model, tracker, x0, x1 - x0, label)[:2]
+    finally:
+        tracker.close()
+
+
+def _margin_lower_bounds(model: nn.Module, tracker: _BoundTracker, x0: Tensor, slope: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
+    zeros = torch.zeros_like(x0)
+    tracker.final = None
+    out = model(torch.cat([slope, x0, zeros, zeros]))
+    n = len(x0)
+    rows = torch.arange(n, device=x0.device)
+    l0, l1, u0, u1 = _ends(out)
+    if tracker.final is not None and tracker.final[2] is out:
+        # The margins z_c - z_j are an affine map of the last layer's input: bound them as such,
+        # not as the difference of two separately bounded logits.
+        linear, h, _ = tracker.final
+        weight = linear.weight
+        bias = linear.bias if linear.bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        gap = weight[label][:, None, :] - weight[None]  # (S, classes, features)
+        hw, hb, rw, rb = h.chunk(4)
+        centre_w = torch.einsum("skf,sf->sk", gap, hw)
+        centre_b = torch.einsum("skf,sf->sk", gap, hb) + (bias[label][:, None] - bias[None])
+        spread = gap.abs()
+        radius_w, radius_b = torch.einsum("skf,sf->sk", spread, rw), torch.einsum("skf,sf->sk", spread, rb)
+        low0, low1 = centre_b - radius_b, centre_b + centre_w - radius_b - radius_w
+    else:
+        low0, low1 = l0[rows, label][:, None] - u0, l1[rows, label][:, None] - u1
+    low = torch.minimum(low0, low1).scatter(1, label[:, None], math.inf).amin(1)
+    # The guard: the plain function at both ends must lie within its bounds (to rounding).
+    tracker.enabled = False
+    try:
+        plain = model(torch.cat([x0, x0 + slope]))
+    finally:
+        tracker.enabled = True
+    z0, z1 = plain.chunk(2)
+    scale = 1.0 + torch.maximum(z0.abs().amax(1), z1.abs().amax(1))
+    slack = (CONSISTENCY_RTOL * scale)[:, None]
+    inside = ((z0 >= l0 - slack) & (z0 <= u0 + slack) & (z1 >= l1 - slack) & (z1 <= u1 + slack)).all(1)
+    proven = inside & (low > BOUND_RTOL * scale)
+    low = torch.where(proven, low, torch.where(inside, low.clamp(max=0), torch.full_like(low, math.nan)))
+    return low, inside, _margins(z0, label).amin(1), _margins(z1, label).amin(1)
+
+
+def certify_with_bounds(
+    model: nn.Module,
+    a: Tensor,
+    b: Tensor,
+    label: Tensor,
+    *,
+    bisect_depth: int = 10,
+    max_pieces: int = 10_000,
+    batch_size: int = 256,
+    affine: Iterable[type[nn.Module]] = (),
+    containers: Iterable[type[nn.Module]] = (),
+    stop_at_exit: bool = True,
+) -> SegmentCertificates:
+    """:func:`certify_segments`' answer, mostly from interval bounds: each segment is halved until
+    the bounds prove its parts (at most ``bisect_depth`` times), and only the parts left undecided
+    are walked piece by piece (each with ``max_pieces``).
+
+    A plain forward at every bounded interval's ends comes with the bounds (it is also their
+    guard, as in the walk); once it finds a point outside the class, the parts after it are
+    dropped, since the first exit lies before it. So ``stop_at_exit`` makes no difference here:
+    ``worst_t`` of a segment that exits is the deepest point outside among those evaluated
+    (every bounded end and every walked piece end), which the path search splits at.
+
+    ``pieces`` counts the pieces walked, ``bound_checks`` the intervals bounded (each about one
+    forward of six times the batch). ``min_margin`` of a certified segment is a lower bound of its
+    smallest margin (the proven bounds), exact where the walk ran.
+    """
+    affine, containers = tuple(affine), tuple(containers)
+    problems = piecewise_linear_problems(model, affine, containers)
+    if problems:  # the walk explains it
+        return certify_segments(model, a, b, label, max_pieces=max_pieces, batch_size=batch_size, affine=affine, containers=containers)
+    if model.training:
+        raise InputError("the model is in training mode; certification needs its eval-mode function", "call model.eval() first")
+    if a.shape != b.shape or a.dim() < 2 or not torch.is_tensor(label) or label.shape != (len(a),):
+        raise InputError(f"segments need matching (S, ...) start and end images and S labels, got {tuple(a.shape)}, {tuple(b.shape)}, {tuple(label.shape)}")
+    if bisect_depth < 0:
+        raise ConfigError(f"bisect_depth must be >= 0, got {bisect_depth}", "e.g. 10: parts of 1/1024 of a segment are walked")
+    exact = copy.deepcopy(model).to(torch.float64).eval()
+    if bound_problems(exact):
+        return certify_segments(model, a, b, label, max_pieces=max_pieces, batch_size=batch_size, affine=affine, containers=containers,
+                                stop_at_exit=stop_at_exit)
+    n = len(a)
+    label = label.to(a.device)
+    a64, direction = a.detach().to(torch.float64), (b.detach().to(torch.float64) - a.detach().to(torch.float64))
+    view = (-1,) + (1,) * (a.dim() - 1)
+    owner = torch.arange(n, device=a.device)
+    t0 = torch.zeros(n, dtype=torch.float64, device=a.device)
+    t1 = torch.ones_like(t0)
+    out = SegmentCertificates.empty(n, record_breakpoints=False)
+    out.bound_checks = torch.zeros(n, dtype=torch.long)
+    inconsistent = torch.zeros(n, dtype=torch.bool)
+    # The first point known to be outside the class (a plain forward at an interval's end): parts
+    # after it cannot hold the first exit, so they are dropped; the deepest such point is worst_t.
+    outside_t = torch.full((n,), math.inf, dtype=torch.float64)
+    tracker = _BoundTracker(exact)
+    try:
+        with torch.no_grad():
+            for depth in range(bisect_depth + 1):
+                if not len(owner):
+                    break
+                decided = torch.zeros(len(owner), dtype=torch.bool)
+                # Bounds take four rows per interval: a quarter of the walk's batch keeps memory alike.
+                step = max(1, batch_size // 4)
+                for first in range(0, len(owner), step):
+                    part = slice(first, first + step)
+                    who = owner[part]
+                    x0 = a64[who] + t0[part].view(view) * direction[who]
+                    slope = (t1[part] - t0[part]).view(view) * direction[who]
+                    low, consistent, m0, m1 = (v.cpu() for v in _margin_lower_bounds(exact, tracker, x0, slope, label[who]))
+                    out.batched_calls += 1
+                    rows = who.cpu()
+                    ok = consistent & (low > 0)
+                    decided[part] = ok | ~consistent
+                    inconsistent[rows[~consistent]] = True
+                    out.min_margin.scatter_reduce_(0, rows[ok], low[ok], "amin")
+                    for margin, where in ((m0, t0[part].cpu()), (m1, t1[part].cpu())):
+                        out.outside_point(rows, margin, where, outside_t)
+                out.bound_checks += torch.bincount(owner.cpu(), minlength=n)
+                keep = ~decided & (t0.cpu() < outside_t[owner.cpu()])
+                owner, t0, t1 = owner[keep.to(owner.device)], t0[keep.to(t0.device)], t1[keep.to(t1.device)]
+                if depth < bisect_depth:
+                    middle = (t0 + t1) / 2
+                    owner, t0, t1 = torch.cat([owner, owner]), torch.cat([t0, middle]), torch.cat([middle, t1])
+    finally:
+        tracker.close()
+
+    out.status = ["inconsistent" if odd else "exits" if math.isfinite(t) else "certified" for odd, t in zip(inconsistent.tolist(), outside_t.tolist())]
+    keep = (t0.cpu() < outside_t[owner.cpu()]).to(owner.device)  # parts before the first known outside point
+    owner, t0, t1 = owner[keep], t0[keep], t1[keep]
+    if len(owner):
+        starts = a64[owner] + t0.view(view) * direction[owner]
+        ends = a64[owner] + t1.view(view) * direction[owner]
+        walked = certify_segments(exact, starts, ends, label[owner], max_pieces=max_pieces, batch_size=batch_size, affine=affine,
+                                  containers=containers, stop_at_exit=True)
+        out.batched_calls += walked.batched_calls
+        rank = {"certified": 0, "over_budget": 1, "exits": 2, "inconsistent": 3}
+        length = (t1 - t0).cpu()
+        for j, segment in enumerate(owner.cpu().tolist()):
+            out.pieces[segment] += walked.pieces[j]
+            if rank[walked.status[j]] > rank[out.status[segment]]:
+                out.status[segment] = walked.status[j]
+            if walked.status[j] == "exits":
+                where = float(t0[j]) + float(length[j]) * float(walked.exit_t[j])
+                if not where >= float(out.exit_t[segment]):  # NaN (none yet) or later
+                    out.exit_t[segment] = where
+            if float(walked.min_margin[j]) < float(out.min_margin[segment]):
+                out.min_margin[segment] = walked.min_margin[j]
+                out.worst_t[segment] = float(t0[j]) + float(length[j]) * float(walked.worst_t[j])
+    for segment, t in enumerate(outside_t.tolist()):
+        if math.isfinite(t) and math.isnan(float(out.exit_t[segment])):  # the walk stopped within rounding of that point
+            out.exit_t[segment] = t
+    return out

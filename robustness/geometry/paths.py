@@ -67,6 +67,8 @@ class PathResult:
     reason:      why the search failed ("" on success): "max_depth", "max_vertices" or "pull_failed"
     pieces:      linear pieces the certifier walked for this path's segments (each one a forward
                  of the segment and its direction), 0 without a certifier
+    bound_checks: intervals of this path's segments the certifier bounded (each one forward of
+                 the interval's bounds and its two ends); most segments are proved this way
     uncertified: kept segments the certifier could not decide (over its piece budget)
     """
 
@@ -78,6 +80,7 @@ class PathResult:
     certified: bool = False
     pieces: int = 0
     uncertified: int = 0
+    bound_checks: int = 0
 
     @property
     def status(self) -> str:
@@ -138,6 +141,7 @@ def find_paths(
     alive = [True] * n_pairs
     reason = [""] * n_pairs
     pieces = [0] * n_pairs
+    bound_checks = [0] * n_pairs
     # (key of the segment, start vertex, whether the segment was certified)
     kept: list[list[tuple[str, Tensor, bool]]] = [[] for _ in range(n_pairs)]
 
@@ -170,6 +174,8 @@ def find_paths(
             found = certifier(model, seg_a[sampled_ok], seg_b[sampled_ok], label[owner[sampled_ok]], stop_at_exit=False)
             for j, i in enumerate(sampled_ok.tolist()):
                 pieces[int(owner[i])] += int(found.pieces[j])
+                if found.bound_checks is not None:
+                    bound_checks[int(owner[i])] += int(found.bound_checks[j])
                 certified[i] = found.status[j] == "certified"
                 if found.status[j] == "exits":
                     ok[i] = False
@@ -227,7 +233,8 @@ def find_paths(
         uncertified = sum(not c for _, _, c in segments) if certifier is not None else 0
         certified = alive[pair] and certifier is not None and uncertified == 0
         results.append(
-            PathResult(vertices, alive[pair], depth_reached[pair], evaluations[pair], reason[pair], certified, pieces[pair], uncertified)
+            PathResult(vertices, alive[pair], depth_reached[pair], evaluations[pair], reason[pair], certified, pieces[pair], uncertified,
+                       bound_checks[pair])
         )
     return results
 

@@ -363,6 +363,7 @@ def table2_rows(pair_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "deviation_std": _std(deviation),
                 "depth_mean": _mean(np.array([r["depth"] for r in ok], dtype=float)),
                 "evaluations_mean": _mean(np.array([r["evaluations"] for r in rows], dtype=float)),
+                "bound_checks_mean": _mean(np.array([r["bound_checks"] for r in rows], dtype=float)),
                 "pieces_mean": _mean(np.array([r["pieces"] for r in rows], dtype=float)),
                 "seconds_mean": _mean(np.array([r["seconds"] for r in rows], dtype=float)),
             }
@@ -465,6 +466,7 @@ def _search_pairs(
                 "success": path.success,
                 "certified": path.certified,
                 "pieces": path.pieces,
+                "bound_checks": path.bound_checks,
                 "uncertified": path.uncertified,
                 "depth": path.depth,
                 "evaluations": path.evaluations,
@@ -502,6 +504,7 @@ def _pair_row(
         "depth": int(record["depth"]),
         "evaluations": int(record["evaluations"]),
         "pieces": int(record["pieces"]),
+        "bound_checks": int(record.get("bound_checks", 0)),
         "seconds": float(record["seconds"]),
     }
 
