@@ -6,6 +6,8 @@ training all import it, and it imports nothing of the project but ``errors``.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -55,3 +57,13 @@ def check_images(model: nn.Module, x: Tensor, y: Tensor | None = None, num_class
                 f"labels must lie in [0, {num_classes - 1}], got values in [{int(y.min())}, {int(y.max())}]",
                 "check that the labels belong to the dataset the model was trained on",
             )
+
+
+def relative_change(start: Sequence[Tensor], now: Sequence[Tensor]) -> float:
+    """``||theta - theta_0|| / ||theta_0||`` over matching lists of tensors (a model's parameters
+    before and after training), in float64 on the CPU."""
+    if len(start) != len(now) or any(a.shape != b.shape for a, b in zip(start, now)):
+        raise InputError("the two weight lists do not match tensor for tensor", "compare parameters of the same architecture")
+    moved = sum(float((b.detach().cpu().double() - a.detach().cpu().double()).pow(2).sum()) for a, b in zip(start, now))
+    size = sum(float(a.detach().cpu().double().pow(2).sum()) for a in start)
+    return (moved / size) ** 0.5 if size > 0 else float("nan")

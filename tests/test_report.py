@@ -11,6 +11,7 @@ from robustness.stages import run
 
 # Per-section reductions: the same probes and code paths as the default run, on less data.
 REDUCED = {
+    "training_shift": [],
     "fig2_boundary": ["probe.resolution=41"],
     "fig3_regions": ["probe.resolution=41"],
     "fig4_cure": ["++probe.resolution=41"],

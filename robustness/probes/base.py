@@ -55,6 +55,22 @@ class ProbeOptions:
 
 
 @dataclass
+class TrainingRecord:
+    """How a variant came to be, as the store knows it.
+
+    starts_from:     the variant its training started from, "random init", or "published"
+    metrics:         what its training recorded (``metrics.json`` in the store; empty when published)
+    start_model:     that starting variant's model in eval mode, when it is one of the store's
+    adversarial_set: the adversarial set its training used (tensors ``x`` and ``y``), if any
+    """
+
+    starts_from: str = "published"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    start_model: nn.Module | None = None
+    adversarial_set: dict[str, Tensor] | None = None
+
+
+@dataclass
 class ProbeContext:
     """Everything a probe may use.
 
@@ -64,6 +80,7 @@ class ProbeContext:
     attack:   the ``attack`` config node as a plain dict (build it with registry.build_attack)
     work_dir: a folder for partial results, so an interrupted probe resumes where it stopped
     progress: call ``progress(done, total, what)`` to report progress
+    training: ``training(name)`` is the variant's :class:`TrainingRecord` (loaded when asked for)
     """
 
     cfg: dict[str, Any]
@@ -75,6 +92,7 @@ class ProbeContext:
     work_dir: Path
     progress: Callable[[int, int, str], None] = lambda done, total, what: None
     config: Any = None  # the whole resolved run config, for provenance
+    training: Callable[[str], TrainingRecord] = lambda name: TrainingRecord()
 
 
 @dataclass

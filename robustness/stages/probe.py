@@ -13,9 +13,9 @@ from omegaconf import DictConfig
 
 from robustness import fingerprint, tracking
 from robustness.errors import ConfigError, StoreError
-from robustness.probes.base import ProbeContext, ProbeResult
+from robustness.probes.base import ProbeContext, ProbeResult, TrainingRecord
 from robustness.progress import progress_reporter
-from robustness.registry import choices, lookup
+from robustness.registry import build, choices, lookup
 from robustness.stages.common import RunOutcome, device_for, make_datamodule, plain, store_for, writable_problem
 from robustness.stages.variants import Variant, load_models, weights_digest
 
@@ -41,6 +41,21 @@ def _cache_root(cfg: DictConfig, store_probes: Path, output_dir: Path) -> Path |
     fallback = output_dir / "probe-cache"
     log.warning("the store's probe folder %s is not writable: caching this probe's results in %s instead", store_probes, fallback)
     return fallback if writable_problem(fallback) is None else None
+
+
+def training_record(v: Variant, store: Any, info: Any, device: torch.device) -> TrainingRecord:
+    """What the store knows of how ``v`` was trained: its metrics, its starting model, its adversarial set."""
+    if "external" in v.identity:
+        return TrainingRecord("published")
+    metrics = store.metrics(v.key)
+    start_model = None
+    if v.parent is not None:
+        start_model = build("model", v.parent.config.model, info=info)
+        store.load_into(v.parent.key, start_model, info, plain(v.parent.config.model), what=f"the '{v.parent.name}' weights")
+        start_model = start_model.to(device).eval()
+    set_name = (metrics.get("regularizer") or {}).get("adv_set")
+    adversarial_set = store.load_tensors(v.key, set_name) if set_name else None
+    return TrainingRecord(v.parent.name if v.parent is not None else "random init", metrics, start_model, adversarial_set)
 
 
 def probe(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag: str = "", wandb_run: Any = None) -> RunOutcome:
@@ -78,6 +93,7 @@ def probe(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag:
         ctx = ProbeContext(
             cfg=plain(cfg.probe), models=models, data=datamodule, attack=plain(cfg.attack), device=device,
             seed=int(cfg.seed), work_dir=work_dir / "partial", progress=progress_reporter(name), config=cfg,
+            training=lambda variant: training_record(variants[variant], store, datamodule.info, device),
         )
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(int(cfg.seed))

@@ -18,6 +18,7 @@ from robustness.io import atomic_write_json
 from robustness.registry import build
 from robustness.stages import variants as variant_lookup
 from robustness.stages.common import RunOutcome, device_for, make_datamodule, plain, store_for
+from robustness.tensors import relative_change
 from robustness.training.module import ClassifierModule
 from robustness.training.regularizer import TrainContext
 from robustness.training.resume import RandomState, discard_checkpoints, last_checkpoint, sigterm_as_interrupt
@@ -81,6 +82,8 @@ def _fit(v: variant_lookup.Variant, store: Any, output_dir: Path) -> RunOutcome:
 
     if v.parent is not None:
         store.load_into(v.parent.key, model, info, plain(v.parent.config.model), what=f"the '{v.parent.name}' weights")
+    # The weights training starts from (the parent's, or the seeded initialisation), to say how far it moved them.
+    start = [p.detach().clone() for p in model.parameters()]
     regularizer.setup(TrainContext(model=model, datamodule=datamodule, store=store, device=device, config=cfg, cache_key=v.key))
     datamodule.train_set = regularizer.train_dataset(datamodule.train_set)
     module = ClassifierModule(model, info.num_classes, regularizer, max_bad_steps=int(own.get("max_bad_steps", 20)), **plain(cfg.optim))
@@ -134,6 +137,7 @@ def _fit(v: variant_lookup.Variant, store: Any, output_dir: Path) -> RunOutcome:
     # What the regularizer did (e.g. the adversarial set's size and accuracy history), kept with the model.
     metrics["regularizer"] = regularizer.describe()
     metrics["fingerprint"] = v.key
+    metrics["start"] = {"from": v.parent.name if v.parent is not None else "random init", "weight_change": relative_change(start, list(model.parameters()))}
     if trainer.is_global_zero:
         directory = store.save(v.key, model, info, plain(cfg.model), metrics, OmegaConf.to_yaml(cfg, resolve=True),
                                variant=v.variant, identity=v.identity)
