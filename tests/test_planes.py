@@ -480,3 +480,23 @@ def test_fig4_draws_the_cure_model_in_both_planes(tmp_path: Path) -> None:
         (csv,) = [p for p in out.rglob(f"{table}.csv")]
         # CURE beside the two models it is compared with, on one scale.
         assert [line.split(",")[0] for line in csv.read_text().splitlines()[1:]] == ["base", "adversarial", "cure"]
+
+
+@pytest.mark.slow
+def test_per_image_statistics_are_kept_per_model_and_reused_by_other_lists_of_variants(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    first = run_experiment("fig3_regions", [*COARSE, "variants=[base,adversarial]"], tmp_path / "a", artifacts_dir=store)
+    shared = store / "digits" / "smallcnn" / "probes" / "per-model"
+    folders = sorted(p.name for p in shared.iterdir())
+    assert len(folders) == 2 and all(name.startswith("random_plane-") for name in folders)  # one per model
+    stamps = {p: p.stat().st_mtime_ns for p in shared.rglob("*.pt")}
+    second = run_experiment("fig3_regions", [*COARSE, "variants=[base,adversarial,cure]"], tmp_path / "b", artifacts_dir=store)
+    assert len(list(shared.iterdir())) == 3  # only the new model's statistics were computed
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # base's and adversarial's were read, not rewritten
+    a = ProbeResult.load(first / "results" / "random_plane").arrays
+    b = ProbeResult.load(second / "results" / "random_plane").arrays
+    for variant in ("base", "adversarial"):
+        assert torch.equal(a[f"{variant}/per_image/area_fraction"], b[f"{variant}/per_image/area_fraction"])
+    # recompute=true shares nothing: the per-model folder is left as it was
+    run_experiment("fig3_regions", [*COARSE, "variants=[base]", "recompute=true"], tmp_path / "c", artifacts_dir=store)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

@@ -81,6 +81,10 @@ class ProbeContext:
     work_dir: a folder for partial results, so an interrupted probe resumes where it stopped
     progress: call ``progress(done, total, what)`` to report progress
     training: ``training(name)`` is the variant's :class:`TrainingRecord` (loaded when asked for)
+    shared_dir: a folder for one model's partial results that runs of the same probe on other
+              lists of variants reuse (Figure 4's planes reuse Figure 2's base and adversarial):
+              whatever is kept there must be named by everything it depends on, the model's
+              weights included; None: keep them in ``work_dir``
     """
 
     cfg: dict[str, Any]
@@ -93,6 +97,7 @@ class ProbeContext:
     progress: Callable[[int, int, str], None] = lambda done, total, what: None
     config: Any = None  # the whole resolved run config, for provenance
     training: Callable[[str], TrainingRecord] = lambda name: TrainingRecord()
+    shared_dir: Path | None = None
 
 
 @dataclass

@@ -117,8 +117,9 @@ def measure_per_image(ctx: ProbeContext, options: PlaneOptions, measure: PerImag
         def chunk(start: int, stop: int, model: nn.Module = model) -> dict[str, Tensor]:
             return measure(model, x[start:stop], y[start:stop], list(range(start, stop)))
 
+        # Kept per model, not per list of variants: the identity names the model by its weights.
         measured[variant] = run_in_chunks(
-            ctx.work_dir, f"{options.probe}-{variant}", identity, len(x), int(options.chunk_size), chunk,
+            ctx.shared_dir or ctx.work_dir, options.probe, identity, len(x), int(options.chunk_size), chunk,
             lambda done, total, _, variant=variant: ctx.progress(done, total, f"{what} of {variant}, per image"),
         )
     return y.cpu(), torch.arange(len(x)), measured

@@ -94,6 +94,8 @@ def probe(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag:
             cfg=plain(cfg.probe), models=models, data=datamodule, attack=plain(cfg.attack), device=device,
             seed=int(cfg.seed), work_dir=work_dir / "partial", progress=progress_reporter(name), config=cfg,
             training=lambda variant: training_record(variants[variant], store, datamodule.info, device),
+            # recompute=true computes afresh: nothing shared with earlier runs is reused then.
+            shared_dir=cache_root / "per-model" if cache_root is not None and not cfg.get("recompute", False) else None,
         )
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(int(cfg.seed))
