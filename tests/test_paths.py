@@ -649,6 +649,10 @@ def test_probe_on_convex_regions_gives_straight_paths_and_resumes(tmp_path: Path
         if row["pair_type"] == "natural":
             assert row["start_class"] == row["end_class"] == row["class"] and row["start_index"] != row["end_index"]
     assert result.arrays["base/adversarial/explained_variance_ratio"][0] == pytest.approx(1.0, abs=1e-5)
+    # every successful path's ratios, one row per path: a straight path has all its variance on one component
+    per_path = result.arrays["other/natural/pair_explained_variance_ratio"]
+    assert per_path.shape == (3, result.meta["options"]["pca_components"])
+    assert per_path[:, 0].tolist() == pytest.approx([1.0] * 3, abs=1e-5)
 
     # A rerun reuses every saved pair: no search at all. Losing one pair's file redoes that pair only.
     calls: list[int] = []

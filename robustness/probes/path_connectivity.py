@@ -314,6 +314,11 @@ def compute(ctx: ProbeContext) -> ProbeResult:
             done += options.count(pair_type)
             rows = [_pair_row(variant, pair_type, i, pairs, record, info.class_names, check) for i, record in enumerate(records)]
             pair_rows.extend(rows)
+            # Every successful path's explained-variance ratio, for statistics over paths (the scorecard's).
+            ratios = [path_pca(record["vertices"], options.pca_points, options.pca_components)["explained_variance_ratio"]
+                      for record, row in zip(records, rows) if row["success"]]
+            arrays[f"{variant}/{pair_type}/pair_explained_variance_ratio"] = (
+                torch.stack(ratios) if ratios else torch.zeros(0, options.pca_components))
             chosen = _figure_path(rows)
             if chosen is not None:
                 pca = path_pca(records[chosen]["vertices"], options.pca_points, options.pca_components)
