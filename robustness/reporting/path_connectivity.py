@@ -142,12 +142,14 @@ def _table2(result: ProbeResult, out_dir: Path) -> Artefact:
         for r in result.tables["table2"]
     ]
     caption = (
-        "Reproduces Table 2 of the report: mean ± standard deviation, over the successful paths, of the number of "
-        "points representing a path and of its largest distance from the straight line between its endpoints "
-        f"divided by that line's length, per model and pair type ({result.meta['dataset']}). A path is a success "
-        "when every point on it is in the class: 'certified' paths are proven so segment by segment (piecewise-linear "
-        "models); 'sampled-only' paths passed their sampled checks but some segment exceeded the certifier's budget, "
-        "and are not counted as successes. Where the check reads 'sampled at K points per segment' the model is not "
-        "piecewise linear, and a success means only that those points are in the class. " + _PAIRS_NOTE
+        "Reproduces Table 2 of the report: mean ± standard deviation, over the successful paths, of the number of points "
+        f"of a path and of its largest distance from its chord over the chord's length, per model and pair type ({result.meta['dataset']}). "
+        f"A success is a path proven to stay in its class ('certified'; 'sampled-only' paths passed sampled checks only), and every pair's row is in {PAIRS_TABLE}.csv beside this table."
     )
-    return write_table(rows, out_dir, "table2_paths", caption)
+    methods = (
+        "Piecewise-linear models: every segment that passes its sampled check is certified exactly, by interval bounds along "
+        "the segment where they suffice and by walking its linear pieces elsewhere (the last column counts both, per path); a "
+        "segment over the budget of pieces leaves its path 'sampled-only', not a success. Where the check reads 'sampled at K "
+        "points per segment' the model is not piecewise linear, and a success means only that those points are in the class."
+    )
+    return write_table(rows, out_dir, "table2_paths", caption, methods)
