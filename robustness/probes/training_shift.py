@@ -38,6 +38,8 @@ class Options(ProbeOptions):
     batch_size: int = 512
 
     def validate(self) -> None:
+        if self.split not in ("train", "val", "test"):
+            raise ConfigError(f"probe.split must be train, val or test, got '{self.split}'", "e.g. probe.split=test")
         if self.n_images is not None and int(self.n_images) <= 0:
             raise ConfigError(f"probe.n_images must be positive or null (the whole split), got {self.n_images}", "e.g. probe.n_images=null")
         if int(self.batch_size) <= 0:
