@@ -772,3 +772,18 @@ def test_experiment_on_digits_writes_its_files(tmp_path: Path, experiment: str, 
             assert ({f"{name}.png", f"{name}.pdf"} <= files) == (drawn and experiment != "table2_paths")
     if "natural" in table:
         assert table["natural"]["certified"] > 0
+
+
+def test_bounds_share_the_piece_budget() -> None:
+    from robustness.geometry.certify import certify_with_bounds
+
+    model = random_relu_mlp(0)
+    generator = torch.Generator().manual_seed(3)
+    a = torch.randn(40, 2, generator=generator, dtype=torch.float64)
+    b = a + 0.5 * torch.randn(40, 2, generator=generator, dtype=torch.float64)
+    label = predict(model, a)
+    free = certify_with_bounds(model, a, b, label)
+    hard = [i for i in range(len(a)) if free.status[i] == "certified" and int(free.bound_checks[i]) > 1]
+    assert hard, "some certified segment needs more than one interval"
+    capped = certify_with_bounds(model, a[hard], b[hard], label[hard], max_pieces=1)
+    assert capped.status == ["over_budget"] * len(hard) and capped.bound_checks.tolist() == [1] * len(hard)

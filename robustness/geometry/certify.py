@@ -622,7 +622,8 @@ def certify_with_bounds(
 ) -> SegmentCertificates:
     """:func:`certify_segments`' answer, mostly from interval bounds: each segment is halved until
     the bounds prove its parts (at most ``bisect_depth`` times), and only the parts left undecided
-    are walked piece by piece (each with ``max_pieces``).
+    are walked piece by piece (each with ``max_pieces``). The bounds share that budget: a segment
+    that has bounded ``max_pieces`` intervals with parts still undecided is "over_budget".
 
     A plain forward at every bounded interval's ends comes with the bounds (it is also their
     guard, as in the walk); once it finds a point outside the class, the parts after it are
@@ -658,6 +659,7 @@ def certify_with_bounds(
     out = SegmentCertificates.empty(n, record_breakpoints=False)
     out.bound_checks = torch.zeros(n, dtype=torch.long)
     inconsistent = torch.zeros(n, dtype=torch.bool)
+    over_budget = torch.zeros(n, dtype=torch.bool)
     # The first point known to be outside the class (a plain forward at an interval's end): parts
     # after it cannot hold the first exit, so they are dropped; the deepest such point is worst_t.
     outside_t = torch.full((n,), math.inf, dtype=torch.float64)
@@ -685,7 +687,11 @@ def certify_with_bounds(
                     for margin, where in ((m0, t0[part].cpu()), (m1, t1[part].cpu())):
                         out.outside_point(rows, margin, where, outside_t)
                 out.bound_checks += torch.bincount(owner.cpu(), minlength=n)
-                keep = ~decided & (t0.cpu() < outside_t[owner.cpu()])
+                # The budget holds for the bounds too: a segment that spent max_pieces checks stops.
+                spent = (out.bound_checks >= max_pieces)[owner.cpu()]
+                left = ~decided & (t0.cpu() < outside_t[owner.cpu()])
+                over_budget[owner.cpu()[left & spent]] = True
+                keep = left & ~spent
                 owner, t0, t1 = owner[keep.to(owner.device)], t0[keep.to(t0.device)], t1[keep.to(t1.device)]
                 if depth < bisect_depth:
                     middle = (t0 + t1) / 2
@@ -693,7 +699,11 @@ def certify_with_bounds(
     finally:
         tracker.close()
 
-    out.status = ["inconsistent" if odd else "exits" if math.isfinite(t) else "certified" for odd, t in zip(inconsistent.tolist(), outside_t.tolist())]
+    # Over budget: the bounds had parts left undecided when the segment's checks ran out.
+    out.status = [
+        "inconsistent" if odd else "exits" if math.isfinite(t) else "over_budget" if spent else "certified"
+        for odd, t, spent in zip(inconsistent.tolist(), outside_t.tolist(), over_budget.tolist())
+    ]
     keep = (t0.cpu() < outside_t[owner.cpu()]).to(owner.device)  # parts before the first known outside point
     owner, t0, t1 = owner[keep], t0[keep], t1[keep]
     if len(owner):
