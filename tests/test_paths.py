@@ -414,9 +414,11 @@ def test_segment_over_its_piece_budget_is_uncertified_and_its_path_sampled_only(
     assert path.success and path.status == "sampled" and path.uncertified == 1 and path.pieces == 2
     (enough,) = find_paths(model, a, b, label, attack=never_pull, certifier=Certifier(bisect_depth=None))
     assert enough.status == "certified" and enough.pieces == 10 and len(enough.vertices) == 2
-    # the bounds prove it within the same small budget: no part is left to walk past it
-    (bounded,) = find_paths(model, a, b, label, attack=never_pull, certifier=Certifier(max_pieces=2))
-    assert bounded.status == "certified" and bounded.pieces <= 2
+    # the bounds prove it for the price of three bounded intervals (the whole, then its halves), where the walk needs 10 pieces
+    from robustness.geometry.certify import BOUND_CHECK_COST
+
+    (bounded,) = find_paths(model, a, b, label, attack=never_pull, certifier=Certifier(max_pieces=3 * BOUND_CHECK_COST))
+    assert bounded.status == "certified" and bounded.pieces == 0 and bounded.bound_checks == 3
 
 
 def _dense_margins(model: nn.Module, x0: Tensor, x1: Tensor, label: Tensor, num: int) -> Tensor:

@@ -553,6 +553,9 @@ def _pool_bounds(module: nn.MaxPool2d, parts: Tensor, shape: Any) -> Tensor:
 # A proved margin must clear this share of the logits' scale: the bounds are float64 sums whose
 # rounding is some 1e-15 of it, so a margin this close to zero is left to the exact walk.
 BOUND_RTOL = 1e-9
+# What one bounded interval costs against ``max_pieces``, in walked pieces: its forward carries the
+# centres, the radii and the two ends (six rows against the walk's two), in the walk's float64.
+BOUND_CHECK_COST = 3
 
 
 def interval_margin_bounds(model: nn.Module, x0: Tensor, x1: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
@@ -622,8 +625,9 @@ def certify_with_bounds(
 ) -> SegmentCertificates:
     """:func:`certify_segments`' answer, mostly from interval bounds: each segment is halved until
     the bounds prove its parts (at most ``bisect_depth`` times), and only the parts left undecided
-    are walked piece by piece (each with ``max_pieces``). The bounds share that budget: a segment
-    that has bounded ``max_pieces`` intervals with parts still undecided is "over_budget".
+    are walked piece by piece (each with ``max_pieces``). The bounds share that budget, each bounded
+    interval counting ``BOUND_CHECK_COST`` pieces: a segment that has spent it with parts still
+    undecided is "over_budget".
 
     A plain forward at every bounded interval's ends comes with the bounds (it is also their
     guard, as in the walk); once it finds a point outside the class, the parts after it are
@@ -688,7 +692,7 @@ def certify_with_bounds(
                         out.outside_point(rows, margin, where, outside_t)
                 out.bound_checks += torch.bincount(owner.cpu(), minlength=n)
                 # The budget holds for the bounds too: a segment that spent max_pieces checks stops.
-                spent = (out.bound_checks >= max_pieces)[owner.cpu()]
+                spent = (BOUND_CHECK_COST * out.bound_checks >= max_pieces)[owner.cpu()]
                 left = ~decided & (t0.cpu() < outside_t[owner.cpu()])
                 over_budget[owner.cpu()[left & spent]] = True
                 keep = left & ~spent
