@@ -625,7 +625,7 @@ def certify_with_bounds(
 ) -> SegmentCertificates:
     """:func:`certify_segments`' answer, mostly from interval bounds: each segment is halved until
     the bounds prove its parts (at most ``bisect_depth`` times), and only the parts left undecided
-    are walked piece by piece (each with ``max_pieces``). The bounds share that budget, each bounded
+    are walked piece by piece. The bounds and the walk share the ``max_pieces`` budget, each bounded
     interval counting ``BOUND_CHECK_COST`` pieces: a segment that has spent it with parts still
     undecided is "over_budget".
 
@@ -713,7 +713,11 @@ def certify_with_bounds(
     if len(owner):
         starts = a64[owner] + t0.view(view) * direction[owner]
         ends = a64[owner] + t1.view(view) * direction[owner]
-        walked = certify_segments(exact, starts, ends, label[owner], max_pieces=max_pieces, batch_size=batch_size, affine=affine,
+        # What is left of each segment's budget, shared among its undecided parts (the tightest share for all).
+        parts = torch.bincount(owner.cpu(), minlength=n)
+        left = (max_pieces - BOUND_CHECK_COST * out.bound_checks) // parts.clamp(min=1)
+        share = max(1, int(left[parts > 0].min()))
+        walked = certify_segments(exact, starts, ends, label[owner], max_pieces=share, batch_size=batch_size, affine=affine,
                                   containers=containers, stop_at_exit=True)
         out.batched_calls += walked.batched_calls
         rank = {"certified": 0, "over_budget": 1, "exits": 2, "inconsistent": 3}
