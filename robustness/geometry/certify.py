@@ -244,6 +244,13 @@ def _margins(z: Tensor, label: Tensor) -> Tensor:
     return gap.scatter(1, label[:, None], math.inf)
 
 
+def _check_segments(model: nn.Module, a: Tensor, b: Tensor, label: Tensor) -> None:
+    if model.training:
+        raise InputError("the model is in training mode; certification needs its eval-mode function", "call model.eval() first")
+    if a.shape != b.shape or a.dim() < 2 or not torch.is_tensor(label) or label.shape != (len(a),):
+        raise InputError(f"segments need matching (S, ...) start and end images and S labels, got {tuple(a.shape)}, {tuple(b.shape)}, {tuple(label.shape)}")
+
+
 def certify_segments(
     model: nn.Module,
     a: Tensor,
@@ -273,10 +280,7 @@ def certify_segments(
             "the model is not piecewise linear, so segments cannot be certified exactly: " + "; ".join(problems[:3]),
             "check segments by sampling instead (probe.certify=false), or use ReLU/max-pool/affine layers",
         )
-    if model.training:
-        raise InputError("the model is in training mode; certification needs its eval-mode function", "call model.eval() first")
-    if a.shape != b.shape or a.dim() < 2 or not torch.is_tensor(label) or label.shape != (len(a),):
-        raise InputError(f"segments need matching (S, ...) start and end images and S labels, got {tuple(a.shape)}, {tuple(b.shape)}, {tuple(label.shape)}")
+    _check_segments(model, a, b, label)
     if max_pieces < 1 or batch_size < 1:
         raise ConfigError(f"max_pieces and batch_size must be >= 1, got {max_pieces} and {batch_size}", "set probe.max_pieces, e.g. 10000")
 
@@ -643,10 +647,7 @@ def certify_with_bounds(
     problems = piecewise_linear_problems(model, affine, containers)
     if problems:  # the walk explains it
         return certify_segments(model, a, b, label, max_pieces=max_pieces, batch_size=batch_size, affine=affine, containers=containers)
-    if model.training:
-        raise InputError("the model is in training mode; certification needs its eval-mode function", "call model.eval() first")
-    if a.shape != b.shape or a.dim() < 2 or not torch.is_tensor(label) or label.shape != (len(a),):
-        raise InputError(f"segments need matching (S, ...) start and end images and S labels, got {tuple(a.shape)}, {tuple(b.shape)}, {tuple(label.shape)}")
+    _check_segments(model, a, b, label)
     if bisect_depth < 0:
         raise ConfigError(f"bisect_depth must be >= 0, got {bisect_depth}", "e.g. 10: parts of 1/1024 of a segment are walked")
     exact = copy.deepcopy(model).to(torch.float64).eval()
