@@ -127,14 +127,27 @@ class ModelStore:
     def version_dir(self, key: str) -> Path | None:
         """The live version folder of an entry, or None when the entry has no complete save."""
         pointer = self.entry_dir(key) / CURRENT_FILE
-        try:
-            name = pointer.read_text(encoding="utf-8").strip()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        directory = self.entry_dir(key) / name
-        if not name or "/" in name or not (directory / MODEL_FILE).is_file() or not (directory / META_FILE).is_file():
-            return None
-        return directory
+
+        def read_pointer() -> str | None:
+            try:
+                return pointer.read_text(encoding="utf-8").strip()
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+
+        name = read_pointer()
+        # A concurrent save can retire the version we were pointed at between the two reads; the
+        # pointer then names a newer, complete one, so follow it rather than report "no model".
+        for _ in range(_CONSISTENT_READ_ATTEMPTS):
+            if not name or "/" in name:
+                return None
+            directory = self.entry_dir(key) / name
+            if (directory / MODEL_FILE).is_file() and (directory / META_FILE).is_file():
+                return directory
+            again = read_pointer()
+            if again == name:
+                return None
+            name = again
+        return None
 
     def has(self, key: str) -> bool:
         return self.version_dir(key) is not None
