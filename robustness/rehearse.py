@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m robustness.rehearse", description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="experiments to rehearse (default: every file in experiments/)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep data, store, outputs and logs here (default: a temporary folder)")
-    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per experiment")
+    # Long enough for a 64x64 ResNet-18 report on two shared CPU cores (~16 min measured), short enough to catch a hang.
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per experiment")
     args = parser.parse_args(argv)
     available = experiment_names()
     unknown = [n for n in args.names if n not in available]

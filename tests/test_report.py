@@ -12,9 +12,9 @@ from robustness.stages import run
 # Per-section reductions: the same probes and code paths as the default run, on less data.
 REDUCED = {
     "training_shift": [],
-    "fig2_boundary": ["probe.resolution=41"],
-    "fig3_regions": ["probe.resolution=41"],
-    "fig4_cure": ["++probe.resolution=41"],
+    "fig2_boundary": ["probe.resolution=41", "probe.num_images=10", "probe.stats_resolution=31"],
+    "fig3_regions": ["probe.resolution=41", "probe.num_images=10", "probe.stats_resolution=31"],
+    "fig4_cure": ["++probe.resolution=41", "++probe.num_images=10", "++probe.stats_resolution=31"],
     "table1_curvature": ["probe.num_images=8", "probe.num_samples=16"],
     "curvature_profile": ["probe.num_images=4", "probe.k=5"],
     "robust_accuracy": ["probe.n_images=60"],
