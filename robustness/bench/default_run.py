@@ -54,8 +54,8 @@ def profile(log: str, total: float) -> list[dict]:
             started[m.group(2)] = _time(m.group(1))
         elif m := _TRAINED.search(line):
             name = m.group(2)
-            if name in started:
-                rows.append({"row": f"  training '{name}'", "seconds": round(_time(m.group(1)) - started[name], 1)})
+            if name in started:  # one row per training: a later echo of the same line has no start of its own
+                rows.append({"row": f"  training '{name}'", "seconds": round(_time(m.group(1)) - started.pop(name), 1)})
         if m := re.match(_STAMP, line):
             end = _time(m.group(1))
     out = []
