@@ -18,7 +18,15 @@ from robustness.attacks.base import AttackResult
 from robustness.attacks.deepfool import DeepFool
 from robustness.data.base import DatasetInfo
 from robustness.errors import ConfigError, InputError
-from robustness.geometry.certify import Certifier, certify_segments, piecewise_linear_problems
+from robustness.geometry.certify import (
+    BOUND_CHECK_COST,
+    Certifier,
+    bound_problems,
+    certify_segments,
+    certify_with_bounds,
+    interval_margin_bounds,
+    piecewise_linear_problems,
+)
 from robustness.geometry.paths import check_fractions, find_paths, path_metrics, resample_path
 from robustness.probes import path_connectivity as probe
 from robustness.probes.base import ProbeContext, ProbeResult
@@ -415,8 +423,6 @@ def test_segment_over_its_piece_budget_is_uncertified_and_its_path_sampled_only(
     (enough,) = find_paths(model, a, b, label, attack=never_pull, certifier=Certifier(bisect_depth=None))
     assert enough.status == "certified" and enough.pieces == 10 and len(enough.vertices) == 2
     # the bounds prove it for the price of three bounded intervals (the whole, then its halves), where the walk needs 10 pieces
-    from robustness.geometry.certify import BOUND_CHECK_COST
-
     (bounded,) = find_paths(model, a, b, label, attack=never_pull, certifier=Certifier(max_pieces=3 * BOUND_CHECK_COST))
     assert bounded.status == "certified" and bounded.pieces == 0 and bounded.bound_checks == 3
 
@@ -450,8 +456,6 @@ def residual_net(seed: int) -> nn.Module:
 def test_interval_bounds_hold_below_every_margin_and_tighten_to_it(build, shape: tuple[int, ...]) -> None:
     from torchvision.models.resnet import BasicBlock
 
-    from robustness.geometry.certify import bound_problems, interval_margin_bounds
-
     model = build(0)
     assert bound_problems(model) == [] and piecewise_linear_problems(model, containers=(BasicBlock,)) == []
     generator = torch.Generator().manual_seed(2)
@@ -472,8 +476,6 @@ def test_interval_bounds_hold_below_every_margin_and_tighten_to_it(build, shape:
 @pytest.mark.parametrize("build, shape, reach", [(random_relu_mlp, (2,), 0.5), (tiny_conv_net, (1, 4, 4), 0.5), (residual_net, (1, 4, 4), 1.0)])
 def test_bounds_then_walk_decide_every_segment_as_the_walk_alone_does(build, shape: tuple[int, ...], reach: float) -> None:
     from torchvision.models.resnet import BasicBlock
-
-    from robustness.geometry.certify import certify_with_bounds
 
     model = build(1)  # seed 1: the residual net's classes change across these segments
     generator = torch.Generator().manual_seed(3)
@@ -777,8 +779,6 @@ def test_experiment_on_digits_writes_its_files(tmp_path: Path, experiment: str, 
 
 
 def test_bounds_share_the_piece_budget() -> None:
-    from robustness.geometry.certify import certify_with_bounds
-
     model = random_relu_mlp(0)
     generator = torch.Generator().manual_seed(3)
     a = torch.randn(40, 2, generator=generator, dtype=torch.float64)

@@ -692,7 +692,7 @@ def certify_with_bounds(
                     for margin, where in ((m0, t0[part].cpu()), (m1, t1[part].cpu())):
                         out.outside_point(rows, margin, where, outside_t)
                 out.bound_checks += torch.bincount(owner.cpu(), minlength=n)
-                # The budget holds for the bounds too: a segment that spent max_pieces checks stops.
+                # The budget holds for the bounds too: a segment whose checks have cost max_pieces stops.
                 spent = (BOUND_CHECK_COST * out.bound_checks >= max_pieces)[owner.cpu()]
                 left = ~decided & (t0.cpu() < outside_t[owner.cpu()])
                 over_budget[owner.cpu()[left & spent]] = True
