@@ -31,6 +31,7 @@ from robustness.probes import boundary_plane, random_plane
 from robustness.probes.base import ProbeContext, ProbeResult
 from robustness.reporting import boundary_plane as boundary_report
 from robustness.reporting import random_plane as regions_report
+from robustness.tensors import inference_copy
 
 SHAPE = (2, 4, 4)
 DEEPFOOL = {"name": "deepfool", "overshoot": 0.02, "max_iter": 50, "num_candidates": 10}
@@ -131,6 +132,46 @@ def test_grid_labels_match_one_forward_per_point_whatever_the_chunk_size() -> No
     assert torch.equal(grid, expected)
     assert torch.equal(classify_plane(model, x0, u, v, u_coords, v_coords, batch_size=4096), expected)
     assert len(torch.unique(grid)) > 1  # the comparison above is not between two constant grids
+
+
+class _FlattensWithView(nn.Module):
+    """A backbone written the old way: ``.view`` on a feature map, which a channels-last copy cannot run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.fc = nn.Linear(48, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.conv(x).view(len(x), -1))
+
+
+def test_inference_copy_folds_batch_norm_and_keeps_the_function_and_the_original() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(32, 5),
+    )
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):  # statistics far from the identity, so a missed fold shows
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.2, 3)
+            module.weight.data.uniform_(0.5, 2)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(64, *SHAPE)
+    fast = inference_copy(model, x[:2])
+    assert fast is not model
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    with torch.no_grad():
+        assert torch.allclose(fast(x), model(x), atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    # A forward the copy's layout breaks gets the model itself back, never an error.
+    old_style = _FlattensWithView().eval()
+    assert inference_copy(old_style, x[:2]) is old_style
+    with pytest.raises(InputError, match="training mode"):
+        inference_copy(model.train(), x[:2])
 
 
 def test_clamp_folds_the_plane_into_the_pixel_box() -> None:

@@ -230,6 +230,10 @@ def _windows(module: nn.MaxPool2d, x: Tensor, pad_value: float) -> Tensor:
     kernel, dilation = _pair(module.kernel_size), _pair(module.dilation)
     stride = _pair(module.stride if module.stride is not None else module.kernel_size)
     n, c = x.shape[:2]
+    if dilation == (1, 1):
+        # A strided view, copied once: several times faster than F.unfold's one-channel im2col.
+        patches = x.unfold(2, kernel[0], stride[0]).unfold(3, kernel[1], stride[1])  # (N, C, oh, ow, kh, kw)
+        return patches.permute(0, 1, 4, 5, 2, 3).reshape(n, c, kernel[0] * kernel[1], -1)
     cols = F.unfold(x.reshape(n * c, 1, *x.shape[2:]), kernel, dilation=dilation, stride=stride)
     return cols.view(n, c, cols.shape[1], cols.shape[2])
 

@@ -108,7 +108,7 @@ def find_paths(
     points_per_segment: int = 16,
     max_depth: int = 10,
     max_vertices: int | None = None,
-    batch_size: int = 4096,
+    batch_size: int = 256,
     certifier: Certifier | None = None,
 ) -> list[PathResult]:
     """Search a path inside class ``label[i]`` from ``x_start[i]`` to ``x_end[i]`` for every pair ``i``.
@@ -275,7 +275,7 @@ def _check_search_inputs(
     if max_vertices is not None and max_vertices < 2:
         raise ConfigError(f"max_vertices must be >= 2 (a path has two endpoints), got {max_vertices}", "set probe.max_vertices=null for no limit")
     if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}", "set probe.batch_size, e.g. 4096")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}", "set probe.batch_size, e.g. 256")
 
 
 def path_metrics(vertices: Tensor) -> dict[str, float]:

@@ -125,7 +125,7 @@ def classify_coords(
     a: Tensor,
     b: Tensor,
     *,
-    batch_size: int = 1024,
+    batch_size: int = 256,
     clamp: bool = False,
 ) -> Tensor:
     """Predicted labels at ``x0 + a[k] u + b[k] v``, built and classified ``batch_size`` points at a time.
@@ -155,7 +155,7 @@ def classify_plane(
     u_coords: Tensor,
     v_coords: Tensor,
     *,
-    batch_size: int = 1024,
+    batch_size: int = 256,
     clamp: bool = False,
 ) -> Tensor:
     """Labels on the grid ``u_coords`` x ``v_coords``: ``labels[i, j]`` is the class at
@@ -199,7 +199,7 @@ def refine_boundary(
     label: int,
     *,
     steps: int = 12,
-    batch_size: int = 1024,
+    batch_size: int = 256,
     clamp: bool = False,
 ) -> Tensor:
     """Bisection along ``u`` for each column at once: ``inside[j]`` is classified ``label``, ``outside[j]``
@@ -228,7 +228,7 @@ def boundary_along_u(
     label: int,
     *,
     bisection_steps: int = 12,
-    batch_size: int = 1024,
+    batch_size: int = 256,
     clamp: bool = False,
 ) -> Tensor:
     """The boundary of ``label``'s region as a function of the ``v`` coordinate: for each grid column,

@@ -54,7 +54,7 @@ from robustness.geometry.planes import (
 from robustness.probes.base import ProbeContext, ProbeResult
 from robustness.probes.random_plane import PerImageFn, PlaneOptions, load_sample, measure_per_image, per_image_outputs, sample_meta
 from robustness.registry import build, register
-from robustness.tensors import predict
+from robustness.tensors import inference_copy, predict
 
 PER_IMAGE_COLUMNS = ("attack_success", "attack_distance", "curvature", "curvature_x_distance", "fit_columns")
 
@@ -167,8 +167,9 @@ def _boundary_plane(
     u, v = direction_pair(x0.shape, int(options.direction_seed), first=delta)
     coords = torch.linspace(-half_width, half_width, int(options.resolution), device=x0.device)
     run = {"batch_size": int(options.batch_size), "clamp": bool(options.clamp)}
-    labels = classify_plane(model, x0, u, v, coords, coords, **run)
-    boundary = boundary_along_u(model, x0, u, v, labels, coords, coords, label, bisection_steps=int(options.bisection_steps), **run)
+    fast = inference_copy(model, x0.unsqueeze(0))
+    labels = classify_plane(fast, x0, u, v, coords, coords, **run)
+    boundary = boundary_along_u(fast, x0, u, v, labels, coords, coords, label, bisection_steps=int(options.bisection_steps), **run)
 
     s = coords.to(torch.float64).cpu()
     t = boundary.cpu()
@@ -211,6 +212,7 @@ def boundary_curvature_per_image(attack: Any, options: BoundaryPlaneOptions) -> 
         curvature = torch.full((n,), float("nan"), dtype=torch.float64)
         fit_columns = torch.zeros(n, dtype=torch.long)
         run = {"batch_size": int(options.batch_size), "clamp": bool(options.clamp)}
+        fast = inference_copy(model, x)  # the attack keeps the model as it is; the grids are no-grad
         for i, index in enumerate(image_ids):
             d = float(distance[i])
             if not math.isfinite(d) or d <= 0.0:
@@ -219,8 +221,8 @@ def boundary_curvature_per_image(attack: Any, options: BoundaryPlaneOptions) -> 
             coords = torch.linspace(-float(options.extent) * d, float(options.extent) * d, int(options.stats_resolution), device=x.device)
             rows = coords[origin_index(coords):]
             columns = coords[coords.abs() <= float(options.fit_halfwidth) * d * (1 + 1e-6)]
-            labels = classify_plane(model, x[i], u, v, rows, columns, **run)
-            boundary = boundary_along_u(model, x[i], u, v, labels, rows, columns, int(predicted[i]), bisection_steps=int(options.bisection_steps), **run)
+            labels = classify_plane(fast, x[i], u, v, rows, columns, **run)
+            boundary = boundary_along_u(fast, x[i], u, v, labels, rows, columns, int(predicted[i]), bisection_steps=int(options.bisection_steps), **run)
             s = columns.to(torch.float64).cpu()
             fit = _fit_boundary(s, boundary.cpu(), torch.ones(len(s), dtype=torch.bool))
             curvature[i], fit_columns[i] = fit["curvature"], fit["fit_columns"]

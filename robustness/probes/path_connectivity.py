@@ -87,7 +87,7 @@ class PathOptions(ProbeOptions):
     pull_attack: dict[str, Any] = field(default_factory=lambda: {"name": "deepfool", "overshoot": 1.0, "max_iter": 50})
     push_attack: dict[str, Any] = field(default_factory=lambda: {"name": "deepfool", "overshoot": 0.02, "max_iter": 50})
     pairs_per_batch: int = 6
-    batch_size: int = 4096
+    batch_size: int = 256
     pca_points: int = 100
     pca_components: int = 10
     draw: list[str] = field(default_factory=lambda: list(DRAWINGS))

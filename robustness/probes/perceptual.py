@@ -40,17 +40,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from robustness.tensors import l2_norm
 from robustness import fingerprint
 from robustness.errors import ConfigError, InputError
 from robustness.geometry.colour import hue_rotate, region_mask
 from robustness.probes.base import ProbeContext, ProbeResult
-from robustness.tensors import predict
+from robustness.tensors import inference_copy, l2_norm, predict
 from robustness.probes.hessian_norm import mean_and_stderr
 from robustness.probes.min_perturbation import attack_description, minimal_perturbation
 from robustness.probes.per_image import PerImageOptions, load_images, run_in_chunks
-from robustness.registry import build
-from robustness.registry import register
+from robustness.registry import build, register
 
 _DEFAULT_L2_ATTACK = {"name": "deepfool", "overshoot": 0.02, "max_iter": 50, "num_candidates": 10}
 ITEMS = ("figure9", "sweep")
@@ -219,7 +217,8 @@ def _measure_chunk(model: nn.Module, x: Tensor, y: Tensor, options: PerceptualOp
     n = len(x)
     nan = torch.full((n,), float("nan"), dtype=torch.float64)
     mask = _mask(x, options)
-    sweep = hue_sweep_predictions(model, x, options.angles, mask)
+    fast = inference_copy(model, x[:1]) if n else model  # for the no-grad rotations; the attacks keep the model
+    sweep = hue_sweep_predictions(fast, x, options.angles, mask)
     correct = sweep[:, 0] == y
     index = correct.nonzero().flatten()
     xc, yc = x[index], y[index]
@@ -236,7 +235,7 @@ def _measure_chunk(model: nn.Module, x: Tensor, y: Tensor, options: PerceptualOp
     if len(index) == 0 or not options.measures_sizes:
         return out
     cpu_index = index.cpu()
-    angle = minimal_flip_angle(model, xc, yc, float(options.search_step), float(options.max_angle), float(options.search_tol), mc)
+    angle = minimal_flip_angle(fast, xc, yc, float(options.search_step), float(options.max_angle), float(options.search_tol), mc)
     found = ~torch.isnan(angle)
     recoloured = hue_rotate(xc, torch.nan_to_num(angle).to(x.dtype), mc)
     colour_l2 = torch.where(found, l2_norm(recoloured - xc).double(), torch.full_like(angle, float("nan")))

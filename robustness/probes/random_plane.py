@@ -26,7 +26,7 @@ from robustness.errors import ConfigError, InputError
 from robustness.geometry.planes import classify_plane, direction_pair, image_seed, region_statistics
 from robustness.probes.base import ProbeContext, ProbeOptions, ProbeResult
 from robustness.probes.per_image import require_positive_int, run_in_chunks
-from robustness.tensors import predict
+from robustness.tensors import inference_copy, predict
 from robustness.registry import register
 
 # Per-image measurements of one chunk of images: (model, images, labels, image indices) -> tensors.
@@ -49,7 +49,7 @@ class PlaneOptions(ProbeOptions):
     resolution: int = 201
     extent: float = 1.0
     clamp: bool = False
-    batch_size: int = 1024
+    batch_size: int = 256
     num_images: int = 50
     stats_resolution: int = 101
     chunk_size: int = 25
@@ -152,7 +152,8 @@ def region_statistics_per_image(options: PlaneOptions) -> PerImageFn:
     """Per image: its own random plane (seed ``(direction_seed, index)``) on a ``stats_resolution`` grid."""
 
     def measure(model: nn.Module, x: Tensor, y: Tensor, image_ids: list[int]) -> dict[str, Tensor]:
-        predicted = predict(model, x)
+        fast = inference_copy(model, x)
+        predicted = predict(fast, x)
         area = torch.full((len(x),), float("nan"), dtype=torch.float64)
         classes = torch.zeros(len(x), dtype=torch.long)
         for i, index in enumerate(image_ids):
@@ -161,7 +162,7 @@ def region_statistics_per_image(options: PlaneOptions) -> PerImageFn:
                 continue  # an all-zero image has no scale for the plane: no value, not an error
             u, v = direction_pair(x[i].shape, image_seed(options.direction_seed, index))
             coords = torch.linspace(-float(options.extent) * norm, float(options.extent) * norm, int(options.stats_resolution), device=x.device)
-            grid = classify_plane(model, x[i], u.to(x), v.to(x), coords, coords, batch_size=int(options.batch_size), clamp=bool(options.clamp))
+            grid = classify_plane(fast, x[i], u.to(x), v.to(x), coords, coords, batch_size=int(options.batch_size), clamp=bool(options.clamp))
             stats = region_statistics(grid, int(predicted[i]))
             area[i], classes[i] = stats.area_fraction, stats.num_classes
         return {"predicted": predicted.cpu(), "area_fraction": area, "num_classes": classes}
@@ -189,8 +190,9 @@ def compute(ctx: ProbeContext) -> ProbeResult:
     rows: list[dict[str, Any]] = []
     predicted: dict[str, int] = {}
     for done, (variant, model) in enumerate(ctx.models.items()):
-        label = predicted[variant] = int(predict(model, x0.unsqueeze(0))[0])
-        labels = classify_plane(model, x0, u, v, coords, coords, batch_size=int(options.batch_size), clamp=bool(options.clamp))
+        fast = inference_copy(model, x0.unsqueeze(0))
+        label = predicted[variant] = int(predict(fast, x0.unsqueeze(0))[0])
+        labels = classify_plane(fast, x0, u, v, coords, coords, batch_size=int(options.batch_size), clamp=bool(options.clamp))
         stats = region_statistics(labels, label)
         arrays[f"{variant}/labels"] = labels.cpu()
         rows.append(
