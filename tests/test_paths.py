@@ -676,9 +676,24 @@ def test_probe_on_convex_regions_gives_straight_paths_and_resumes(tmp_path: Path
     monkeypatch.setattr(probe, "find_paths", lambda model, a, *args, **kw: calls.append(len(a)) or real(model, a, *args, **kw))
     again = probe.compute(toy_context(tmp_path))
     assert calls == [] and again.tables == result.tables
-    (tmp_path / "work" / "path_connectivity" / "other" / "adversarial" / "pair_0002.pt").unlink()
+    # Each model's pairs sit in a folder named by its fingerprint: two models, two folders per type.
+    folders = sorted((tmp_path / "work" / "path_connectivity").glob("*/adversarial"))
+    assert len(folders) == 2
+    (folders[0] / "pair_0002.pt").unlink()
     probe.compute(toy_context(tmp_path))
     assert calls == [1]
+    # A section that draws other things from the same pairs (Table 2 after Figures 5-8) shares a
+    # run's shared folder and searches nothing again.
+    calls.clear()
+    shared = toy_context(tmp_path, draw=["figures"])
+    shared.shared_dir, shared.work_dir = tmp_path / "shared", tmp_path / "figures-work"
+    first = probe.compute(shared)
+    assert sum(calls) == 3 + 4 + 2 + 3 + 4 + 2
+    calls.clear()
+    table_section = toy_context(tmp_path, draw=["table2"], pair_types=["natural", "adversarial"])
+    table_section.shared_dir, table_section.work_dir = tmp_path / "shared", tmp_path / "table-work"
+    assert probe.compute(table_section).tables["table2"] == [r for r in first.tables["table2"] if r["pair_type"] != "noise"]
+    assert calls == []
     # Other options mean other pairs: nothing is reused.
     calls.clear()
     probe.compute(toy_context(tmp_path, points_per_segment=5, pair_types=["natural"]))
@@ -801,3 +816,26 @@ def test_bounds_share_the_piece_budget() -> None:
     assert hard, "some certified segment needs more than one interval"
     capped = certify_with_bounds(model, a[hard], b[hard], label[hard], max_pieces=1)
     assert capped.status == ["over_budget"] * len(hard) and capped.bound_checks.tolist() == [1] * len(hard)
+
+
+def test_each_segment_keeps_its_own_piece_budget() -> None:
+    model = random_relu_mlp(0)
+    generator = torch.Generator().manual_seed(5)
+    a = 2 * torch.randn(30, 2, generator=generator, dtype=torch.float64)
+    b = 2 * torch.randn(30, 2, generator=generator, dtype=torch.float64)
+    label = predict(model, a)
+    free = certify_segments(model, a, b, label)
+    many = [i for i in range(len(a)) if free.status[i] == "certified" and int(free.pieces[i]) >= 3]
+    assert len(many) >= 2, "some certified segments cross several pieces"
+    need = free.pieces[many]
+    # Every other segment gets one piece too few, the rest exactly what they need: batched together,
+    # each ends as it does alone with its own budget.
+    budget = need - torch.tensor([i % 2 for i in range(len(many))])
+    together = certify_segments(model, a[many], b[many], label[many], max_pieces=budget)
+    assert together.status == ["over_budget" if i % 2 else "certified" for i in range(len(many))]
+    assert together.pieces.tolist() == budget.tolist()
+    for j, i in enumerate(many):
+        alone = certify_segments(model, a[i : i + 1], b[i : i + 1], label[i : i + 1], max_pieces=int(budget[j]))
+        assert alone.status[0] == together.status[j]
+    with pytest.raises(ConfigError, match="one per segment"):
+        certify_segments(model, a[:3], b[:3], label[:3], max_pieces=torch.tensor([5, 5]))

@@ -261,7 +261,7 @@ def certify_segments(
     b: Tensor,
     label: Tensor,
     *,
-    max_pieces: int = 10_000,
+    max_pieces: int | Tensor = 10_000,
     batch_size: int = 256,
     dtype: torch.dtype = torch.float64,
     affine: Iterable[type[nn.Module]] = (),
@@ -272,8 +272,9 @@ def certify_segments(
     """Certify for every segment ``i`` that all of ``a[i] + t (b[i] - a[i])``, t in [0, 1], is class ``label[i]``.
 
     Segments are walked together, ``batch_size`` at a time, each jvp forward covering the
-    segments of the batch still walking. ``max_pieces`` caps the pieces of one segment: a segment
-    that needs more is "over_budget" (or "exits" if an exit was already found). With
+    segments of the batch still walking. ``max_pieces`` caps the pieces of one segment (one number
+    for all, or one per segment): a segment that needs more is "over_budget" (or "exits" if an
+    exit was already found). With
     ``stop_at_exit`` False, a segment that exits is walked to its end anyway, so that ``worst_t``
     is the point deepest outside the class. The model must be in eval mode and pass
     :func:`piecewise_linear_problems` (``affine``/``containers`` as there).
@@ -285,8 +286,14 @@ def certify_segments(
             "check segments by sampling instead (probe.certify=false), or use ReLU/max-pool/affine layers",
         )
     _check_segments(model, a, b, label)
-    if max_pieces < 1 or batch_size < 1:
-        raise ConfigError(f"max_pieces and batch_size must be >= 1, got {max_pieces} and {batch_size}", "set probe.max_pieces, e.g. 10000")
+    budget = torch.as_tensor(max_pieces, dtype=torch.long).flatten().cpu()
+    if budget.numel() == 1:
+        budget = budget.expand(len(a))
+    if budget.shape != (len(a),) or bool((budget < 1).any()) or batch_size < 1:
+        raise ConfigError(
+            f"max_pieces must be one number or one per segment, all >= 1, and batch_size >= 1; got {max_pieces} for {len(a)} segments and {batch_size}",
+            "set probe.max_pieces, e.g. 10000",
+        )
 
     exact = copy.deepcopy(model).to(dtype).eval()
     tracker = _PieceTracker(exact, LOOKAHEAD)
@@ -294,7 +301,7 @@ def certify_segments(
     try:
         for first in range(0, len(a), batch_size):
             index = torch.arange(first, min(first + batch_size, len(a)))
-            out.batched_calls += _walk_batch(exact, tracker, a[index], b[index], label[index].to(a.device), index, max_pieces, stop_at_exit, out)
+            out.batched_calls += _walk_batch(exact, tracker, a[index], b[index], label[index].to(a.device), index, budget, stop_at_exit, out)
     finally:
         tracker.close()
     return out
@@ -329,11 +336,12 @@ def _walk_batch(
     b: Tensor,
     label: Tensor,
     index: Tensor,
-    max_pieces: int,
+    max_pieces: Tensor,
     stop_at_exit: bool,
     out: SegmentCertificates,
 ) -> int:
-    """Walk the pieces of one batch of segments, writing rows ``index`` of ``out``; returns the forwards run."""
+    """Walk the pieces of one batch of segments, writing rows ``index`` of ``out`` (``max_pieces``:
+    every segment's budget, indexed like ``out``); returns the forwards run."""
     dtype = next((p.dtype for p in model.parameters()), torch.float64)
     a, b = a.detach().to(dtype), b.detach().to(dtype)
     direction = b - a
@@ -387,7 +395,7 @@ def _walk_batch(
                 out.exit_t[rows[hit.cpu()]] = (now[hit] + torch.minimum(zero_at[hit], step[hit])).double().cpu()
                 exited[walking[hit]] = True
             has_exit = exited[walking]
-            over = ~finished & (out.pieces[rows] >= max_pieces).to(a.device)
+            over = ~finished & (out.pieces[rows] >= max_pieces[rows]).to(a.device)
             done = inconsistent | finished | over | (has_exit & stop_at_exit)
             for j in done.nonzero().flatten().tolist():
                 row = int(rows[j])
@@ -718,10 +726,10 @@ def certify_with_bounds(
     if len(owner):
         starts = a64[owner] + t0.view(view) * direction[owner]
         ends = a64[owner] + t1.view(view) * direction[owner]
-        # What is left of each segment's budget, shared among its undecided parts (the tightest share for all).
+        # What is left of each segment's budget, shared equally among its undecided parts.
         parts = torch.bincount(owner.cpu(), minlength=n)
         left = (max_pieces - BOUND_CHECK_COST * out.bound_checks) // parts.clamp(min=1)
-        share = max(1, int(left[parts > 0].min()))
+        share = left.clamp(min=1)[owner.cpu()]
         walked = certify_segments(exact, starts, ends, label[owner], max_pieces=share, batch_size=batch_size, affine=affine,
                                   containers=containers, stop_at_exit=True)
         out.batched_calls += walked.batched_calls

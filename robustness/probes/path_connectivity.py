@@ -22,8 +22,10 @@ the successful paths), and for one path per variant and pair type (the successfu
 deviates most) its principal components: the projection of points spaced evenly along it and of
 its vertices, and the explained-variance ratio of the first components (Figures 5-8).
 
-Every pair's result is saved under ``ctx.work_dir`` as soon as it is found; a rerun with the
-same options and model reuses them and only searches the pairs still missing.
+Every pair's result is saved as soon as it is found, in a folder named by the fingerprint of
+everything it depends on (weights, options, seed, candidate images), under ``ctx.shared_dir``
+where the run has one: a rerun, or another section with the same pair settings (Table 2 after
+Figures 5-8), reuses them and only searches the pairs still missing.
 """
 
 from __future__ import annotations
@@ -303,11 +305,11 @@ def compute(ctx: ProbeContext) -> ProbeResult:
     for variant, model in ctx.models.items():
         model.eval()
         pred = predict(model, x_all, options.batch_size)
-        fingerprint = _fingerprint(model, options, ctx.seed, info.name)
+        fingerprint = _fingerprint(model, options, ctx.seed, info.name, x_all)
         certifier, check, why_not = variant_check(model, options)
         checks[variant] = {"check": check, "not_certified_because": why_not[:5]}
         for pair_type in options.pair_types:
-            folder = Path(ctx.work_dir) / "path_connectivity" / variant / pair_type
+            folder = Path(ctx.shared_dir or ctx.work_dir) / "path_connectivity" / fingerprint / pair_type
             pairs = _load_or_make_pairs(folder, fingerprint, pair_type, model, x_all, pred, options, ctx.seed)
             generation.setdefault(variant, {})[pair_type] = {"requested": options.count(pair_type), "found": len(pairs.label), "dropped": pairs.dropped}
             records = _search_pairs(folder, fingerprint, model, pairs, options, certifier, ctx, done, total, f"{variant}/{pair_type}")
@@ -390,10 +392,11 @@ def _num_classes(model: nn.Module, x: Tensor) -> int:
         return int(model(x[:1]).shape[1])
 
 
-def _fingerprint(model: nn.Module, options: PathOptions, seed: int, dataset: str) -> str:
-    """Identifies the model weights and options that saved partial results depend on."""
+def _fingerprint(model: nn.Module, options: PathOptions, seed: int, dataset: str, candidates: Tensor) -> str:
+    """Identifies the model weights, options and candidate images that saved partial results depend on."""
     settings = {k: v for k, v in asdict(options).items() if k not in ("pair_types", "pairs_per_batch", "batch_size", "pca_points", "pca_components", "draw")}
-    return fingerprint.of_config({"weights": fingerprint.of_state(model), "options": settings, "seed": seed, "dataset": dataset})
+    return fingerprint.of_config({"weights": fingerprint.of_state(model), "options": settings, "seed": seed, "dataset": dataset,
+                                  "candidates": fingerprint.of_tensors(candidates)})
 
 
 def _load_saved(path: Path, fingerprint: str) -> dict[str, Any] | None:
