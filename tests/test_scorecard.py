@@ -278,6 +278,24 @@ def test_colour_flip_claims_are_equivalence_claims_over_images_both_models_get_r
     assert never["expected"] == f"|b - a| <= {FLIP_RATE_MARGIN:g}"
 
 
+def test_colour_flip_claims_read_the_hue_sweep_not_figure_9s_section() -> None:
+    """Figure 9's section draws one image and searches no flipping angle: its min_angle is all NaN."""
+    correct = torch.ones(N, dtype=torch.bool)
+    unsearched = {f"{v}/{k}": (correct if k == "correct" else torch.full((N,), float("nan"))) for v in ("base", "adversarial", "cure") for k in ("correct", "min_angle")}
+    flips = torch.where(torch.arange(N) % 4 == 0, 20.0, float("nan"))
+    swept = {**{f"{v}/correct": correct for v in ("base", "adversarial", "cure")},
+             "base/min_angle": flips, "adversarial/min_angle": flips, "cure/min_angle": torch.full((N,), 45.0)}
+    results = {
+        "fig9_perceptual": ProbeResult("perceptual", unsearched, {}, {"items": ["figure9"]}),
+        "perceptual_sweep": ProbeResult("perceptual", swept, {}, {"items": ["sweep"]}),
+    }
+    rows = _rows(compute_scorecard(results, seed=0))
+    assert rows[("Figure 9", "base", "adversarial")]["a_mean"] == pytest.approx(0.25)
+    assert rows[("Figure 9", "base", "cure")]["effect_mean"] == pytest.approx(0.75)
+    only_figure = _rows(compute_scorecard({"fig9_perceptual": results["fig9_perceptual"]}, seed=0))
+    assert "hue sweep" in only_figure[("Figure 9", "base", "cure")]["note"]
+
+
 def test_scorecard_table_keeps_its_columns_through_a_saved_result(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     area = _plane("random_plane", "area_fraction", {"base": rng.uniform(0, 0.5, N), "adversarial": rng.uniform(0.5, 1, N)})

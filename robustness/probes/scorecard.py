@@ -140,9 +140,14 @@ def _first_component_share(results: Sequence[ProbeResult], a: str, b: str) -> Va
 
 def _flips(results: Sequence[ProbeResult], a: str, b: str) -> Values | str:
     """Per image correctly classified by both models: 1 if some hue rotation flips its label, else 0."""
+    # Only the hue sweep searches each image's smallest flipping rotation; a Figure 9 section
+    # alone leaves it NaN for every image, which would read as "never flips".
+    swept = [result for result in results if "sweep" in result.meta.get("items", ("sweep",))]
+    if not swept:
+        return "no hue sweep result (the perceptual_sweep section measures the flips)"
     arrays = {}
     for variant in (a, b):
-        correct, angle = _find(results, f"{variant}/correct"), _find(results, f"{variant}/min_angle")
+        correct, angle = _find(swept, f"{variant}/correct"), _find(swept, f"{variant}/min_angle")
         if correct is None or angle is None:
             return f"no colour flips for {variant}"
         arrays[variant] = (correct[1].astype(bool), np.isfinite(angle[1]).astype(np.float64))
