@@ -212,7 +212,7 @@ def boundary_curvature_per_image(attack: Any, options: BoundaryPlaneOptions) -> 
         curvature = torch.full((n,), float("nan"), dtype=torch.float64)
         fit_columns = torch.zeros(n, dtype=torch.long)
         run = {"batch_size": int(options.batch_size), "clamp": bool(options.clamp)}
-        fast = inference_copy(model, x)  # the attack keeps the model as it is; the grids are no-grad
+        fast = inference_copy(model, x[:1])  # the attack keeps the model as it is; the grids are no-grad
         for i, index in enumerate(image_ids):
             d = float(distance[i])
             if not math.isfinite(d) or d <= 0.0:
