@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from robustness.errors import InputError
+
+_log = logging.getLogger("robustness")
 
 
 @torch.no_grad()
@@ -22,34 +25,81 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
     return torch.cat([model(chunk).argmax(1) for chunk in x.split(batch_size)]) if len(x) else torch.empty(0, dtype=torch.long, device=x.device)
 
 
-def inference_copy(model: nn.Module, example: Tensor) -> nn.Module:
-    """A faster stand-in for an evaluation-mode ``model`` in large no-grad batches (grids, sweeps):
-    a copy with each batch norm folded into the convolution before it and its weights in
-    channels-last layout, 1.5-2.5x faster on CPU for the report's convolutional models.
+def inference_copy(model: nn.Module, example: Tensor, *, for_gradients: bool = False) -> nn.Module:
+    """A faster stand-in for an evaluation-mode ``model``: the same function, 1.5-2.5x faster on
+    CPU for the report's convolutional models.
 
-    The copy is returned only if it runs on ``example`` (a batch of inputs) and agrees there with
-    ``model`` to float round-off; a model that torch.fx cannot trace is copied without folding, and
-    one whose forward needs the default layout (``.view`` on a feature map) is returned as it is.
+    The copy has each batch norm folded into the convolution before it and its weights in
+    channels-last layout, with ``requires_grad`` off (input gradients still flow: attacks and
+    Hessian products may run on it with ``for_gradients=True``). Without ``for_gradients``, for
+    no-grad forwards only (grids, sweeps, bisections), a CPU copy is also frozen into a TorchScript
+    graph whose convolutions run with pre-packed weights, another ~1.5x on CPU; such a copy has no
+    autograd.
+
+    Each stage is kept only if it runs on ``example`` (a batch of inputs) and on a batch of
+    another size, and agrees there with ``model`` to float round-off; a model that torch.fx
+    cannot trace is copied without folding, one that cannot be frozen stays unfrozen, and one
+    whose forward needs the default layout (``.view`` on a feature map) is returned as it is.
     """
     from torch.fx.experimental.optimization import fuse
 
     if model.training:
         raise InputError("the model is in training mode; a folded copy would freeze its batch statistics", "call model.eval() first")
+    # A second batch of another size and other values: a copy specialised to the traced batch fails it.
+    check = torch.cat([example, 0.5 * example])
+    with torch.no_grad():
+        expected = model(check)
+    scale = 1.0 + float(expected.abs().max()) if expected.numel() else 1.0
+
+    def agrees(candidate: nn.Module) -> bool:
+        try:
+            with torch.no_grad():
+                got = candidate(check)
+        except RuntimeError:
+            return False
+        return got.shape == expected.shape and bool(((got - expected).abs() <= 1e-4 * scale).all())
+
     fast = copy.deepcopy(model)
     try:
         fast = fuse(fast)
     except Exception as exc:  # noqa: BLE001 - a tracing failure only costs the fold
-        logging.getLogger("robustness").debug("no batch-norm folding for %s: %s", type(model).__name__, exc)
+        _log.debug("no batch-norm folding for %s: %s", type(model).__name__, exc)
     fast = fast.to(memory_format=torch.channels_last).requires_grad_(False)
-    with torch.no_grad():
-        expected = model(example)
-        try:
-            got = fast(example)
-        except RuntimeError:
-            return model
-    scale = 1.0 + float(expected.abs().max()) if expected.numel() else 1.0
-    agrees = got.shape == expected.shape and bool(((got - expected).abs() <= 1e-4 * scale).all())
-    return fast if agrees else model
+    if not agrees(fast):
+        return model
+    if for_gradients or example.device.type != "cpu":
+        return fast
+    frozen = _frozen(fast, example)
+    return frozen if frozen is not None and agrees(frozen) else fast
+
+
+class _FrozenGraph(nn.Module):
+    """A frozen TorchScript graph as an evaluation-mode module (a frozen graph keeps no ``training`` flag)."""
+
+    def __init__(self, graph: torch.jit.ScriptModule) -> None:
+        super().__init__()
+        self.graph = graph
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.graph(x)
+
+
+def _frozen(model: nn.Module, example: Tensor) -> nn.Module | None:
+    """``model`` traced, frozen and optimised for inference by TorchScript; None where that fails.
+
+    TorchScript is deprecated in recent torch (a FutureWarning per call), but it is still the one
+    way short of ``torch.compile`` (tens of seconds per model on a 2-core CPU) to run a graph with
+    pre-packed convolution weights and fused activations; when it is gone the copy stays unfrozen.
+    """
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(model, example, check_trace=False)
+            return _FrozenGraph(torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval())))
+    except Exception as exc:  # noqa: BLE001 - a model TorchScript cannot trace is only not frozen
+        _log.debug("no frozen graph for %s: %s", type(model).__name__, exc)
+        return None
 
 
 def l2_norm(delta: Tensor) -> Tensor:

@@ -172,6 +172,50 @@ def test_inference_copy_folds_batch_norm_and_keeps_the_function_and_the_original
     assert inference_copy(old_style, x[:2]) is old_style
     with pytest.raises(InputError, match="training mode"):
         inference_copy(model.train(), x[:2])
+    model.eval()
+
+    # For attacks and Hessian products: the same input gradient and Hessian-vector product.
+    folded = inference_copy(model, x[:2], for_gradients=True)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    v = torch.randn_like(x)
+
+    def gradient_and_hvp(net: nn.Module) -> tuple[Tensor, Tensor]:
+        xg = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(torch.logsumexp(net(xg), 1).sum(), xg, create_graph=True)
+        (hv,) = torch.autograd.grad(g, xg, grad_outputs=v)
+        return g.detach(), hv
+
+    for got, want in zip(gradient_and_hvp(folded), gradient_and_hvp(model)):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert all(p.requires_grad for p in model.parameters())  # the original keeps its training flags
+
+
+class _ReshapesByBatchLength(nn.Module):
+    """``len(x)`` is a constant to a TorchScript trace, so a graph traced on one batch size fails another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.fc = nn.Linear(48, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.conv(x).reshape(len(x), -1))
+
+
+def test_inference_copy_keeps_a_graph_only_where_it_holds_for_other_batches() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(64, *SHAPE)
+    specialised = _ReshapesByBatchLength().eval()
+    fast = inference_copy(specialised, x[:1])
+    assert not any(isinstance(m, torch.jit.ScriptModule) for m in fast.modules())  # the traced graph failed batch 2: not kept
+    with torch.no_grad():
+        assert torch.allclose(fast(x), specialised(x), atol=1e-5)
+    plain = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).eval()
+    frozen = inference_copy(plain, x[:1])
+    assert any(isinstance(m, torch.jit.ScriptModule) for m in frozen.modules()) and not frozen.training  # frozen, in eval mode
+    with torch.no_grad():
+        assert torch.allclose(frozen(x), plain(x), atol=1e-5)
+        assert torch.allclose(frozen(x[:5]), plain(x[:5]), atol=1e-5)
 
 
 def test_clamp_folds_the_plane_into_the_pixel_box() -> None:

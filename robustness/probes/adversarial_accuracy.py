@@ -29,7 +29,7 @@ from robustness.attacks.base import Attack, AttackResult, FixedEpsilonAttack
 from robustness.errors import ConfigError
 from robustness.io import atomic_torch_save
 from robustness.probes.base import ProbeContext, ProbeOptions, ProbeResult
-from robustness.tensors import predict
+from robustness.tensors import inference_copy, predict
 from robustness.registry import build
 from robustness import fingerprint
 from robustness.store import load_weights
@@ -94,7 +94,9 @@ def perturbation_norm(delta: Tensor, norm: str) -> Tensor:
 
 def _attack_batches(attack: Attack, model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> AttackResult:
     """The attack on ``x`` (results on x's device), ``batch_size`` images at a time."""
-    parts = [attack(model, xb, yb).detach() for xb, yb in zip(x.split(batch_size), y.split(batch_size))]
+    # The attack runs on a folded copy of the model: the same function, faster (tensors.inference_copy).
+    folded = inference_copy(model, x[:1], for_gradients=True) if len(x) else model
+    parts = [attack(folded, xb, yb).detach() for xb, yb in zip(x.split(batch_size), y.split(batch_size))]
     if not parts:
         return AttackResult.unattacked(x)
     return AttackResult(*(torch.cat([getattr(p, f) for p in parts]) for f in ("x_adv", "success", "norm", "steps")))

@@ -135,7 +135,8 @@ def _methods(options: BoundaryPlaneOptions, attack: str, num_images: int) -> str
 
 def _attack_sample(model: torch.nn.Module, x0: Tensor, label: int, attack: Any, attack_name: str, variant: str, options: BoundaryPlaneOptions) -> tuple[Tensor, float, bool]:
     """The fixed sample's attack direction, distance and success; an unmoved sample is an InputError."""
-    adversarial = attack(model, x0.unsqueeze(0), torch.tensor([label], device=x0.device))
+    fast = inference_copy(model, x0.unsqueeze(0), for_gradients=True)
+    adversarial = attack(fast, x0.unsqueeze(0), torch.tensor([label], device=x0.device))
     delta = (adversarial.x_adv[0] - x0).detach()
     distance = float(delta.norm())
     if not math.isfinite(distance) or distance <= 0.0:
@@ -204,15 +205,18 @@ def boundary_curvature_per_image(attack: Any, options: BoundaryPlaneOptions) -> 
     """
 
     def measure(model: nn.Module, x: Tensor, y: Tensor, image_ids: list[int]) -> dict[str, Tensor]:
-        predicted = predict(model, x)
-        adversarial = attack(model, x, predicted)
+        # The same function as the model, faster: the attack runs on the folded copy, the
+        # no-grad grids on a frozen one (tensors.inference_copy).
+        folded = inference_copy(model, x[:1], for_gradients=True)
+        predicted = predict(folded, x)
+        adversarial = attack(folded, x, predicted)
         delta = (adversarial.x_adv - x).detach()
         distance = delta.flatten(1).norm(dim=1).double().cpu()
         n = len(x)
         curvature = torch.full((n,), float("nan"), dtype=torch.float64)
         fit_columns = torch.zeros(n, dtype=torch.long)
         run = {"batch_size": int(options.batch_size), "clamp": bool(options.clamp)}
-        fast = inference_copy(model, x[:1])  # the attack keeps the model as it is; the grids are no-grad
+        fast = inference_copy(folded, x[:1])
         for i, index in enumerate(image_ids):
             d = float(distance[i])
             if not math.isfinite(d) or d <= 0.0:

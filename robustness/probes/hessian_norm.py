@@ -23,7 +23,7 @@ from robustness import fingerprint
 from robustness.errors import ConfigError
 from robustness.geometry.hessian import ESTIMATORS, InputHessian, frobenius_norm_sq
 from robustness.probes.base import ProbeContext, ProbeResult
-from robustness.tensors import predict
+from robustness.tensors import inference_copy, predict
 from robustness.probes.per_image import PerImageOptions, require_positive_int, load_images, run_in_chunks
 from robustness.registry import register
 
@@ -69,7 +69,8 @@ _HESSIAN_KEYS = ("split", "estimator", "h", "num_samples")
 
 def hessian_norm_per_image(model: nn.Module, x: Tensor, y: Tensor, image_ids: range | list[int], options: HessianNormOptions, seed: int) -> dict[str, Tensor]:
     """Per-image ``||H||_F^2`` estimate (``fro2``) and its Monte-Carlo standard error (``fro2_stderr``)."""
-    hessian = InputHessian(model, x, y, options.estimator, options.h)
+    # Products through a folded copy: the same function, faster (tensors.inference_copy).
+    hessian = InputHessian(inference_copy(model, x[:1], for_gradients=True), x, y, options.estimator, options.h)
     estimate = frobenius_norm_sq(hessian, int(options.num_samples), seed, list(image_ids))
     return {"fro2": estimate.mean, "fro2_stderr": estimate.stderr}
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from robustness.attacks.base import Attack, MinimisationAttack
-from robustness.tensors import l2_norm
+from robustness.tensors import inference_copy, l2_norm
 from robustness import fingerprint
 from robustness.errors import ConfigError, InputError
 from robustness.probes.base import ProbeContext, ProbeResult
@@ -71,11 +71,14 @@ def minimal_perturbation(model: nn.Module, x: Tensor, attack: Attack, refine_ste
     succeeded (elsewhere the norms are NaN), ``attack_norm`` is the attack's own ||r|| before
     refinement, ``attack_steps`` its iterations.
     """
-    label = predict(model, x)
-    result = attack(model, x, label)
+    # The same function as the model, faster (tensors.inference_copy): folded for the attack,
+    # frozen as well for the no-grad bisection.
+    folded = inference_copy(model, x[:1], for_gradients=True) if len(x) else model
+    label = predict(folded, x)
+    result = attack(folded, x, label)
     found = result.success  # decided once by the attack's base, from its final logits
     direction = (result.x_adv - x).detach()
-    scale = shrink_to_boundary(model, x, label, direction, refine_steps)
+    scale = shrink_to_boundary(inference_copy(folded, x[:1]) if len(x) else model, x, label, direction, refine_steps)
     scale = torch.where(found, scale, torch.ones_like(scale))
     norm = l2_norm(direction).double() * scale
     nan = torch.full_like(norm, float("nan"))

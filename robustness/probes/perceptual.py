@@ -217,7 +217,10 @@ def _measure_chunk(model: nn.Module, x: Tensor, y: Tensor, options: PerceptualOp
     n = len(x)
     nan = torch.full((n,), float("nan"), dtype=torch.float64)
     mask = _mask(x, options)
-    fast = inference_copy(model, x[:1]) if n else model  # for the no-grad rotations; the attacks keep the model
+    # The same function as the model, faster (tensors.inference_copy): folded for the attacks,
+    # frozen as well for the no-grad rotations.
+    folded = inference_copy(model, x[:1], for_gradients=True) if n else model
+    fast = inference_copy(folded, x[:1]) if n else model
     sweep = hue_sweep_predictions(fast, x, options.angles, mask)
     correct = sweep[:, 0] == y
     index = correct.nonzero().flatten()
@@ -242,8 +245,8 @@ def _measure_chunk(model: nn.Module, x: Tensor, y: Tensor, options: PerceptualOp
     out["min_angle"][cpu_index] = angle.cpu()
     out["colour_l2"][cpu_index] = colour_l2.cpu()
     if l2_attack is not None:
-        out["l2_attack_norm"][cpu_index] = minimal_perturbation(model, xc, l2_attack, int(options.refine_steps))["norm"].cpu()
-    result = attack(model, xc, yc)
+        out["l2_attack_norm"][cpu_index] = minimal_perturbation(folded, xc, l2_attack, int(options.refine_steps))["norm"].cpu()
+    result = attack(folded, xc, yc)
     success = result.success  # decided once by the attack's base
     out["attack_success"][cpu_index] = success.cpu()
     out["attack_norm"][cpu_index] = torch.where(success, result.norm.double(), torch.full_like(angle, float("nan"))).cpu()
