@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from robustness.errors import InputError
 
 _log = logging.getLogger("robustness")
+#: Marks a module :func:`inference_copy` folded, so that a copy of a copy is not folded again.
+_FOLDED = "_robustness_folded_copy"
 
 
 @torch.no_grad()
@@ -45,6 +47,8 @@ def inference_copy(model: nn.Module, example: Tensor, *, for_gradients: bool = F
 
     if model.training:
         raise InputError("the model is in training mode; a folded copy would freeze its batch statistics", "call model.eval() first")
+    if for_gradients and getattr(model, _FOLDED, False):
+        return model
     # A second batch of another size and other values: a copy specialised to the traced batch fails it.
     check = torch.cat([example, 0.5 * example])
     with torch.no_grad():
@@ -59,14 +63,18 @@ def inference_copy(model: nn.Module, example: Tensor, *, for_gradients: bool = F
             return False
         return got.shape == expected.shape and bool(((got - expected).abs() <= 1e-4 * scale).all())
 
-    fast = copy.deepcopy(model)
-    try:
-        fast = fuse(fast)
-    except Exception as exc:  # noqa: BLE001 - a tracing failure only costs the fold
-        _log.debug("no batch-norm folding for %s: %s", type(model).__name__, exc)
-    fast = fast.to(memory_format=torch.channels_last).requires_grad_(False)
-    if not agrees(fast):
-        return model
+    if getattr(model, _FOLDED, False):
+        fast = model  # already folded and checked: only the freezing is left to do
+    else:
+        fast = copy.deepcopy(model)
+        try:
+            fast = fuse(fast)
+        except Exception as exc:  # noqa: BLE001 - a tracing failure only costs the fold
+            _log.debug("no batch-norm folding for %s: %s", type(model).__name__, exc)
+        fast = fast.to(memory_format=torch.channels_last).requires_grad_(False)
+        if not agrees(fast):
+            return model
+        setattr(fast, _FOLDED, True)
     if for_gradients or example.device.type != "cpu":
         return fast
     frozen = _frozen(fast, example)
