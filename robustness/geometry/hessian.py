@@ -9,7 +9,9 @@ Hessian with respect to the input pixels. Two ways to multiply ``H`` by a vector
   linear, so the *logit* Hessian is zero almost everywhere and this computes the Gauss-Newton
   part only, ``H = J^T (diag(p) - p p^T) J`` (``J`` the logit Jacobian, ``p`` the softmax),
   which is positive semi-definite with rank at most ``num_classes - 1``. Smooth activations add
-  the curvature of the logits themselves.
+  the curvature of the logits themselves. Where that holds (checked, see :class:`InputHessian`)
+  the products come from ``J`` itself, built once from ``num_classes`` backward passes: the same
+  numbers to round-off, without a double backward per product.
 * ``finite_difference``: ``H v ~ |v| (grad l(x + h v/|v|) - grad l(x)) / h``, a forward
   difference whose step has Euclidean length ``h`` in pixel space, as in CURE's regulariser.
   Across ReLU kinks this also sees how the linear regions change within distance ``h``: it
@@ -34,6 +36,11 @@ from robustness.tensors import check_images
 from robustness.errors import InputError
 
 ESTIMATORS = ("exact", "finite_difference")
+# Factored exact products (InputHessian, factor=True): beyond these the Jacobian is not held
+# (its backward passes would outnumber the products, or N x classes x d entries pass 128 Mi,
+# half a GiB in float32).
+_FACTOR_MAX_CLASSES = 64
+_FACTOR_MAX_ENTRIES = 2**27
 
 
 def per_example_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -63,9 +70,17 @@ class InputHessian:
 
     estimator: ``"exact"`` (double backward) or ``"finite_difference"`` (step length ``h``); see
                the module docstring for what each one measures on ReLU networks.
+    factor:    with ``exact``, take the products as ``J^T (diag p - p p^T) (J v)`` from the logit
+               Jacobian ``J`` (``num_classes`` backward passes, once) where that is the Hessian:
+               where the logits' own Hessian is exactly zero at every image, as for networks of
+               ReLU, max-pool and affine layers (checked with a random probe, see
+               :func:`_logits_are_locally_linear`), and ``J`` is small enough to hold (at most
+               ``_FACTOR_MAX_CLASSES`` classes and ``_FACTOR_MAX_ENTRIES`` entries). The products
+               are then those of the double backward to round-off, for a fraction of the cost;
+               ``factored`` says which way they are taken.
     """
 
-    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, estimator: str = "exact", h: float = 1e-2) -> None:
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, estimator: str = "exact", h: float = 1e-2, *, factor: bool = True) -> None:
         check_images(model, x, y)
         if estimator not in ESTIMATORS:
             raise InputError(f"unknown Hessian estimator '{estimator}'", f"choose one of: {', '.join(ESTIMATORS)}")
@@ -76,14 +91,41 @@ class InputHessian:
         self.y = y
         self.estimator = estimator
         self.h = float(h)
+        #: (N, classes, d) logit Jacobian and (N, classes) softmax where the products are factored
+        self._jacobian: Tensor | None = None
+        self._softmax: Tensor | None = None
         if estimator == "exact":
             with torch.enable_grad():
                 self._x = x.detach().clone().requires_grad_(True)
-                loss = per_example_loss(model, self._x, y).sum()
+                logits = model(self._x)
+                loss = F.cross_entropy(logits, y, reduction="none").sum()
                 (self.gradient,) = torch.autograd.grad(loss, self._x, create_graph=True)
+                if factor:
+                    self._factor(logits)
         else:
             self._x = x.detach()
             self.gradient = input_gradient(model, self._x, y)
+
+    @property
+    def factored(self) -> bool:
+        """Whether products come from the logit Jacobian (see ``factor``) rather than a double backward."""
+        return self._jacobian is not None
+
+    def _factor(self, logits: Tensor) -> None:
+        n, classes = logits.shape
+        d = self._x[0].numel()
+        if not (logits.requires_grad and self.gradient.requires_grad) or classes > _FACTOR_MAX_CLASSES or n * classes * d > _FACTOR_MAX_ENTRIES:
+            return
+        if not _logits_are_locally_linear(logits, self._x):
+            return
+        # Row k of every image's Jacobian at once: an eval-mode model treats images independently.
+        rows = [torch.autograd.grad(logits[:, k].sum(), self._x, retain_graph=True, allow_unused=True)[0] for k in range(classes)]
+        if any(row is None for row in rows):
+            return
+        self._jacobian = torch.stack([row.detach().flatten(1) for row in rows], dim=1)
+        self._softmax = logits.detach().double().softmax(1)
+        # The graph is no longer needed: every product comes from J.
+        self.gradient = self.gradient.detach()
 
     @property
     def shape(self) -> torch.Size:
@@ -97,6 +139,11 @@ class InputHessian:
         return self._finite_difference(v)
 
     def _exact(self, v: Tensor) -> Tensor:
+        if self._jacobian is not None:
+            return _gauss_newton_product(self._jacobian, self._softmax, v.flatten(1)).view_as(v)
+        return self._double_backward(v)
+
+    def _double_backward(self, v: Tensor) -> Tensor:
         if not self.gradient.requires_grad:
             # The gradient does not depend on the input at all (e.g. a constant model).
             return torch.zeros_like(v)
@@ -113,6 +160,29 @@ class InputHessian:
         shifted = input_gradient(self.model, self._x + step, self.y)
         hv = (shifted - self.gradient) * (safe / self.h).view(view)
         return torch.where((norms > 0).view(view), hv, torch.zeros_like(hv))
+
+
+def _gauss_newton_product(jacobian: Tensor, softmax: Tensor, v: Tensor) -> Tensor:
+    """``J_i^T (diag p_i - p_i p_i^T) J_i v_i`` for every image: J (N, classes, d), p (N, classes) float64, v (N, d)."""
+    jv = torch.einsum("nkd,nd->nk", jacobian, v.to(jacobian.dtype)).double()
+    # (diag p - p p^T) w = p * (w - <p, w>), in float64: for a confident image the two terms
+    # nearly cancel, and float32 would keep little of their difference.
+    weighted = softmax * (jv - (softmax * jv).sum(1, keepdim=True))
+    return torch.einsum("nkd,nk->nd", jacobian, weighted.to(jacobian.dtype))
+
+
+def _logits_are_locally_linear(logits: Tensor, x: Tensor) -> bool:
+    """Whether the Hessian of a random combination of the logits times a random vector is exactly
+    zero at every image: true of networks built from ReLU, max-pool and affine layers (their
+    second derivatives vanish almost everywhere), false of smooth activations with probability one."""
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(logits.shape, generator=generator, dtype=torch.float64).to(logits)
+    probe = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x)
+    (gradient,) = torch.autograd.grad((weights * logits).sum(), x, create_graph=True, retain_graph=True)
+    if not gradient.requires_grad:
+        return True
+    (curvature,) = torch.autograd.grad(gradient, x, grad_outputs=probe, retain_graph=True, allow_unused=True)
+    return curvature is None or not bool(curvature.any())
 
 
 def per_image_normal(image_ids: Sequence[int] | Tensor, shape: Sequence[int], seed: int, stream: int = 0, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:

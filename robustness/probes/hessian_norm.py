@@ -6,7 +6,7 @@ image's true label) with respect to the input pixels: the mean of ``||H v||^2`` 
 ``num_samples`` standard Gaussian ``v``, drawn per image from ``(seed, image index)`` so every
 model meets the same directions. Hessian-vector products are ``exact`` (double backward; on a
 ReLU network this is the Gauss-Newton curvature ``J^T (diag p - p p^T) J``, the logits being
-piecewise linear) or ``finite_difference`` with step length ``h`` (CURE's view, which also sees
+piecewise linear, and the products are then taken from the logit Jacobian ``J`` itself) or ``finite_difference`` with step length ``h`` (CURE's view, which also sees
 the change of linear regions within ``h``). See :mod:`robustness.geometry.hessian`.
 """
 
@@ -46,7 +46,7 @@ class HessianOptions(PerImageOptions):
 
     def describe_products(self) -> str:
         if self.estimator == "exact":
-            return "exact Hessian-vector products (double backward)"
+            return "exact Hessian-vector products (double backward, or from the logit Jacobian where the network is piecewise linear)"
         return f"finite-difference Hessian-vector products with step h={self.h:g}"
 
 
