@@ -16,17 +16,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from robustness.bench import BenchRows
+
 BATCH = 128
 SHAPE = (3, 64, 64)
 CLASSES = 200
 STEPS = 10
 
-LEGEND = [
-    "step: what one optimiser step computes (plain cross-entropy, or CURE with lam=4 and h=0.6 at fraction 1)",
-    "precision: fp32, or bf16-mixed autocast",
-    "images/s: training images per second over the timed steps (after warm-up)",
-    "peak GiB: the largest GPU memory allocated during those steps",
-]
+LEGEND = {
+    "step": "what one optimiser step computes (plain cross-entropy, or CURE with lam=4 and h=0.6 at fraction 1)",
+    "precision": "fp32, or bf16-mixed autocast",
+    "images/s": "training images per second over the timed steps (after warm-up)",
+    "peak GiB": "the largest GPU memory allocated during those steps",
+}
 
 
 def _info() -> Any:
@@ -87,18 +89,17 @@ def loader_rows() -> list[dict[str, Any]]:
     return [{"step": "tinyimagenet loader (memory-mapped uint8 cache)", "precision": "-", "images/s": round(rate, 1), "peak GiB": "-"}]
 
 
-def run() -> list[dict[str, Any]]:
+def run() -> BenchRows:
     if not torch.cuda.is_available():
         print("no GPU: torch.cuda.is_available() is False on this machine, so make bench-gpu measures nothing here.")
-        return []
+        return BenchRows([], LEGEND, [])
     device = torch.device("cuda")
     print(f"GPU: {torch.cuda.get_device_name(device)}; ResNet-18, {SHAPE[1]}x{SHAPE[2]}, {CLASSES} classes, batch {BATCH}, {STEPS} timed steps")
-    rows = training_rows(device) + loader_rows()
-    print("\n".join(f"- {line}" for line in LEGEND))
-    return rows
+    return BenchRows(training_rows(device) + loader_rows(), LEGEND, [])
 
 
 if __name__ == "__main__":
     from robustness.reporting.base import markdown_table
 
-    print(markdown_table(run()))
+    table = run()
+    print(markdown_table(table) + "\n" + "\n".join(table.notes))

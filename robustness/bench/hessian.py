@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from robustness.bench import BenchRows
 from robustness.data.base import DatasetInfo
 from robustness.data.digits import DigitsDataModule
 from robustness.geometry.hessian import ESTIMATORS, InputHessian, frobenius_norm_sq, input_gradient
@@ -34,6 +35,17 @@ from robustness.models.smallcnn import smallcnn
 
 CIFAR_LIKE = DatasetInfo("random32", 10, (3, 32, 32), tuple(str(i) for i in range(10)), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 FD_STEP = 0.1
+LEGEND = {
+    "row": "model, then how the products are taken (factored: from the logit Jacobian, as the probes take them on these networks)",
+    "images": "images in the batch",
+    "samples": "Monte-Carlo products per image in the whole ||H||_F^2 estimate",
+    "gradients/s": "plain input gradients of the loss per second (one forward + one backward per image): the unit of cost",
+    "HVPs/s": "Hessian-vector products per second (image-products)",
+    "HVP cost (gradients)": "how many plain gradients one product costs",
+    "ms/image ‖H‖_F²": "wall milliseconds per image of the whole estimate (gradient, directions, Jacobian where factored, products)",
+    "speed vs exact": "HVPs/s over the double backward's",
+    "‖H‖_F² speed vs exact": "the whole estimate's speed over the double backward's (what a probe sees at this many samples)",
+}
 
 
 def _sync(device: torch.device) -> None:
@@ -86,7 +98,7 @@ def _model_rows(name: str, model: nn.Module, x: Tensor, y: Tensor, samples: int,
     return rows
 
 
-def run() -> list[dict[str, Any]]:
+def run() -> BenchRows:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     big = device.type == "cuda"
     rows: list[dict[str, Any]] = []
@@ -105,7 +117,7 @@ def run() -> list[dict[str, Any]]:
     x = torch.rand(n, 3, 32, 32, generator=generator).to(device)
     y = torch.randint(0, 10, (n,), generator=generator).to(device)
     rows += _model_rows("resnet18 32x32", net, x, y, samples=32 if big else 3, repeat=3 if big else 1)
-    return rows
+    return BenchRows(rows, LEGEND, [])
 
 
 if __name__ == "__main__":
