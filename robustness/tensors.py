@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+import weakref
 from typing import Sequence
 
 import torch
@@ -27,7 +28,7 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
     return torch.cat([model(chunk).argmax(1) for chunk in x.split(batch_size)]) if len(x) else torch.empty(0, dtype=torch.long, device=x.device)
 
 
-def inference_copy(model: nn.Module, example: Tensor, *, for_gradients: bool = False) -> nn.Module:
+def inference_copy(model: nn.Module, example: Tensor, *, for_gradients: bool = False, reuse: bool = True) -> nn.Module:
     """A faster stand-in for an evaluation-mode ``model``: the same function, 1.5-2.5x faster on
     CPU for the report's convolutional models.
 
@@ -42,11 +43,40 @@ def inference_copy(model: nn.Module, example: Tensor, *, for_gradients: bool = F
     another size, and agrees there with ``model`` to float round-off; a model that torch.fx
     cannot trace is copied without folding, one that cannot be frozen stays unfrozen, and one
     whose forward needs the default layout (``.view`` on a feature map) is returned as it is.
-    """
-    from torch.fx.experimental.optimization import fuse
 
+    A copy is made once per model, kind and image shape, and handed out again (``reuse``) for as
+    long as none of the model's parameters and buffers has been replaced or changed in place
+    since: probes ask for one per chunk of images, and making one costs 10-100 forwards.
+    """
     if model.training:
         raise InputError("the model is in training mode; a folded copy would freeze its batch statistics", "call model.eval() first")
+    key = (for_gradients, example.device, example.dtype, tuple(example.shape[1:]))
+    made = _COPIES.get(model, {})
+    state = _state_signature(model)
+    if reuse and key in made and made[key][0] == state:
+        return made[key][1]
+    copied = _make_inference_copy(model, example, for_gradients)
+    if copied is not model:  # a model kept as it is is not cached: the cache would keep it alive
+        _COPIES.setdefault(model, {})[key] = (state, copied)
+    return copied
+
+
+#: Copies made by :func:`inference_copy`, per model (dropped with it): kind and shape -> (state, copy).
+_COPIES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _state_signature(model: nn.Module) -> tuple:
+    """Changes when a parameter or buffer is replaced (its storage), written in place (its version
+    counter) or written through ``.data``, which no counter sees (its sum)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    with torch.no_grad():
+        sums = torch.stack([t.sum(dtype=torch.float64) for _, t in tensors]).tolist() if tensors else []
+    return tuple((name, t.data_ptr(), t._version, total) for (name, t), total in zip(tensors, sums))
+
+
+def _make_inference_copy(model: nn.Module, example: Tensor, for_gradients: bool) -> nn.Module:
+    from torch.fx.experimental.optimization import fuse
+
     if for_gradients and getattr(model, _FOLDED, False):
         return model
     # A second batch of another size and other values: a copy specialised to the traced batch fails it.
@@ -79,6 +109,89 @@ def inference_copy(model: nn.Module, example: Tensor, *, for_gradients: bool = F
         return fast
     frozen = _frozen(fast, example)
     return frozen if frozen is not None and agrees(frozen) else fast
+
+
+# The (layer, batch norm) pairs torch.fx's fuse folds into the layer.
+_FOLDED_PAIRS = {(nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d), (nn.Linear, nn.BatchNorm1d)}
+
+
+class FoldedTwin:
+    """The batch-norm-folded copy of a model *in training*, brought up to date with it on each call.
+
+    For attacks inside a training step (PGD training), which see the model as it is in evaluation
+    mode: ``twin()`` is :func:`inference_copy`'s folded copy (``for_gradients=True``) with every
+    weight recomputed from the live model's current parameters and running statistics, 1.6x
+    faster per attack step on the digits CNN than the model itself. ``twin()`` is None where the
+    model cannot be folded (torch.fx cannot trace it, or a fold would not agree with it); then the
+    caller attacks the model itself.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._copy: nn.Module | None = None
+        self._folds: list[tuple[str, nn.Module, nn.Module]] = []  # (name in the copy, layer, its batch norm)
+        self._tried = False
+
+    @torch.no_grad()
+    def __call__(self, example: Tensor) -> nn.Module | None:
+        if not self._tried:
+            self._tried = True
+            self._build(example)
+        if self._copy is None:
+            return None
+        state = self._copy.state_dict()
+        live = dict(self.model.state_dict())
+        folded = set()
+        for name, layer, norm in self._folds:
+            fuse = torch.nn.utils.fusion.fuse_linear_bn_weights if isinstance(layer, nn.Linear) else torch.nn.utils.fusion.fuse_conv_bn_weights
+            weight, bias = fuse(layer.weight, layer.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias)
+            state[f"{name}.weight"].copy_(weight)
+            state[f"{name}.bias"].copy_(bias)
+            folded.update((f"{name}.weight", f"{name}.bias"))
+        for key, value in state.items():
+            if key not in folded:
+                value.copy_(live[key])
+        return self._copy
+
+    def _build(self, example: Tensor) -> None:
+        from torch.fx import symbolic_trace
+
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            copied = inference_copy(self.model, example[:1], for_gradients=True, reuse=False)
+            if copied is self.model:
+                return
+            traced = symbolic_trace(self.model)
+        except Exception as exc:  # noqa: BLE001 - a model fx cannot trace is attacked as it is
+            _log.debug("no folded twin for %s: %s", type(self.model).__name__, exc)
+            return
+        finally:
+            for module, mode in modes:
+                module.training = mode
+        modules = dict(self.model.named_modules())
+        live = self.model.state_dict()
+        folds = []
+        # The pairs torch.fx's fuse folds: a batch norm whose input is a layer used nowhere else.
+        for node in traced.graph.nodes:
+            source = node.args[0] if node.args else None
+            if node.op != "call_module" or not isinstance(source, torch.fx.Node) or source.op != "call_module" or len(source.users) != 1:
+                continue
+            pair = (type(modules.get(source.target)), type(modules.get(node.target)))
+            if pair in _FOLDED_PAIRS:
+                folds.append((str(source.target), modules[source.target], modules[node.target]))
+        state = copied.state_dict()
+        names = {f"{name}.{part}" for name, _, _ in folds for part in ("weight", "bias")}
+        kept = dict(copied.named_modules())
+        norms = [name for name, m in modules.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        folded_norms = {id(norm) for _, _, norm in folds}
+        # Each batch norm is folded here or kept in the copy as it is (none folded unseen), and
+        # every other tensor of the copy is one of the model's, under its own name.
+        if (any(id(modules[n]) not in folded_norms and not isinstance(kept.get(n), nn.modules.batchnorm._BatchNorm) for n in norms)
+                or not names <= set(state)
+                or any(k not in live or live[k].shape != v.shape for k, v in state.items() if k not in names)):
+            return
+        self._copy, self._folds = copied, folds
 
 
 class _FrozenGraph(nn.Module):

@@ -29,6 +29,7 @@ from robustness.training.adversarial import AdversarialFinetune, PGDTraining, ac
 from robustness.training.distillation import Distillation, soft_cross_entropy, train_teacher
 from robustness.training.module import ClassifierModule
 from robustness.training.regularizer import Regularizer, TrainContext
+from robustness.tensors import FoldedTwin
 
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -195,6 +196,78 @@ def test_pgd_training_batch_stays_in_the_eps_ball_and_the_pixel_box(digits: Digi
     assert out.logits.shape == (64, 10) and torch.isfinite(out.loss)
 
 
+def _eval_logits_and_input_gradient(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xg = x.clone().requires_grad_(True)
+    logits = model(xg)
+    (grad,) = torch.autograd.grad(torch.logsumexp(logits, 1).sum(), xg)
+    return logits.detach(), grad
+
+
+@pytest.mark.parametrize("head_norm", [False, True], ids=["conv-bn", "conv-bn-and-linear-bn"])
+def test_folded_twin_follows_the_model_through_training_steps(digits: DigitsDataModule, head_norm: bool) -> None:
+    torch.manual_seed(0)
+    model = smallcnn(digits.info)
+    if head_norm:  # a Linear + BatchNorm1d pair too
+        model.net.append(nn.BatchNorm1d(digits.info.num_classes))
+    twin = FoldedTwin(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = digits.split_tensors("train", limit=64)
+    for step in range(4):  # weights and running statistics move away from their initial values
+        optimizer.zero_grad()
+        copy_ = twin(x)
+        assert copy_ is not None and model.training
+        model.eval()
+        want = _eval_logits_and_input_gradient(model, x)
+        model.train()
+        got = _eval_logits_and_input_gradient(copy_, x)
+        assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in copy_.modules())
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+        assert all(p.grad is None for p in model.parameters())  # the twin's gradients never reach the model
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def test_pgd_training_attacks_the_folded_twin_as_it_would_the_model_in_eval_mode(digits: DigitsDataModule, base_model: nn.Module) -> None:
+    attack = {"name": "pgd_linf", "eps": 0.1, "step_size": 0.03, "steps": 5, "random_start": False}
+    model = copy.deepcopy(base_model).train()
+    x, y = digits.split_tensors("train", limit=128)
+    on_twin, _ = PGDTraining(attack=attack).adversarial_batch(model, x, y)
+
+    class NoTwin(PGDTraining):
+        def adversarial_batch(self, model, x, y):  # noqa: ANN001, ANN202 - the same, with folding refused
+            self._twin = FoldedTwin(model)
+            self._twin._tried = True
+            return super().adversarial_batch(model, x, y)
+
+    on_model, _ = NoTwin(attack=attack).adversarial_batch(model, x, y)
+    # Sign steps of equal gradients: the same images, but for a few pixels where a gradient
+    # component is at round-off from zero.
+    assert float((on_twin != on_model).float().mean()) < 0.01
+    with torch.no_grad():
+        model.eval()
+        assert F.cross_entropy(model(on_twin), y) == pytest.approx(float(F.cross_entropy(model(on_model), y)), rel=0.02)
+        model.train()
+
+
+def test_a_model_torch_fx_cannot_trace_has_no_twin(digits: DigitsDataModule) -> None:
+    class BranchesOnValues(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(256, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.norm(self.conv(x))
+            if float(h.mean()) > 0:  # data-dependent control flow: fx cannot trace it
+                h = h * 2
+            return self.fc(h.flatten(1))
+
+    x, _ = digits.split_tensors("train", limit=8)
+    assert FoldedTwin(BranchesOnValues().train())(x) is None
+
+
+# --------------------------------------------------------------------------------------
+# defensive distillation
 # --------------------------------------------------------------------------------------
 # defensive distillation
 

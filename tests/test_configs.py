@@ -78,3 +78,26 @@ def test_probe_yaml_files_set_every_option_so_python_holds_no_second_default() -
         missing = [f.name for f in fields(options) if f.name not in cfg.probe]
         assert not missing, f"conf/probe/{name}.yaml does not set {missing}: their only default is in Python"
         lookup("reporter", name)  # every probe has its reporter
+
+
+def test_a_composed_experiment_is_reused_as_a_copy_until_hydra_reads_another_config(tmp_path: Path) -> None:
+    import shutil
+
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    with hydra_initialized():
+        first = compose_experiment("base_digits", ["seed=3"])
+        first.seed = 99  # the caller's own copy
+        again = compose_experiment("base_digits", ["seed=3"])
+        assert again.seed == 3 and again is not first
+        assert compose_experiment("base_digits", ["seed=4"]).seed == 4  # other overrides, another config
+    # The same experiment name in another config folder, with other contents: composed afresh.
+    conf = tmp_path / "conf"
+    shutil.copytree(REPO / "conf", conf, symlinks=False)
+    (conf / "experiment" / "base_digits.yaml").write_text("# @package _global_\ntask: train\nseed: 11\n")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        assert compose_experiment("base_digits").seed == 11
+    with hydra_initialized():
+        assert compose_experiment("base_digits").seed == 0

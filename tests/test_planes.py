@@ -17,6 +17,7 @@ from robustness.geometry.planes import (
     boundary_along_u,
     classify_coords,
     classify_plane,
+    classify_plane_until_exit,
     curvature_at_zero,
     direction_pair,
     first_exit_rows,
@@ -277,6 +278,69 @@ def test_boundary_of_a_known_parabola_gives_its_curvature(slope: float, k: float
     coeffs = fit_quadratic(s, boundary)
     true_curvature = 2 * k / (1 + slope**2) ** 1.5
     assert curvature_at_zero(coeffs) == pytest.approx(true_curvature, rel=1e-3)
+
+
+@pytest.mark.parametrize("slope, k", [(0.0, 0.8), (-1.0, 1.2), (0.5, -8.0)])
+def test_rows_classified_until_every_column_leaves_give_the_full_grids_boundary(slope: float, k: float) -> None:
+    x0 = torch.full(SHAPE, 0.5)
+    u, v = direction_pair(SHAPE, seed=5)
+    model = CountingModel(PlaneFunction(x0, u, v, 1.0, slope, k)).eval()
+    rows = torch.linspace(0.0, 3.0, 151)
+    s = torch.linspace(-0.5, 0.5, 51)
+    full = classify_plane(model, x0, u, v, rows, s, batch_size=64)
+    model.points = 0
+    partial = classify_plane_until_exit(model, x0, u, v, rows, s, 0, batch_size=64)
+    # The boundary t = 1 + slope s + k s^2 lies below t = 3 - 1.5 in every column: the rows above
+    # the highest exit are never classified, and every row below it is the full grid's.
+    highest = int(first_exit_rows(full, 0, 0).max())
+    assert 0 < highest < 120 and model.points < 0.85 * full.numel()
+    assert torch.equal(partial[: highest + 1], full[: highest + 1])
+    assert bool((partial[highest + 1 + 64 // len(s):] == -1).all())
+    assert torch.equal(first_exit_rows(partial, 0, 0), first_exit_rows(full, 0, 0))
+    torch.testing.assert_close(
+        boundary_along_u(model, x0, u, v, partial, rows, s, label=0), boundary_along_u(model, x0, u, v, full, rows, s, label=0),
+        rtol=0, atol=0, equal_nan=True,
+    )
+    # A column that never leaves the class keeps every row classified.
+    inside = classify_plane_until_exit(model, x0, u, v, rows[:30], s, 0, batch_size=64)
+    assert torch.equal(inside, full[:30])
+
+
+class CountingModel(nn.Module):
+    """Counts the points it classifies."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.points = inner, 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.points += len(x)
+        return self.inner(x)
+
+
+def test_inference_copy_is_made_once_per_model_until_its_weights_change() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).eval()
+    x = torch.rand(8, *SHAPE)
+    first = inference_copy(model, x[:1])
+    assert inference_copy(model, x[:3]) is first  # another batch of the same images' shape
+    assert inference_copy(model, x[:1], reuse=False) is not first
+    assert inference_copy(model, x[:1], for_gradients=True) is not first  # another kind of copy
+    changes = [
+        lambda: model[0].weight.mul_(2.0),  # in place: the version counter moves
+        lambda: model[4].bias.data.add_(1.0),  # through .data: no counter sees it, the sum does
+        lambda: model[1].running_mean.fill_(0.3),  # a buffer
+        lambda: setattr(model[4], "weight", nn.Parameter(torch.randn(3, 64))),  # replaced
+        lambda: model.load_state_dict({k: v + 0.01 for k, v in model.state_dict().items() if v.is_floating_point()}, strict=False),
+    ]
+    for change in changes:
+        before = inference_copy(model, x[:1])
+        with torch.no_grad():
+            change()
+        after = inference_copy(model, x[:1])
+        assert after is not before
+        with torch.no_grad():
+            assert torch.allclose(after(x), model(x), atol=1e-5)
 
 
 def test_region_statistics_of_a_known_partition() -> None:

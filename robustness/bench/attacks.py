@@ -206,7 +206,7 @@ def _deepfool_rows(model: nn.Module, x: Tensor, y: Tensor, model_name: str, with
     def ours(xs: Tensor, ys: Tensor) -> Tensor:
         # As the probes run it: on the folded copy, the time to make the copy included.
         nonlocal ours_counter
-        ours_counter = PassCounter(inference_copy(model, xs[:1], for_gradients=True)).eval()
+        ours_counter = PassCounter(inference_copy(model, xs[:1], for_gradients=True, reuse=False)).eval()
         return deepfool(ours_counter, xs, ys, overshoot=OVERSHOOT, max_iter=MAX_ITER, num_candidates=CANDIDATES)
 
     try:

@@ -588,7 +588,20 @@ def interval_margin_bounds(model: nn.Module, x0: Tensor, x1: Tensor, label: Tens
         tracker.close()
 
 
-def _margin_lower_bounds(model: nn.Module, tracker: _BoundTracker, x0: Tensor, slope: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
+def _plain_logits(model: nn.Module, tracker: _BoundTracker, x: Tensor) -> Tensor:
+    """The model's own logits at ``x``, with the bound hooks off."""
+    tracker.enabled = False
+    try:
+        return model(x)
+    finally:
+        tracker.enabled = True
+
+
+def _margin_lower_bounds(
+    model: nn.Module, tracker: _BoundTracker, x0: Tensor, slope: Tensor, label: Tensor, ends: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Margin lower bounds, the guard, and the class margins at both ends (see
+    :func:`interval_margin_bounds`). ``ends``: the plain logits at both ends, when known already."""
     zeros = torch.zeros_like(x0)
     tracker.final = None
     out = model(torch.cat([slope, x0, zeros, zeros]))
@@ -612,12 +625,7 @@ def _margin_lower_bounds(model: nn.Module, tracker: _BoundTracker, x0: Tensor, s
         low0, low1 = l0[rows, label][:, None] - u0, l1[rows, label][:, None] - u1
     low = torch.minimum(low0, low1).scatter(1, label[:, None], math.inf).amin(1)
     # The guard: the plain function at both ends must lie within its bounds (to rounding).
-    tracker.enabled = False
-    try:
-        plain = model(torch.cat([x0, x0 + slope]))
-    finally:
-        tracker.enabled = True
-    z0, z1 = plain.chunk(2)
+    z0, z1 = ends if ends is not None else _plain_logits(model, tracker, torch.cat([x0, x0 + slope])).chunk(2)
     scale = 1.0 + torch.maximum(z0.abs().amax(1), z1.abs().amax(1))
     slack = (CONSISTENCY_RTOL * scale)[:, None]
     inside = ((z0 >= l0 - slack) & (z0 <= u0 + slack) & (z1 >= l1 - slack) & (z1 <= u1 + slack)).all(1)
@@ -681,8 +689,20 @@ def certify_with_bounds(
     # after it cannot hold the first exit, so they are dropped; the deepest such point is worst_t.
     outside_t = torch.full((n,), math.inf, dtype=torch.float64)
     tracker = _BoundTracker(exact)
+
+    def plain_at(who: Tensor, t: Tensor) -> Tensor:
+        """The plain logits at ``a + t (b - a)`` of segments ``who``, in batches."""
+        logits = []
+        for i in range(0, len(who), batch_size):
+            rows = who[i : i + batch_size]
+            logits.append(_plain_logits(exact, tracker, a64[rows] + t[i : i + batch_size].view(view) * direction[rows]))
+        return torch.cat(logits)
+
     try:
         with torch.no_grad():
+            # Each interval's plain logits at its ends: a halved interval's ends are its parent's
+            # and the midpoint, so each bisection level costs one plain forward per new midpoint.
+            z_start, z_end = plain_at(owner, t0), plain_at(owner, t1)
             for depth in range(bisect_depth + 1):
                 if not len(owner):
                     break
@@ -694,7 +714,9 @@ def certify_with_bounds(
                     who = owner[part]
                     x0 = a64[who] + t0[part].view(view) * direction[who]
                     slope = (t1[part] - t0[part]).view(view) * direction[who]
-                    low, consistent, m0, m1 = (v.cpu() for v in _margin_lower_bounds(exact, tracker, x0, slope, label[who]))
+                    low, consistent, m0, m1 = (
+                        v.cpu() for v in _margin_lower_bounds(exact, tracker, x0, slope, label[who], (z_start[part], z_end[part]))
+                    )
                     out.batched_calls += 1
                     rows = who.cpu()
                     ok = consistent & (low > 0)
@@ -710,9 +732,12 @@ def certify_with_bounds(
                 over_budget[owner.cpu()[left & spent]] = True
                 keep = left & ~spent
                 owner, t0, t1 = owner[keep.to(owner.device)], t0[keep.to(t0.device)], t1[keep.to(t1.device)]
-                if depth < bisect_depth:
+                z_start, z_end = z_start[keep.to(z_start.device)], z_end[keep.to(z_end.device)]
+                if depth < bisect_depth and len(owner):
                     middle = (t0 + t1) / 2
+                    z_middle = plain_at(owner, middle)
                     owner, t0, t1 = torch.cat([owner, owner]), torch.cat([t0, middle]), torch.cat([middle, t1])
+                    z_start, z_end = torch.cat([z_start, z_middle]), torch.cat([z_middle, z_end])
     finally:
         tracker.close()
 

@@ -165,6 +165,38 @@ def classify_plane(
     return classify_coords(model, x0, u, v, a, b, batch_size=batch_size, clamp=clamp).view(len(u_coords), len(v_coords))
 
 
+def classify_plane_until_exit(
+    model: nn.Module,
+    x0: Tensor,
+    u: Tensor,
+    v: Tensor,
+    u_coords: Tensor,
+    v_coords: Tensor,
+    label: int,
+    *,
+    batch_size: int = 256,
+    clamp: bool = False,
+) -> Tensor:
+    """The grid :func:`classify_plane` gives, classified from the first row up only until every
+    column holds a point outside ``label``; the rows above are -1.
+
+    What :func:`first_exit_rows` reads from row 0 (so :func:`boundary_along_u` too) is the same as
+    on the full grid: each column's first point outside ``label`` lies in the rows classified.
+    Rows go in blocks of about ``batch_size`` points.
+    """
+    rows, columns = len(u_coords), len(v_coords)
+    labels = torch.full((rows, columns), -1, dtype=torch.long, device=x0.device)
+    left = torch.ones(columns, dtype=torch.bool, device=x0.device)  # columns still all inside so far
+    block = max(1, batch_size // max(1, columns))
+    for first in range(0, rows, block):
+        part = u_coords[first : first + block]
+        labels[first : first + len(part)] = classify_plane(model, x0, u, v, part, v_coords, batch_size=batch_size, clamp=clamp)
+        left &= (labels[first : first + len(part)] == label).all(dim=0)
+        if not bool(left.any()):
+            break
+    return labels
+
+
 def origin_index(coords: Tensor) -> int:
     """Index of the grid coordinate closest to 0 (where the sample lies)."""
     return int(coords.abs().argmin())

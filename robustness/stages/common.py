@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -56,12 +58,28 @@ def inherited(overrides: Sequence[str]) -> list[str]:
     return kept
 
 
+# Composed configs of this process, by (experiment, overrides), each with the Hydra config loader
+# that composed it: a report composes the same variant's training config once per section, and
+# Hydra takes 0.1-0.2 s a time. A new loader (Hydra initialised again) makes its entries stale.
+_COMPOSED: dict[tuple[str, tuple[str, ...]], tuple[Any, DictConfig]] = {}
+
+
 def compose_experiment(name: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose ``experiment=name`` plus overrides with the project's config (Hydra must be initialised)."""
+    """Compose ``experiment=name`` plus overrides with the project's config (Hydra must be initialised).
+
+    Each call returns its own copy: callers may change it freely.
+    """
     from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    hydra = GlobalHydra.instance()
+    loader = hydra.config_loader() if hydra.is_initialized() else None
+    key = (str(name), tuple(str(o) for o in overrides))
+    cached = _COMPOSED.get(key)
+    if loader is not None and cached is not None and cached[0]() is loader:
+        return copy.deepcopy(cached[1])
     try:
         cfg = compose(config_name="config", overrides=[f"experiment={name}", *overrides])
     except (HydraException, OmegaConfBaseException) as exc:
@@ -69,6 +87,8 @@ def compose_experiment(name: str, overrides: Sequence[str] = ()) -> DictConfig:
                           "check the experiment name and overrides (`python -m robustness --help` lists them)") from None
     with open_dict(cfg):
         cfg.experiment_name = name
+    if loader is not None:
+        _COMPOSED[key] = (weakref.ref(loader), copy.deepcopy(cfg))
     return cfg
 
 
