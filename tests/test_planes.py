@@ -17,7 +17,6 @@ from robustness.geometry.planes import (
     boundary_along_u,
     classify_coords,
     classify_plane,
-    classify_plane_until_exit,
     curvature_at_zero,
     direction_pair,
     first_exit_rows,
@@ -289,7 +288,7 @@ def test_rows_classified_until_every_column_leaves_give_the_full_grids_boundary(
     s = torch.linspace(-0.5, 0.5, 51)
     full = classify_plane(model, x0, u, v, rows, s, batch_size=64)
     model.points = 0
-    partial = classify_plane_until_exit(model, x0, u, v, rows, s, 0, batch_size=64)
+    partial = classify_plane(model, x0, u, v, rows, s, batch_size=64, until_exit_of=0)
     # The boundary t = 1 + slope s + k s^2 lies below t = 3 - 1.5 in every column: the rows above
     # the highest exit are never classified, and every row below it is the full grid's.
     highest = int(first_exit_rows(full, 0, 0).max())
@@ -302,7 +301,7 @@ def test_rows_classified_until_every_column_leaves_give_the_full_grids_boundary(
         rtol=0, atol=0, equal_nan=True,
     )
     # A column that never leaves the class keeps every row classified.
-    inside = classify_plane_until_exit(model, x0, u, v, rows[:30], s, 0, batch_size=64)
+    inside = classify_plane(model, x0, u, v, rows[:30], s, batch_size=64, until_exit_of=0)
     assert torch.equal(inside, full[:30])
 
 

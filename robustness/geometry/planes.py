@@ -157,33 +157,20 @@ def classify_plane(
     *,
     batch_size: int = 256,
     clamp: bool = False,
+    until_exit_of: int | None = None,
 ) -> Tensor:
     """Labels on the grid ``u_coords`` x ``v_coords``: ``labels[i, j]`` is the class at
-    ``x0 + u_coords[i] u + v_coords[j] v``."""
-    a = u_coords.to(x0.device).repeat_interleave(len(v_coords))
-    b = v_coords.to(x0.device).repeat(len(u_coords))
-    return classify_coords(model, x0, u, v, a, b, batch_size=batch_size, clamp=clamp).view(len(u_coords), len(v_coords))
+    ``x0 + u_coords[i] u + v_coords[j] v``.
 
-
-def classify_plane_until_exit(
-    model: nn.Module,
-    x0: Tensor,
-    u: Tensor,
-    v: Tensor,
-    u_coords: Tensor,
-    v_coords: Tensor,
-    label: int,
-    *,
-    batch_size: int = 256,
-    clamp: bool = False,
-) -> Tensor:
-    """The grid :func:`classify_plane` gives, classified from the first row up only until every
-    column holds a point outside ``label``; the rows above are -1.
-
-    What :func:`first_exit_rows` reads from row 0 (so :func:`boundary_along_u` too) is the same as
-    on the full grid: each column's first point outside ``label`` lies in the rows classified.
-    Rows go in blocks of about ``batch_size`` points.
+    With ``until_exit_of`` a class, rows are classified from the first up, in blocks of about
+    ``batch_size`` points, only until every column holds a point outside that class; the rows
+    above are -1. What :func:`first_exit_rows` reads from row 0 (so :func:`boundary_along_u`
+    too) is then the same as on the full grid.
     """
+    if until_exit_of is None:
+        a = u_coords.to(x0.device).repeat_interleave(len(v_coords))
+        b = v_coords.to(x0.device).repeat(len(u_coords))
+        return classify_coords(model, x0, u, v, a, b, batch_size=batch_size, clamp=clamp).view(len(u_coords), len(v_coords))
     rows, columns = len(u_coords), len(v_coords)
     labels = torch.full((rows, columns), -1, dtype=torch.long, device=x0.device)
     left = torch.ones(columns, dtype=torch.bool, device=x0.device)  # columns still all inside so far
@@ -191,7 +178,7 @@ def classify_plane_until_exit(
     for first in range(0, rows, block):
         part = u_coords[first : first + block]
         labels[first : first + len(part)] = classify_plane(model, x0, u, v, part, v_coords, batch_size=batch_size, clamp=clamp)
-        left &= (labels[first : first + len(part)] == label).all(dim=0)
+        left &= (labels[first : first + len(part)] == until_exit_of).all(dim=0)
         if not bool(left.any()):
             break
     return labels

@@ -44,7 +44,6 @@ from robustness.errors import ConfigError, InputError
 from robustness.geometry.planes import (
     boundary_along_u,
     classify_plane,
-    classify_plane_until_exit,
     curvature_at_zero,
     direction_pair,
     fit_quadratic,
@@ -226,7 +225,7 @@ def boundary_curvature_per_image(attack: Any, options: BoundaryPlaneOptions) -> 
             coords = torch.linspace(-float(options.extent) * d, float(options.extent) * d, int(options.stats_resolution), device=x.device)
             rows = coords[origin_index(coords):]
             columns = coords[coords.abs() <= float(options.fit_halfwidth) * d * (1 + 1e-6)]
-            labels = classify_plane_until_exit(fast, x[i], u, v, rows, columns, int(predicted[i]), **run)
+            labels = classify_plane(fast, x[i], u, v, rows, columns, until_exit_of=int(predicted[i]), **run)
             boundary = boundary_along_u(fast, x[i], u, v, labels, rows, columns, int(predicted[i]), bisection_steps=int(options.bisection_steps), **run)
             s = columns.to(torch.float64).cpu()
             fit = _fit_boundary(s, boundary.cpu(), torch.ones(len(s), dtype=torch.bool))
