@@ -18,8 +18,10 @@ training forward shared) is at least 12/3 = 4x plain; ``cure running`` with batc
 separate training forward and its backward (15/3 = 5x); the reference takes 18/3 = 6x; with the
 penalty on a quarter of the batch, 3 + 12/4 = 6 products: 2x. The ``floor`` column gives these
 counts; the part columns give the measured time of each part of the CURE steps, so that the
-gap between ``x plain`` and ``floor`` can be traced to a part. The legend and the targets are
-printed under the table.
+gap between ``x plain`` and ``floor`` can be traced to a part. Memory has a count but no floor:
+``cure batch`` keeps 3 activation-sized tensors per convolution/batch-norm/ReLU layer and point
+for its backward, a plain step 2 per layer (3x), while the peaks also hold gradients and the
+backward's buffers. The legend and the targets are printed under the table.
 
 How: on a GPU, wall time (median of interleaved repeats) and the CUDA allocator's peak. On a
 CPU, one intra-op thread and the process's CPU time, so that the numbers measure work, not the
@@ -232,7 +234,7 @@ LEGEND = {
     "train images/s": "training throughput with an SGD step (GPU only)",
 }
 TARGETS = (("x reference", 0.7), ("x plain", 4.0), ("mem x plain", 3.5))
-# The least ``cure batch`` can reach in the targets' columns, in matrix products; memory has no such count.
+# The least ``cure batch`` can reach in the targets' columns, in matrix products (memory: see the docstring).
 TARGET_FLOORS = {"x plain": FLOOR["cure batch"], "x reference": FLOOR["cure batch"] / FLOOR["reference"]}
 
 

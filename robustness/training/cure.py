@@ -23,6 +23,28 @@ forward), against 3 for a plain step and 18 for the public code's structure (a s
 forward/backward for ``z`` and a recomputed forward at ``x``): at least 4x (5x) a plain step and
 0.67x (0.83x) that structure's. ``robustness.bench.cure`` measures each part against this.
 
+The count leaves out what the measured ratios also contain. Passes that are not products
+(batch-norm, ReLU masks, pooling) run once forward and once backward per layer in a plain step,
+here once forward and three times backward (input gradient, second-order, first-order) per layer
+and point. Each kernel call has a fixed cost (smallcnn: 30 convolution calls a step against 6).
+And products of one count cost unequally: torch's second-order convolution backward takes its
+weight gradient as a convolution of transposed tensors with stride and dilation swapped, which
+on a CPU makes it 5-15% dearer over resnet18's layers than a forward plus a weight-gradient
+kernel (and no dearer on smallcnn's 8x8 images). On a CPU the measured step lands a few per
+cent above 4x a plain step (``robustness.bench.cure``). A custom convolution double backward
+could take the cheaper kernels, but a custom autograd function does not learn (short of a
+private engine query) whether its weight gradient is wanted in a ``create_graph`` pass, as
+torch's own node does, and would compute one weight gradient too many per layer in each
+input-gradient pass.
+
+Memory, counted in activation-sized tensors that the backward of the total needs (its peak is at
+its start, when all of them are alive): a plain step keeps 2 per convolution/batch-norm/ReLU
+layer (the batch-norm's input and the ReLU's output, which is also the next convolution's
+input); this step keeps those 2 and the batch-norm's input gradient ``dx`` (the convolution's
+second-order backward needs it) per layer and point, 6 in all, 3x a plain step. Batch-norm's
+closed form below needs no more (it recovers what it needs of its incoming gradient from
+``dx``); torch's generic one also keeps the incoming gradient, 4x.
+
 The step reaches the floor's counts:
 
 * the gradient at ``x`` that gives the direction ``z`` is the same one the penalty needs, so
@@ -36,10 +58,13 @@ The step reaches the floor's counts:
 * the forwards run on the model's own modules (no functional copy, no buffer copies in 'batch'
   mode; in 'running' mode one copy of the running statistics a step);
 * in the forwards whose gradient is differentiated again, batch-norm with batch statistics runs
-  through :class:`_BatchNormTrain`, whose second-order backward is a closed form of a few
-  passes instead of torch's generic one (about 3x cheaper on a CPU), and ReLU through
-  :class:`_ReLU`, whose second-order backward sends no all-zero gradient back into the forward
-  graph (torch's allocates and adds one per layer).
+  through :class:`_BatchNormTrain`, whose second-order backward is a closed form (one native
+  batch-norm backward, one fused per-channel dot product, three multiply-adds; with the forward
+  and the input gradient 2.7-4.5x cheaper than torch's generic ones on a CPU, over three layer
+  shapes) that keeps no tensor beyond the memory count below, and ReLU through :class:`_ReLU`,
+  whose second-order backward sends no all-zero gradient back into the forward graph (torch's
+  allocates and adds one per layer); in the backward of the total, where nothing is
+  differentiated again, both call torch's first-order kernels directly.
 
 The two evaluation points cannot share one forward over the concatenated batch: ``z`` is the
 sign of the gradient at ``x``, which needs the backward at ``x`` first (and in 'batch' mode each
@@ -200,8 +225,17 @@ def _per_channel(values: Tensor, like: Tensor) -> Tensor:
     return values.view(1, -1, *([1] * (like.dim() - 2)))
 
 
-def _channel_sum(values: Tensor) -> Tensor:
-    return values.sum([0, *range(2, values.dim())])
+_native_batch_norm_backward = torch.ops.aten.native_batch_norm_backward
+
+
+def _channel_dot(a: Tensor, b: Tensor, stats: Tensor) -> Tensor:
+    """``sum a * b`` per channel (``stats``: a per-channel tensor of the statistics' dtype).
+
+    Batch-norm's weight gradient with mean 0 and inverse deviation 1 is exactly that sum; the
+    native kernel takes it in one pass over both tensors, without writing their product.
+    """
+    zeros, ones = stats.new_zeros(a.shape[1]), stats.new_ones(a.shape[1])
+    return _native_batch_norm_backward(a, b, None, None, None, zeros, ones, True, 0.0, [False, True, False])[1]
 
 
 class _BatchNormInputGradient(torch.autograd.Function):
@@ -209,70 +243,105 @@ class _BatchNormInputGradient(torch.autograd.Function):
 
     With ``x_hat = (x - mean) r``, ``r = 1 / sqrt(var + eps)`` and per-channel means <.> over the
     ``m`` values of a channel, the backward of ``y = gamma x_hat + beta`` for an incoming
-    gradient ``g`` is ``dx = gamma r (g - <g> - x_hat <g x_hat>)``, ``dgamma = sum g x_hat``,
-    ``dbeta = sum g``. Its own backward, for gradients ``u``, ``u_gamma``, ``u_beta`` of those, is
+    gradient ``g`` is ``dx = gamma d`` with ``d = r (g - <g> - x_hat <g x_hat>)``,
+    ``dgamma = S_gx = sum g x_hat`` and ``dbeta = sum g``. Its own backward, for gradients ``u``,
+    ``u_gamma``, ``u_beta`` of those three, is
 
-        w.r.t. g:     gamma r (u - <u> - x_hat <u x_hat>) + u_gamma x_hat + u_beta
-        w.r.t. x:     x_hat (gamma r^2 (3 S_gx S_ux / m^2 - S_1 / m) - u_gamma r S_gx / m)
-                      + (g - <g>) (u_gamma r - gamma r^2 S_ux / m) - (u - <u>) gamma r^2 S_gx / m
-        w.r.t. gamma: r (S_1 - S_gx S_ux / m)
+        w.r.t. g:     a + u_gamma x_hat + u_beta,  a = gamma r (u - <u> - x_hat <u x_hat>)
+        w.r.t. x:     d (u_gamma - gamma r S_ux / m) - x_hat gamma r P / m - a r S_gx / m
+        w.r.t. gamma: P = sum u d
 
-    with the channel sums ``S_gx = sum g x_hat``, ``S_ux = sum u x_hat`` and
-    ``S_1 = sum u (g - <g>)`` (the x-terms come from differentiating ``r`` and the centring).
-    That is five reductions and two fused sums of products, where torch's generic second-order
-    batch-norm backward takes some thirty passes.
+    with ``S_ux = sum u x_hat`` (``a`` is batch-norm's own backward of ``u``: one native call
+    gives it and ``S_ux``). The x-terms come from differentiating ``r`` and the centring, with
+    ``g - <g>`` written as ``d / r + x_hat S_gx / m``.
+
+    So the backward needs ``d`` and the per-channel ``S_gx``, not ``g``: it saves the output
+    ``dx = gamma d``, which the layer before (a convolution's second-order backward needs its
+    incoming gradient) saves anyway, instead of ``g``, one activation-sized tensor less per
+    layer and evaluation point. Where ``gamma`` has an entry too close to zero for ``dx / gamma``
+    to give ``d`` back (``keep_grad_out``), ``g`` is saved and ``d`` recomputed from it.
     """
 
     @staticmethod
-    def forward(ctx: Any, grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-        ctx.save_for_backward(grad_out, x, weight, mean, invstd)
-        return torch.ops.aten.native_batch_norm_backward(grad_out, x, weight, None, None, mean, invstd, True, eps, [True, True, True])
+    def forward(
+        ctx: Any, grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, eps: float, keep_grad_out: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        # Unused outputs (the weight gradients, in an input-gradient pass) then reach the
+        # backward as None instead of zero tensors that it would multiply through.
+        ctx.set_materialize_grads(False)
+        grad_x, grad_weight, grad_bias = _native_batch_norm_backward(grad_out, x, weight, None, None, mean, invstd, True, eps, [True, True, True])
+        ctx.eps, ctx.keep_grad_out = eps, keep_grad_out
+        ctx.save_for_backward(grad_out if keep_grad_out else grad_x, x, weight, mean, invstd, grad_weight)
+        return grad_x, grad_weight, grad_bias
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, u: Tensor, u_weight: Tensor, u_bias: Tensor) -> tuple[Tensor | None, ...]:
-        g, x, weight, mean, invstd = ctx.saved_tensors
-        m = x.numel() / x.shape[1]
-        r = invstd
-        x_hat = torch.addcmul(_per_channel(-mean * r, x), x, _per_channel(r, x))
-        mean_g = _channel_sum(g) / m
-        sum_u = _channel_sum(u)
-        sum_gx = _channel_sum(g * x_hat)
-        sum_ux = _channel_sum(u * x_hat)
-        s_1 = _channel_sum(u * g) - mean_g * sum_u
-        gamma_r = weight * r
-        coef_u = -gamma_r * r * sum_gx / m
-        coef_g = u_weight * r - gamma_r * r * sum_ux / m
-        coef_x_hat = gamma_r * r * (3 * sum_gx * sum_ux / (m * m) - s_1 / m) - u_weight * r * sum_gx / m
-        grad_x = torch.addcmul(_per_channel(-mean_g * coef_g - sum_u / m * coef_u, x), x_hat, _per_channel(coef_x_hat, x))
-        grad_x.addcmul_(g, _per_channel(coef_g, x)).addcmul_(u, _per_channel(coef_u, x))
-        grad_g = torch.addcmul(_per_channel(u_bias - gamma_r * sum_u / m, x), u, _per_channel(gamma_r, x))
-        grad_g.addcmul_(x_hat, _per_channel(u_weight - gamma_r * sum_ux / m, x))
-        grad_weight = r * (s_1 - sum_gx * sum_ux / m)
-        return grad_g, grad_x, grad_weight, None, None, None
+    def backward(ctx: Any, u: Tensor | None, u_weight: Tensor | None, u_bias: Tensor | None) -> tuple[Tensor | None, ...]:
+        stored, x, weight, mean, invstd, sum_gx = ctx.saved_tensors
+        r_over_m = invstd * (x.shape[1] / x.numel())
+        # scaled_d = scale d and gamma = scale factor, per channel (None standing for 1), so that
+        # no coefficient divides by gamma unless gamma was checked to be far from zero.
+        if ctx.keep_grad_out:
+            scaled_d = _native_batch_norm_backward(stored, x, None, None, None, mean, invstd, True, ctx.eps, [True, False, False])[0]
+            scale, factor = None, weight
+        else:
+            scaled_d, scale, factor = stored, weight, None
+        grad_g = grad_x = grad_weight = None
+        coef_d = None if u_weight is None else (u_weight if scale is None else u_weight / scale)
+        if u is not None:
+            grad_g, sum_ux, _ = _native_batch_norm_backward(u, x, weight, None, None, mean, invstd, True, ctx.eps, [True, True, False])
+            scaled_p = _channel_dot(u, scaled_d, mean)
+            grad_weight = scaled_p if scale is None else scaled_p / scale
+            # -x_hat gamma r P / m, as -(x - mean) coef_x.
+            coef_x = r_over_m * invstd * scaled_p
+            coef_x = coef_x if factor is None else coef_x * factor
+            grad_x = torch.addcmul(_per_channel(mean * coef_x, x), x, _per_channel(coef_x, x), value=-1)
+            grad_x.addcmul_(grad_g, _per_channel(r_over_m * sum_gx, x), value=-1)
+            coef_u = r_over_m * sum_ux if factor is None else r_over_m * sum_ux * factor
+            coef_d = -coef_u if coef_d is None else coef_d - coef_u
+        if coef_d is not None:
+            grad_x = scaled_d * _per_channel(coef_d, x) if grad_x is None else grad_x.addcmul_(scaled_d, _per_channel(coef_d, x))
+        if u_weight is not None or u_bias is not None:
+            # grad_g += u_gamma x_hat + u_beta, x_hat = x r - mean r.
+            slope = torch.zeros_like(invstd) if u_weight is None else u_weight * invstd
+            offset = -mean * slope if u_bias is None else u_bias - mean * slope
+            extra = torch.addcmul(_per_channel(offset, x), x, _per_channel(slope, x))
+            grad_g = extra if grad_g is None else grad_g.add_(extra)
+        return grad_g, grad_x, grad_weight, None, None, None, None
 
 
 class _BatchNormTrain(torch.autograd.Function):
     """``F.batch_norm`` with batch statistics (running ones updated as torch does), whose
-    backward is :class:`_BatchNormInputGradient`, so that it can be differentiated again cheaply."""
+    backward is :class:`_BatchNormInputGradient` when it is to be differentiated again."""
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float, eps: float
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float,
+        eps: float,
+        keep_grad_out: bool,
     ) -> Tensor:
         out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.eps = eps
+        ctx.eps, ctx.keep_grad_out = eps, keep_grad_out
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = _BatchNormInputGradient.apply(grad_out, x, weight, mean, invstd, ctx.eps)
-        return grad_x, grad_weight, grad_bias, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph: this backward is differentiated again
+            grads = _BatchNormInputGradient.apply(grad_out, x, weight, mean, invstd, ctx.eps, ctx.keep_grad_out)
+        else:
+            grads = _native_batch_norm_backward(grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, [True, True, True])
+        return (*grads, None, None, None, None, None)
 
 
-def _batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
+def _batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, x: Tensor, keep_grad_out: bool = True) -> Tensor:
     """What ``_BatchNorm.forward`` does, with :class:`_BatchNormTrain` for batch statistics."""
     if not module.training:
         return type(module).forward(module, x)
@@ -284,8 +353,26 @@ def _batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> T
             momentum = 1.0 / float(module.num_batches_tracked)
     tracked = module.track_running_stats
     return _BatchNormTrain.apply(
-        x, module.weight, module.bias, module.running_mean if tracked else None, module.running_var if tracked else None, momentum, module.eps
+        x,
+        module.weight,
+        module.bias,
+        module.running_mean if tracked else None,
+        module.running_var if tracked else None,
+        momentum,
+        module.eps,
+        keep_grad_out,
     )
+
+
+def _weights_near_zero(norms: Sequence[nn.modules.batchnorm._BatchNorm]) -> list[bool]:
+    """Per layer, whether a ``gamma`` entry is too small for ``dx / gamma`` to return ``d`` to
+    float round-off (see :class:`_BatchNormInputGradient`): exactly zero, as after a zero
+    initialisation, or below the square root of the smallest normal number. One check for all
+    layers, so that a GPU waits for it once per forward, not once per layer."""
+    if not norms:
+        return []
+    flags = [module.weight.detach().abs().amin() < torch.finfo(module.weight.dtype).tiny ** 0.5 for module in norms]
+    return torch.stack(flags).tolist()
 
 
 class _ReLUInputGradient(torch.autograd.Function):
@@ -318,7 +405,9 @@ class _ReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> Tensor:
         (out,) = ctx.saved_tensors
-        return _ReLUInputGradient.apply(grad_out, out)
+        if torch.is_grad_enabled():  # create_graph: this backward is differentiated again
+            return _ReLUInputGradient.apply(grad_out, out)
+        return torch.ops.aten.threshold_backward(grad_out, out, 0)
 
 
 def _relu_forward(module: nn.ReLU, x: Tensor) -> Tensor:
@@ -333,16 +422,22 @@ _PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def _closed_form_second_order(model: nn.Module) -> Iterator[None]:
     """Inside, the model's affine batch-norm layers (in training mode; in evaluation mode they are
     affine maps, whose second-order backward is already cheap) and ReLU layers run through the
-    functions above, whose second-order backwards are closed forms."""
-    forwards: dict[type, Callable[..., Tensor]] = {kind: _batch_norm_forward for kind in _PLAIN_BATCH_NORMS}
-    forwards[nn.ReLU] = _relu_forward
+    functions above, whose second-order backwards are closed forms. A batch-norm layer with a
+    weight entry near zero keeps its incoming gradient for that backward (:func:`_weights_near_zero`)."""
     patched = [
         module
         for module in model.modules()
-        if type(module) in forwards and getattr(module, "affine", True) and "forward" not in vars(module)
+        if (type(module) in _PLAIN_BATCH_NORMS or type(module) is nn.ReLU)
+        and getattr(module, "affine", True)
+        and "forward" not in vars(module)
     ]
+    norms = [module for module in patched if type(module) in _PLAIN_BATCH_NORMS and module.training]
+    keep_grad_out = dict(zip(norms, _weights_near_zero(norms)))
     for module in patched:
-        module.forward = partial(forwards[type(module)], module)
+        if type(module) is nn.ReLU:
+            module.forward = partial(_relu_forward, module)
+        else:
+            module.forward = partial(_batch_norm_forward, module, keep_grad_out=keep_grad_out.get(module, True))
     try:
         yield
     finally:
