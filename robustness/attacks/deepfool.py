@@ -5,11 +5,11 @@ first-order expansion at the current point and the point jumps to the nearest li
 The perturbations of all iterations are summed into ``r_total`` and the returned image is
 ``clip(x + (1 + overshoot) * r_total, 0, 1)``.
 
-Cost per iteration: one forward pass over the images still running and one input-gradient
-backward pass per candidate class, all reusing that forward's graph, plus one final forward per
-image (under no_grad at the last iteration). Images that are fooled leave the working set, so
-each one pays only for its own iterations; when enough of them leave at once, the rest get a
-fresh forward rather than paying backward passes for rows that are done.
+Cost per iteration: one forward pass over the images still running and the input gradients of
+the k-1 candidate logit differences at it (:func:`robustness.geometry.jacobian.linearize`: for
+networks of affine, ReLU and pooling layers all k-1 in one backward sweep of k-1 times the rows,
+otherwise one autograd backward per candidate through the same forward graph). Images that are
+fooled leave the working set, so each one pays only for its own iterations.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from robustness.attacks.base import AttackResult, MinimisationAttack, Perturbed, check_attack_classes, clean_label, goal_reached
 from robustness.errors import InputError
+from robustness.geometry.jacobian import Linearization, linearize
 from robustness.registry import register
 
 # Added to each step's distance so that a step lands past a boundary rather than on it even
@@ -83,10 +84,12 @@ class DeepFool(MinimisationAttack):
         goal = target
         for it in range(max_iter + 1):
             last = it == max_iter
-            xa = current.detach().requires_grad_(not last)
-            with torch.set_grad_enabled(not last):
-                logits = model(xa)
-            z = logits.detach()
+            if last:
+                with torch.no_grad():
+                    z, at = model(current), None
+            else:
+                at = linearize(model, current)
+                z = at.logits
             if it == 0:
                 check_attack_classes(model, x0, y, target, z.shape[1])
                 final_logits = torch.empty_like(z)
@@ -105,25 +108,13 @@ class DeepFool(MinimisationAttack):
                     break
                 keep = ~done
                 active, start, current, r_total = active[keep], start[keep], current[keep], r_total[keep]
+                at = at.restricted(keep)
                 if goal is not None:
                     goal = goal[keep]
                 else:
                     source, others = source[keep], others[keep]
-                # Gradients of the finished images would be wasted; a fresh forward of the rest
-                # is cheaper once they outnumber a forward's share of the backward passes.
-                backward_passes = 1 if goal is not None else others.shape[1]
-                if n_done * backward_passes >= len(active):
-                    xa = current.detach().requires_grad_(True)
-                    logits = model(xa)
-                    z = logits.detach()
-                    keep = None
-            else:
-                keep = None
 
-            if goal is None:
-                step = _untargeted_step(logits, z, xa, keep, source, others)
-            else:
-                step = _targeted_step(logits, z, xa, keep, goal)
+            step = _untargeted_step(at, source, others) if goal is None else _targeted_step(at, goal)
             r_total = r_total + step
             current = (start + (1.0 + overshoot) * r_total).clamp_(0.0, 1.0)
 
@@ -150,49 +141,34 @@ def _candidates(logits: Tensor, source: Tensor, num_candidates: int) -> Tensor:
     return logits.scatter(1, source[:, None], float("-inf")).topk(k, dim=1).indices
 
 
-def _untargeted_step(logits: Tensor, z: Tensor, xa: Tensor, keep: Tensor | None, source: Tensor, others: Tensor) -> Tensor:
-    """The minimal step onto the nearest linearised boundary ``f_k - f_source = 0``.
-
-    ``logits`` (with graph) may hold rows of finished images that ``keep`` drops; ``source``
-    and ``others`` are those of the kept rows only.
-    """
-    if keep is not None:
-        source_rows = torch.zeros(len(keep), dtype=source.dtype, device=source.device)
-        other_rows = torch.zeros(len(keep), others.shape[1], dtype=others.dtype, device=others.device)
-        source_rows[keep], other_rows[keep] = source, others
-        z = z[keep]
-    else:
-        source_rows, other_rows = source, others
-    # One backward per candidate through the same forward graph. In eval mode the images are
-    # independent, so the gradient of a batch sum is the per-image gradient. (A single batched
-    # vector-Jacobian product, autograd.grad(is_grads_batched=True), gives the same numbers but
-    # runs slower on CPU in torch 2.x; robustness.bench.attacks measures both.)
-    gaps = logits.gather(1, other_rows) - logits.gather(1, source_rows[:, None])
-    k = other_rows.shape[1]
-    grads = torch.stack(
-        [torch.autograd.grad(gaps[:, j].sum(), xa, retain_graph=j + 1 < k)[0] for j in range(k)], dim=1
-    ).flatten(2)  # (rows, k-1, d)
-    w = grads if keep is None else grads[keep]
+def _untargeted_step(at: Linearization, source: Tensor, others: Tensor) -> Tensor:
+    """The minimal step onto the nearest linearised boundary ``f_k - f_source = 0``."""
+    z = at.logits
+    # One cotangent per candidate: the input gradient of f_k - f_source for each image.
+    cotangents = torch.zeros(others.shape[1], *z.shape, dtype=z.dtype, device=z.device)
+    candidate_rows = others.T[:, :, None]
+    cotangents.scatter_(2, candidate_rows, 1.0)
+    cotangents.scatter_(2, source[None, :, None].expand_as(candidate_rows), -1.0)
+    w = at.vjp(cotangents).flatten(2).transpose(0, 1)  # (m, k-1, d)
     f = z.gather(1, others) - z.gather(1, source[:, None])  # (m, k-1), negative while not fooled
     w_norm = w.norm(dim=2)
     dist = f.abs() / (w_norm + _TINY)
     best = dist.argmin(dim=1, keepdim=True)
     scale = (dist.gather(1, best) + _NUDGE) / (w_norm.gather(1, best) + _TINY)
     w_best = w.gather(1, best[:, :, None].expand(-1, 1, w.shape[2])).squeeze(1)
-    return (scale * w_best).view(-1, *xa.shape[1:])
+    return (scale * w_best).view(-1, *at.input_shape)
 
 
-def _targeted_step(logits: Tensor, z: Tensor, xa: Tensor, keep: Tensor | None, goal: Tensor) -> Tensor:
+def _targeted_step(at: Linearization, goal: Tensor) -> Tensor:
     """The minimal step onto the linearised boundary between the current class and the target."""
-    z = z if keep is None else z[keep]
+    z = at.logits
     current = z.argmax(1)
-    rows = torch.arange(len(goal), device=goal.device) if keep is None else keep.nonzero().squeeze(1)
-    cot = torch.zeros_like(logits)
-    cot[rows, goal] = 1.0
-    cot[rows, current] = -1.0
-    (g,) = torch.autograd.grad(logits, xa, cot)
-    w = (g if keep is None else g[keep]).flatten(1)
+    rows = torch.arange(len(goal), device=goal.device)
+    cotangent = torch.zeros_like(z)
+    cotangent[rows, goal] = 1.0
+    cotangent[rows, current] = -1.0
+    w = at.vjp(cotangent[None])[0].flatten(1)
     f = z.gather(1, goal[:, None]) - z.gather(1, current[:, None])
     w_norm = w.norm(dim=1, keepdim=True)
     scale = (f.abs() / (w_norm + _TINY) + _NUDGE) / (w_norm + _TINY)
-    return (scale * w).view(-1, *xa.shape[1:])
+    return (scale * w).view(-1, *at.input_shape)
