@@ -12,9 +12,10 @@ sums, the logits are piecewise linear in the input: at a given input ``x`` the J
 chain of the layers' matrices with the ReLU and max-pool selections that ``x`` makes.
 :func:`linearize` runs the forward once, keeps those selections for the ``B`` images, and
 :meth:`Linearization.vjp` sends ``K`` cotangents per image back through the chain as one batch of
-``K * B`` rows: one kernel call per layer, whatever ``K`` is. The kernels are autograd's own
-(``convolution_backward``, the same ReLU and max-pool selections), so the products are
-autograd's to float round-off.
+``K * B`` rows: one kernel call per layer, whatever ``K`` is. The products are autograd's to
+float round-off: the same ReLU and max-pool selections (zero gradient where a ReLU output is 0,
+the max-pool index autograd keeps), and each convolution's input gradient from
+``convolution_backward`` or, at stride 1, as the convolution with the flipped kernel.
 
 A model is swept this way when it is a torch.fx graph of exactly these operations: the folded
 copies of :func:`robustness.tensors.inference_copy`, which every probe attacks, of the report's
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import operator
 import weakref
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
