@@ -169,13 +169,19 @@ def _per_image_pass_times(model: nn.Module, x: Tensor, repeats: int = 3) -> tupl
     return statistics.median(forwards[1:]) / len(x), statistics.median(backwards[1:]) / len(x)
 
 
+def _first_class_gaps(k: int, n: int, classes: int) -> Tensor:
+    """(k, n, classes) cotangents of the logit differences z_j - z_0, j = 1..k, for n images."""
+    cotangents = torch.zeros(k, n, classes)
+    cotangents[:, :, 0] = -1.0
+    cotangents[torch.arange(k), :, torch.arange(1, k + 1)] = 1.0
+    return cotangents
+
+
 def _sweep_pass_times(model: nn.Module, x: Tensor, repeats: int = 3) -> tuple[float, float]:
     """(t_F', t_S): CPU seconds per image of our forward (:func:`linearize`) and per cotangent
     row of one sweep of k-1 candidate cotangents through it."""
     k = CANDIDATES - 1
-    cotangents = torch.zeros(k, len(x), 10)
-    cotangents[:, :, 0] = -1.0
-    cotangents[torch.arange(k), :, torch.arange(1, k + 1)] = 1.0
+    cotangents = _first_class_gaps(k, len(x), linearize(model, x[:1]).logits.shape[1])
     forwards, sweeps = [], []
     for _ in range(repeats + 1):
         start = time.process_time()
@@ -193,9 +199,7 @@ def _gradient_rows(model: nn.Module, x: Tensor, model_name: str, repeats: int = 
     k = CANDIDATES - 1
     n = len(x)
     copy = inference_copy(model, x[:1], for_gradients=True)
-    cotangents = torch.zeros(k, n, 10)
-    cotangents[:, :, 0] = -1.0
-    cotangents[torch.arange(k), :, torch.arange(1, k + 1)] = 1.0
+    cotangents = _first_class_gaps(k, n, linearize(copy, x[:1]).logits.shape[1])
 
     def graph() -> tuple[Tensor, Tensor]:
         xa = x.clone().requires_grad_(True)
