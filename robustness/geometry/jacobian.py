@@ -367,14 +367,12 @@ def _function_rule(node: fx.Node, function: Any, args: list, kwargs: dict, varyi
             # a constant one must not add a batch dimension the input does not have.
             if var and value.shape != out.shape:
                 raise Unsupported("a broadcasting sum of varying tensors")
-        sign = -1.0 if function is operator.sub else 1.0
-
         def sum_rule(g: Tensor, k: int, rows: Tensor | None, writable: bool) -> list[tuple[fx.Node, Tensor]]:
             grads = []
             if is_varying[0]:
                 grads.append((arg_nodes[0], g))
             if is_varying[1]:
-                grads.append((arg_nodes[1], -g if sign < 0 else g))
+                grads.append((arg_nodes[1], -g if function is operator.sub else g))
             return grads
 
         return out, sum_rule
