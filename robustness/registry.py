@@ -5,9 +5,13 @@
 
 A config node names its component with ``name:``; the other keys are its keyword arguments, and
 :func:`build` is the one way to turn a node into an object. Registration happens when the
-component's module is imported, so the first look-up in a group imports every module of that
-group's package (``robustness.attacks`` for ``attack``, ...): adding a component is its class and
-its YAML file, nothing else.
+component's module is imported; each group's package imports its modules explicitly in its
+``__init__`` (as torchvision's ``models/__init__.py`` does), so the first look-up in a group
+imports that package and finds every component of it.
+
+A component whose options are a dataclass names it when it registers
+(``@register("probe", "table1", options=Table1Options)``): :func:`options_of` returns it, so the
+config checks build and validate a probe's options without knowing its module.
 
 Probes and reporters are functions rather than classes: ``lookup("probe", name)`` returns the
 probe's ``compute(ctx)``, ``lookup("reporter", name)`` the reporter's ``draw(result, out_dir)``.
@@ -17,7 +21,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import pkgutil
 from typing import Any, Callable, Mapping, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
@@ -37,11 +40,14 @@ GROUP_PACKAGES = {
 }
 
 _TABLES: dict[str, dict[str, Any]] = {group: {} for group in GROUP_PACKAGES}
-_DISCOVERED: set[str] = set()
+_OPTIONS: dict[str, dict[str, type]] = {group: {} for group in GROUP_PACKAGES}
 
 
-def register(group: str, name: str) -> Callable[[T], T]:
-    """Class or function decorator: make ``obj`` the ``name`` option of ``group``."""
+def register(group: str, name: str, *, options: type | None = None) -> Callable[[T], T]:
+    """Class or function decorator: make ``obj`` the ``name`` option of ``group``.
+
+    options: the dataclass of the component's options, where it has one (probes do).
+    """
     if group not in _TABLES:
         raise ValueError(f"unknown config group '{group}' (known: {', '.join(_TABLES)})")
 
@@ -50,6 +56,8 @@ def register(group: str, name: str) -> Callable[[T], T]:
         if name in table and table[name] is not obj and _qualified(table[name]) != _qualified(obj):
             raise ValueError(f"{group} '{name}' is registered twice: {_qualified(table[name])} and {_qualified(obj)}")
         table[name] = obj
+        if options is not None:
+            _OPTIONS[group][name] = options
         return obj
 
     return decorate
@@ -60,13 +68,8 @@ def _qualified(obj: Any) -> str:
 
 
 def _discover(group: str) -> None:
-    if group in _DISCOVERED:
-        return
-    package = importlib.import_module(GROUP_PACKAGES[group])
-    for module in pkgutil.iter_modules(package.__path__):
-        if not module.name.startswith("_"):
-            importlib.import_module(f"{package.__name__}.{module.name}")
-    _DISCOVERED.add(group)
+    # The package's __init__ imports each of its modules, and so registers its components.
+    importlib.import_module(GROUP_PACKAGES[group])
 
 
 def choices(group: str) -> list[str]:
@@ -82,6 +85,12 @@ def lookup(group: str, name: str) -> Any:
     if name not in table:
         raise ConfigError(f"unknown {group} '{name}'", f"choose one of: {', '.join(sorted(table))}")
     return table[name]
+
+
+def options_of(group: str, name: str) -> type | None:
+    """The options dataclass ``name`` registered with in ``group``, or None if it named none."""
+    lookup(group, name)
+    return _OPTIONS[group].get(name)
 
 
 def split_name(node: DictConfig | Mapping[str, Any], group: str) -> tuple[str, dict[str, Any]]:

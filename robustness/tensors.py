@@ -6,11 +6,13 @@ training all import it, and it imports nothing of the project but ``errors``.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import copy
 import logging
 import warnings
 import weakref
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +28,36 @@ _FOLDED = "_robustness_folded_copy"
 def predict(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
     """Predicted labels of ``x`` in batches, without gradients."""
     return torch.cat([model(chunk).argmax(1) for chunk in x.split(batch_size)]) if len(x) else torch.empty(0, dtype=torch.long, device=x.device)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (the CPU for a model without any)."""
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Evaluation mode inside the block; each submodule's own mode is restored afterwards
+    (Lightning keeps whatever mode it finds, so training code must not leave a model in eval)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> float:
+    """Top-1 accuracy of ``model`` in evaluation mode on ``x`` (NaN for no images); the model's
+    mode is restored afterwards."""
+    if len(y) == 0:
+        return float("nan")
+    with eval_mode(model):
+        pred = predict(model, x.to(model_device(model)), batch_size)
+    return float((pred.cpu() == y.cpu()).double().mean())
 
 
 def inference_copy(model: nn.Module, example: Tensor, *, for_gradients: bool = False, reuse: bool = True) -> nn.Module:

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from robustness.cli import CONFIG_DIR
 from robustness.stages import RunOutcome, compose_experiment, run
+from robustness.testing import correctly_classified, digits_resnet18, rho, train_digits_smallcnn  # noqa: F401 - shared with the benchmarks
 
 # One store for the whole session: variants trained by the first experiment that needs them
 # are reused by the others (set by conftest.py).

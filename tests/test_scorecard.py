@@ -1,4 +1,4 @@
-"""The paired bootstrap (robustness.geometry.stats) and the claim scorecard built on it."""
+"""The paired bootstrap (robustness.stats) and the claim scorecard built on it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from robustness.errors import InputError
-from robustness.geometry.stats import Interval, all_hold, bootstrap_difference, equivalence_verdict, verdict
+from robustness.stats import Interval, all_hold, bootstrap_difference, equivalence_verdict, verdict
 
 Z95 = 1.959963984540054
 
@@ -123,7 +123,7 @@ def test_verdicts_follow_the_interval_and_the_predicted_sign() -> None:
 
 
 def test_one_sample_interval_matches_the_standard_error_of_the_mean() -> None:
-    from robustness.geometry.stats import bootstrap_statistic
+    from robustness.stats import bootstrap_statistic
 
     values = np.random.default_rng(6).exponential(2.0, 5000)
     interval = bootstrap_statistic(values, "mean", seed=1)
@@ -137,7 +137,7 @@ def test_one_sample_interval_matches_the_standard_error_of_the_mean() -> None:
 
 
 def test_ordering_names_variants_from_smallest_to_largest() -> None:
-    from robustness.geometry.stats import ordering
+    from robustness.stats import ordering
 
     assert ordering({"base": 5.5, "adversarial": 1.1, "cure": 6.4e-4}) == "cure < adversarial < base"
     assert ordering({"base": 1.0, "cure": float("nan")}) == "base, cure ?"
@@ -152,7 +152,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from robustness.probes.base import ProbeResult  # noqa: E402
-from robustness.probes.scorecard import FLIP_RATE_MARGIN, compute_scorecard  # noqa: E402
+from robustness.scorecard import FLIP_RATE_MARGIN, compute_scorecard  # noqa: E402
 from robustness.reporting import scorecard as scorecard_report  # noqa: E402
 
 N = 60

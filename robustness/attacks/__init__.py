@@ -11,3 +11,6 @@ from robustness.attacks.pgd import FGSM, PGD, PGDL2, PGDLinf, pgd
 from robustness.attacks.runner_up import RunnerUp
 
 __all__ = ["AttackResult", "FixedEpsilonAttack", "MinimisationAttack", "DeepFool", "deepfool", "PGDLinf", "PGDL2", "FGSM", "PGD", "pgd", "RunnerUp"]
+
+# The remaining attack modules register themselves on import.
+from robustness.attacks import autoattack, colour  # noqa: E402,F401

@@ -41,22 +41,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustness.bench import BenchRows, single_thread, verdict
-from robustness.tensors import inference_copy, l2_norm
+from robustness.tensors import inference_copy
 from robustness.attacks.deepfool import deepfool
 from robustness.geometry.jacobian import Linearization, linearize
 from robustness.attacks.pgd import PGDL2, PGDLinf
-from robustness.data.base import DatasetInfo
-from robustness.data.digits import DigitsDataModule, load_digit_splits
-from robustness.models.resnet import resnet18
-from robustness.models.smallcnn import smallcnn
+from robustness.testing import correctly_classified, digits_resnet18, rho, train_digits_smallcnn
 
 OVERSHOOT = 0.02
 MAX_ITER = 50
 CANDIDATES = 10
 SMALLCNN_IMAGES = 200
-# resnet18 costs about 1.5 CPU-seconds per image for ours and twice that for foolbox on one
-# thread; 200 images would take well over half an hour on the shared 2-core machine.
-RESNET_IMAGES = 32
 SPEEDUP_TARGETS = {"smallcnn": 8.0, "resnet18": 4.0}
 RHO_TOLERANCE = 0.005
 PGD_OVERHEAD_TARGET = 0.10
@@ -110,39 +104,10 @@ class PassCounter(nn.Module):
         self.forwards = self.backwards = 0
 
 
-def train_digits_smallcnn(width: int = 16, epochs: int = 6, seed: int = 0) -> tuple[nn.Module, dict[str, tuple[Tensor, Tensor]]]:
-    """A smallcnn fitted to the digits in a few seconds on a CPU (about 98% test accuracy), in eval mode.
-
-    Also returns the digit splits it was trained on. Used by this benchmark and the attack tests,
-    which need a real nonlinear classifier but not the store or Lightning.
-    """
-    splits = load_digit_splits(seed)
-    x, y = splits["train"]
-    torch.manual_seed(seed)
-    model = smallcnn(DigitsDataModule.info, width=width)
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    order = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(x), generator=order).split(64):
-            loss = F.cross_entropy(model(x[batch]), y[batch])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-    model.zero_grad(set_to_none=True)
-    return model.eval(), splits
 
 
-def correctly_classified(model: nn.Module, x: Tensor, y: Tensor, limit: int | None = None) -> tuple[Tensor, Tensor]:
-    """The first ``limit`` images that ``model`` gets right."""
-    with torch.no_grad():
-        right = model(x).argmax(1) == y
-    x, y = x[right], y[right]
-    return (x, y) if limit is None else (x[:limit], y[:limit])
 
 
-def rho(x_adv: Tensor, x: Tensor) -> Tensor:
-    """Per-image ||x_adv - x|| / ||x||."""
-    return l2_norm(x_adv - x) / l2_norm(x)
 
 
 def _timed(fn: Callable[[], Tensor]) -> tuple[Tensor, float]:
@@ -404,20 +369,6 @@ def _pgd_rows(model: nn.Module, x: Tensor, y: Tensor, repeats: int = 7) -> list[
     return rows
 
 
-def digits_resnet18(seed: int = 0, limit: int | None = None) -> tuple[nn.Module, Tensor, Tensor]:
-    """An untrained resnet18 for 32x32 RGB, 10 classes, the digits upsampled to that size, and
-    its own predictions as the labels to leave (an untrained model is right about nothing)."""
-    torch.manual_seed(seed)
-    info = DatasetInfo(
-        name="digits32", num_classes=10, image_shape=(3, 32, 32), class_names=DigitsDataModule.info.class_names,
-        mean=DigitsDataModule.info.mean * 3, std=DigitsDataModule.info.std * 3,
-    )
-    model = resnet18(info).eval()
-    x = load_digit_splits(seed)["test"][0][: RESNET_IMAGES if limit is None else limit]
-    x = F.interpolate(x, size=32, mode="bilinear", align_corners=False).clamp_(0.0, 1.0).repeat(1, 3, 1, 1)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    return model, x, y
 
 
 def run() -> BenchRows:

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from robustness.bench import BenchRows, single_thread, verdict
-from robustness.bench.attacks import train_digits_smallcnn
+from robustness.testing import train_digits_smallcnn
 from robustness.geometry.certify import Certifier
 from robustness.geometry.paths import PathResult, check_fractions, find_paths
 from robustness.registry import build

@@ -1,3 +1,6 @@
 """Model builders, registered with ``@register("model", NAME)``; every model takes [0, 1] pixels
 (normalisation is its first layer), so attacks work in pixel space. Build one with
 ``registry.build("model", cfg.model, info=info)``."""
+
+# Each builder registers itself when its module is imported; every one is imported here.
+from robustness.models import resnet, smallcnn, zoo  # noqa: E402,F401

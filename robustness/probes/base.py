@@ -74,7 +74,7 @@ class TrainingRecord:
 class ProbeContext:
     """Everything a probe may use.
 
-    cfg:      the probe's own config node (``cfg.probe``), as a plain dict
+    options:  the probe's own config node (``cfg.probe``), as a plain dict
     models:   variant name -> model in eval mode on ``device``, in the order asked for
     data:     the data module (already set up); ``data.info`` has class names and shape
     attack:   the ``attack`` config node as a plain dict (build it with registry.build_attack)
@@ -87,7 +87,7 @@ class ProbeContext:
               weights included; None: keep them in ``work_dir``
     """
 
-    cfg: dict[str, Any]
+    options: dict[str, Any]
     models: dict[str, nn.Module]
     data: Any
     attack: dict[str, Any]
@@ -95,7 +95,6 @@ class ProbeContext:
     seed: int
     work_dir: Path
     progress: Callable[[int, int, str], None] = lambda done, total, what: None
-    config: Any = None  # the whole resolved run config, for provenance
     training: Callable[[str], TrainingRecord] = lambda name: TrainingRecord()
     shared_dir: Path | None = None
 

@@ -79,7 +79,7 @@ class BoundaryPlaneOptions(PlaneOptions):
 
 @register("probe", "boundary_plane")
 def compute(ctx: ProbeContext) -> ProbeResult:
-    options = BoundaryPlaneOptions.from_cfg(ctx.cfg)
+    options = BoundaryPlaneOptions.from_cfg(ctx.options)
     x0, true_label = load_sample(ctx, options)
     attack = build("attack", ctx.attack)
     attack_name = str(ctx.attack.get("name", "attack"))

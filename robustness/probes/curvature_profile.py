@@ -23,7 +23,8 @@ from robustness.errors import ConfigError
 from robustness.geometry.hessian import InputHessian, top_eigenvalues
 from robustness.tensors import inference_copy
 from robustness.probes.base import ProbeContext, ProbeResult
-from robustness.probes.hessian_norm import HessianOptions, accuracy
+from robustness.probes.hessian_norm import HessianOptions
+from robustness.tensors import accuracy
 from robustness.probes.per_image import load_images, require_positive_int, run_in_chunks
 from robustness.registry import register
 
@@ -60,7 +61,7 @@ def eigenvalues_per_image(model: nn.Module, x: Tensor, y: Tensor, image_ids: ran
 
 @register("probe", "curvature_profile")
 def compute(ctx: ProbeContext) -> ProbeResult:
-    options = CurvatureProfileOptions.from_cfg(ctx.cfg)
+    options = CurvatureProfileOptions.from_cfg(ctx.options)
     x, y = load_images(ctx, options)
     dimension = math.prod(x.shape[1:])
     if int(options.k) > dimension:

@@ -23,7 +23,8 @@ from robustness import fingerprint
 from robustness.errors import ConfigError
 from robustness.geometry.hessian import ESTIMATORS, InputHessian, frobenius_norm_sq
 from robustness.probes.base import ProbeContext, ProbeResult
-from robustness.tensors import inference_copy, predict
+from robustness.stats import mean_and_stderr
+from robustness.tensors import accuracy, inference_copy
 from robustness.probes.per_image import PerImageOptions, require_positive_int, load_images, run_in_chunks
 from robustness.registry import register
 
@@ -85,16 +86,6 @@ def measure_hessian_norm(ctx: ProbeContext, variant: str, model: nn.Module, x: T
     return run_in_chunks(ctx.work_dir, f"hessian_norm-{variant}", identity, len(x), int(options.chunk_size), chunk, lambda d, t, w: ctx.progress(d, t, f"||H||_F^2 {variant}"))
 
 
-def mean_and_stderr(values: Tensor) -> tuple[float, float]:
-    """Mean over images of the finite values and its standard error across images (NaN if none)."""
-    values = values.double()
-    values = values[torch.isfinite(values)]
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    stderr = float(values.std(unbiased=True) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
-    return float(values.mean()), stderr
-
-
 def hessian_norm_row(variant: str, measured: dict[str, Tensor]) -> dict[str, Any]:
     mean, stderr = mean_and_stderr(measured["fro2"])
     return {
@@ -108,13 +99,9 @@ def hessian_norm_row(variant: str, measured: dict[str, Tensor]) -> dict[str, Any
     }
 
 
-def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    return float((predict(model, x) == y).double().mean())
-
-
 @register("probe", "hessian_norm")
 def compute(ctx: ProbeContext) -> ProbeResult:
-    options = HessianNormOptions.from_cfg(ctx.cfg)
+    options = HessianNormOptions.from_cfg(ctx.options)
     x, y = load_images(ctx, options)
     arrays: dict[str, Tensor] = {"labels": y.cpu()}
     rows = []

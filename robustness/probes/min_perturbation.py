@@ -23,7 +23,8 @@ from robustness import fingerprint
 from robustness.errors import ConfigError, InputError
 from robustness.probes.base import ProbeContext, ProbeResult
 from robustness.tensors import predict
-from robustness.probes.hessian_norm import accuracy, mean_and_stderr
+from robustness.stats import mean_and_stderr
+from robustness.tensors import accuracy
 from robustness.probes.per_image import PerImageOptions, load_images, run_in_chunks
 from robustness.registry import build
 from robustness.registry import register
@@ -132,7 +133,7 @@ def attack_description(attack_cfg: dict[str, Any], refine_steps: int) -> str:
 
 @register("probe", "min_perturbation")
 def compute(ctx: ProbeContext) -> ProbeResult:
-    options = MinPerturbationOptions.from_cfg(ctx.cfg)
+    options = MinPerturbationOptions.from_cfg(ctx.options)
     x, y = load_images(ctx, options)
     arrays: dict[str, Tensor] = {"labels": y.cpu(), "image_norm": l2_norm(x).double().cpu()}
     rows = []

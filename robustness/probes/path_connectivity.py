@@ -289,7 +289,7 @@ def path_pca(vertices: Tensor, num_points: int, components: int) -> dict[str, Te
 
 @register("probe", "path_connectivity")
 def compute(ctx: ProbeContext) -> ProbeResult:
-    options = PathOptions.from_cfg(dict(ctx.cfg))
+    options = PathOptions.from_cfg(dict(ctx.options))
     data = ctx.data
     x_all, _ = data.split_tensors(options.split, limit=options.candidate_images)
     x_all = x_all.to(ctx.device)

@@ -45,7 +45,7 @@ from robustness.errors import ConfigError, InputError
 from robustness.geometry.colour import hue_rotate, region_mask
 from robustness.probes.base import ProbeContext, ProbeResult
 from robustness.tensors import inference_copy, l2_norm, predict
-from robustness.probes.hessian_norm import mean_and_stderr
+from robustness.stats import mean_and_stderr
 from robustness.probes.min_perturbation import attack_description, minimal_perturbation
 from robustness.probes.per_image import PerImageOptions, load_images, run_in_chunks
 from robustness.registry import build, register
@@ -374,7 +374,7 @@ def _probed_images(ctx: ProbeContext, options: PerceptualOptions) -> tuple[Tenso
 
 @register("probe", "perceptual")
 def compute(ctx: ProbeContext) -> ProbeResult:
-    options = PerceptualOptions.from_cfg(ctx.cfg)
+    options = PerceptualOptions.from_cfg(ctx.options)
     info = ctx.data.info
     if info.in_channels != 3:
         raise ConfigError(

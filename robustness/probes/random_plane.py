@@ -172,7 +172,7 @@ def region_statistics_per_image(options: PlaneOptions) -> PerImageFn:
 
 @register("probe", "random_plane")
 def compute(ctx: ProbeContext) -> ProbeResult:
-    options = PlaneOptions.from_cfg(ctx.cfg)
+    options = PlaneOptions.from_cfg(ctx.options)
     x0, true_label = load_sample(ctx, options)
     image_norm = float(x0.norm())
     if image_norm == 0.0:

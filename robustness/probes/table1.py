@@ -9,7 +9,7 @@ classifies it correctly or not, so that all variants are measured on the same im
 
 Per-image values span decades, so a mean can rest on a few images: each column gives the mean
 and the median over images, each with a seeded percentile-bootstrap 95% interval over images
-(:mod:`robustness.geometry.stats`), and ``tables["ordering"]`` orders the variants under both.
+(:mod:`robustness.stats`), and ``tables["ordering"]`` orders the variants under both.
 
 Both come from the functions of those probes, with their chunk files in ``ctx.work_dir``, so an
 interrupted run resumes and a finished column is never recomputed.
@@ -22,10 +22,11 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from robustness.geometry.stats import STATISTICS, bootstrap_statistic, ordering
+from robustness.stats import STATISTICS, bootstrap_statistic, ordering
 from robustness.tensors import l2_norm
 from robustness.probes.base import ProbeContext, ProbeResult
-from robustness.probes.hessian_norm import HessianNormOptions, accuracy, hessian_norm_row, measure_hessian_norm
+from robustness.probes.hessian_norm import HessianNormOptions, hessian_norm_row, measure_hessian_norm
+from robustness.tensors import accuracy
 from robustness.probes.min_perturbation import (
     MinPerturbationOptions,
     attack_description,
@@ -43,7 +44,7 @@ class Table1Options(HessianNormOptions, MinPerturbationOptions):
 
 @register("probe", "table1")
 def compute(ctx: ProbeContext) -> ProbeResult:
-    options = Table1Options.from_cfg(ctx.cfg)
+    options = Table1Options.from_cfg(ctx.options)
     x, y = load_images(ctx, options)
     arrays: dict[str, Tensor] = {"labels": y.cpu(), "image_norm": l2_norm(x).double().cpu()}
     rows: list[dict[str, Any]] = []

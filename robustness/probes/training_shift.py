@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from torch import Tensor, nn
 
 from robustness.errors import ConfigError
 from robustness.probes.base import ProbeContext, ProbeOptions, ProbeResult
 from robustness.registry import register
-from robustness.tensors import predict
+from robustness.tensors import accuracy
 
 
 @dataclass(frozen=True)
@@ -46,15 +46,15 @@ class Options(ProbeOptions):
             raise ConfigError(f"probe.batch_size must be positive, got {self.batch_size}", "e.g. probe.batch_size=512")
 
 
-def _accuracy(model: nn.Module | None, x: Tensor | None, y: Tensor | None, batch_size: int, device: Any) -> float:
-    if model is None or x is None or y is None or len(y) == 0:
+def _accuracy(model: nn.Module | None, x: Tensor | None, y: Tensor | None, batch_size: int) -> float:
+    if model is None or x is None or y is None:
         return math.nan
-    return float((predict(model, x.to(device), batch_size).cpu() == y.cpu()).float().mean())
+    return accuracy(model, x, y, batch_size)
 
 
 @register("probe", "training_shift")
 def compute(ctx: ProbeContext) -> ProbeResult:
-    options = Options.from_cfg(ctx.cfg)
+    options = Options.from_cfg(ctx.options)
     x, y = ctx.data.split_tensors(options.split, limit=options.n_images)
     records = {name: ctx.training(name) for name in ctx.models}
     owner = next((name for name, record in records.items() if record.adversarial_set is not None), None)
@@ -69,10 +69,10 @@ def compute(ctx: ProbeContext) -> ProbeResult:
         rows.append({
             "variant": name,
             "starts_from": record.starts_from,
-            "clean_acc_start": _accuracy(record.start_model, x, y, options.batch_size, ctx.device),
-            "clean_acc": _accuracy(model, x, y, options.batch_size, ctx.device),
-            "adv_set_acc_start": _accuracy(record.start_model, adv_x, adv_y, options.batch_size, ctx.device),
-            "adv_set_acc": _accuracy(model, adv_x, adv_y, options.batch_size, ctx.device),
+            "clean_acc_start": _accuracy(record.start_model, x, y, options.batch_size),
+            "clean_acc": _accuracy(model, x, y, options.batch_size),
+            "adv_set_acc_start": _accuracy(record.start_model, adv_x, adv_y, options.batch_size),
+            "adv_set_acc": _accuracy(model, adv_x, adv_y, options.batch_size),
             "weight_change": float(start.get("weight_change", math.nan)),
             "epochs": int(record.metrics.get("epochs", -1)),
         })

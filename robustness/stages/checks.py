@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from robustness.errors import ConfigError, RobustnessError
 from robustness.models import zoo
 from robustness.registry import build, lookup
-from robustness.stages.common import check_writable, make_datamodule, plain, resolve_path
+from robustness.stages.common import check_writable, make_datamodule, to_python, resolve_path
 
 _ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 _PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "64", "transformer-engine")
@@ -85,7 +85,7 @@ def check_config(cfg: DictConfig, output_dir: str | Path) -> Path:
     if task == "probe":
         names = cfg.get("variants")
         if not OmegaConf.is_list(names) or not all(isinstance(v, str) and v for v in names):
-            raise ConfigError(f"variants must be a list of variant names, got {plain(names)!r}", "e.g. variants=[base,adversarial,cure]")
+            raise ConfigError(f"variants must be a list of variant names, got {to_python(names)!r}", "e.g. variants=[base,adversarial,cure]")
         if cfg.get("attack") is not None:
             _built("attack", lambda: build("attack", cfg.attack))
         if cfg.get("probe") is not None and "name" in cfg.probe:
@@ -120,7 +120,7 @@ def _probe_options(cfg: DictConfig) -> Any:
     if not own:
         return None
     options = max(own, key=lambda c: len(c.__mro__))
-    return options.from_cfg(plain(cfg.probe))
+    return options.from_cfg(to_python(cfg.probe))
 
 
 def _check_optim(optim: dict[str, Any]) -> None:

@@ -39,7 +39,7 @@ class RunOutcome:
     results: dict[str, Any] = field(default_factory=dict)
 
 
-def plain(node: Any) -> Any:
+def to_python(node: Any) -> Any:
     """A config node as plain Python values (resolved); anything else unchanged."""
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) or OmegaConf.is_list(node) else node
 

@@ -16,7 +16,7 @@ from robustness.errors import ConfigError, StoreError
 from robustness.probes.base import ProbeContext, ProbeResult, TrainingRecord
 from robustness.progress import progress_reporter
 from robustness.registry import build, choices, lookup
-from robustness.stages.common import RunOutcome, device_for, make_datamodule, plain, store_for, writable_problem
+from robustness.stages.common import RunOutcome, device_for, make_datamodule, to_python, store_for, writable_problem
 from robustness.stages.variants import Variant, load_models, weights_digest
 
 log = logging.getLogger("robustness")
@@ -26,9 +26,9 @@ def result_key(cfg: DictConfig, variants: dict[str, Variant], weights: dict[str,
     """What a probe result depends on: the probe and attack configs, the split, the seed, and
     each model's fingerprint and exact weights."""
     return fingerprint.of_config({
-        "probe": plain(cfg.probe),
-        "attack": plain(cfg.attack),
-        "split": fingerprint.dataset_identity(plain(cfg.dataset), int(cfg.seed)),
+        "probe": to_python(cfg.probe),
+        "attack": to_python(cfg.attack),
+        "split": fingerprint.dataset_identity(to_python(cfg.dataset), int(cfg.seed)),
         "seed": int(cfg.seed),
         "models": {name: [v.key, weights[name]] for name, v in variants.items()},
     })
@@ -51,11 +51,11 @@ def training_record(v: Variant, store: Any, info: Any, device: torch.device) -> 
     start_model = None
     if v.parent is not None:
         start_model = build("model", v.parent.config.model, info=info)
-        store.load_into(v.parent.key, start_model, info, plain(v.parent.config.model), what=f"the '{v.parent.name}' weights")
+        store.load_into(v.parent.key, start_model, info, to_python(v.parent.config.model), what=f"the '{v.parent.alias}' weights")
         start_model = start_model.to(device).eval()
     set_name = (metrics.get("regularizer") or {}).get("adv_set")
     adversarial_set = store.load_tensors(v.key, set_name) if set_name else None
-    return TrainingRecord(v.parent.name if v.parent is not None else "random init", metrics, start_model, adversarial_set)
+    return TrainingRecord(v.parent.alias if v.parent is not None else "random init", metrics, start_model, adversarial_set)
 
 
 def probe(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag: str = "", wandb_run: Any = None) -> RunOutcome:
@@ -91,8 +91,8 @@ def probe(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag:
         if cfg.get("recompute", False):
             shutil.rmtree(work_dir / "partial", ignore_errors=True)
         ctx = ProbeContext(
-            cfg=plain(cfg.probe), models=models, data=datamodule, attack=plain(cfg.attack), device=device,
-            seed=int(cfg.seed), work_dir=work_dir / "partial", progress=progress_reporter(name), config=cfg,
+            options=to_python(cfg.probe), models=models, data=datamodule, attack=to_python(cfg.attack), device=device,
+            seed=int(cfg.seed), work_dir=work_dir / "partial", progress=progress_reporter(name),
             training=lambda variant: training_record(variants[variant], store, datamodule.info, device),
             # recompute=true computes afresh: nothing shared with earlier runs is reused then.
             shared_dir=cache_root / "per-model" if cache_root is not None and not cfg.get("recompute", False) else None,
@@ -114,7 +114,7 @@ def probe(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag:
     own_run = wandb_run is None and cfg.logger.name == "wandb"
     if own_run:
         wandb_run = tracking.start_wandb_run(
-            plain(cfg.logger), output_dir, name=str(cfg.get("experiment_name") or name), config=tracking.plain_config(cfg),
+            to_python(cfg.logger), output_dir, name=str(cfg.get("experiment_name") or name), config=tracking.plain_config(cfg),
             tags=[f"probe:{name}", f"dataset:{datamodule.info.name}", f"experiment:{cfg.get('experiment_name')}"],
         )
     tracking.log_artefacts(wandb_run, artefacts)

@@ -19,7 +19,7 @@ from robustness import tracking
 from robustness.errors import ConfigError
 from robustness.io import atomic_write_text
 from robustness.reporting.document import Section, render_html, render_markdown
-from robustness.stages.common import RunOutcome, compose_experiment, plain
+from robustness.stages.common import RunOutcome, compose_experiment, to_python
 
 log = logging.getLogger("robustness")
 
@@ -30,7 +30,7 @@ def reproduce_command(experiment: str, overrides: Sequence[str]) -> str:
 
 def _scorecard_section(results: dict[str, Any], seed: int, output_dir: Path, wandb_run: Any) -> Section:
     """The scorecard of the seed report's claims, from every section's results: the first section."""
-    from robustness.probes.scorecard import compute_scorecard
+    from robustness.scorecard import compute_scorecard
     from robustness.registry import lookup
 
     scorecard = compute_scorecard(results, seed)
@@ -49,20 +49,20 @@ def report(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag
     if not sections:
         raise ConfigError("a report needs at least one section", "list experiments under report.sections, e.g. - {experiment: fig2_boundary}")
     for index, section in enumerate(sections, start=1):
-        if not plain(section).get("experiment"):
+        if not to_python(section).get("experiment"):
             raise ConfigError(f"report section {index} names no experiment", "write each section as {experiment: NAME, overrides: [...]}")
     title = cfg.report.get("title") or f"Report: {cfg.get('experiment_name')}"
     own_run = wandb_run is None and cfg.logger.name == "wandb"
     if own_run:
         wandb_run = tracking.start_wandb_run(
-            plain(cfg.logger), output_dir, name=str(cfg.get("experiment_name") or "report"),
+            to_python(cfg.logger), output_dir, name=str(cfg.get("experiment_name") or "report"),
             config=tracking.plain_config(cfg), tags=[f"experiment:{cfg.get('experiment_name')}", "report"],
         )
     started = time.monotonic()
     entries: list[Section] = []
     results: dict[str, Any] = {}
     for index, raw in enumerate(sections, start=1):
-        section = plain(raw)
+        section = to_python(raw)
         experiment = section["experiment"]
         # Report-wide overrides first, then the command line's, then the section's own.
         extra = [*(cfg.report.get("overrides") or []), *overrides, *section.get("overrides", [])]

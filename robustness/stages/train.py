@@ -17,7 +17,7 @@ from robustness.errors import ConfigError
 from robustness.io import atomic_write_json
 from robustness.registry import build
 from robustness.stages import variants as variant_lookup
-from robustness.stages.common import RunOutcome, device_for, make_datamodule, plain, store_for
+from robustness.stages.common import RunOutcome, device_for, make_datamodule, to_python, store_for
 from robustness.tensors import relative_change
 from robustness.training.module import ClassifierModule
 from robustness.training.regularizer import TrainContext
@@ -33,7 +33,7 @@ def train(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag:
     """``task=train``: the run's own config is the variant to train."""
     v = variant_lookup.of_training_config(cfg, overrides)
     if tag:
-        v.name = f"{v.variant}@{tag}"
+        v.alias = f"{v.variant}@{tag}"
     return train_variant(v, output_dir, overrides)
 
 
@@ -48,8 +48,8 @@ def train_variant(v: variant_lookup.Variant, output_dir: Path, overrides: Sequen
         # Another job (a parallel test worker, a multirun sibling) may have trained it meanwhile.
         if store.has(v.key) and not cfg.get("retrain", False):
             log.info("'%s' is in the store already with this exact config (%s): reusing it; retrain=true trains it again",
-                     v.name, store.entry_dir(v.key))
-            store.set_alias(v.name, v.key)
+                     v.alias, store.entry_dir(v.key))
+            store.set_alias(v.alias, v.key)
             metrics = store.metrics(v.key)
             atomic_write_json(output_dir / "metrics.json", metrics)
             return RunOutcome("train", output_dir, metrics=metrics)
@@ -60,7 +60,7 @@ def train_variant(v: variant_lookup.Variant, output_dir: Path, overrides: Sequen
 
 
 def _trainer_options(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    options = plain(cfg.trainer)
+    options = to_python(cfg.trainer)
     own = {key: options.pop(key) for key in _OWN_TRAINER_KEYS if key in options}
     if options.get("enable_progress_bar") == "auto":
         # Bars redraw in place: only a terminal shows them as such; a log file gets every frame.
@@ -81,12 +81,12 @@ def _fit(v: variant_lookup.Variant, store: Any, output_dir: Path) -> RunOutcome:
     regularizer.check_precision(str(trainer_options.get("precision", "32-true")))
 
     if v.parent is not None:
-        store.load_into(v.parent.key, model, info, plain(v.parent.config.model), what=f"the '{v.parent.name}' weights")
+        store.load_into(v.parent.key, model, info, to_python(v.parent.config.model), what=f"the '{v.parent.alias}' weights")
     # The weights training starts from (the parent's, or the seeded initialisation), to say how far it moved them.
     start = [p.detach().clone() for p in model.parameters()]
     regularizer.setup(TrainContext(model=model, datamodule=datamodule, store=store, device=device, config=cfg, cache_key=v.key))
     datamodule.train_set = regularizer.train_dataset(datamodule.train_set)
-    module = ClassifierModule(model, info.num_classes, regularizer, max_bad_steps=int(own.get("max_bad_steps", 20)), **plain(cfg.optim))
+    module = ClassifierModule(model, info.num_classes, regularizer, max_bad_steps=int(own.get("max_bad_steps", 20)), **to_python(cfg.optim))
 
     resume_dir = store.resume_dir(v.key)
     callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
@@ -99,11 +99,11 @@ def _fit(v: variant_lookup.Variant, store: Any, output_dir: Path) -> RunOutcome:
                           "keep callbacks.random_state (conf/callbacks/default.yaml)")
     resume_from = last_checkpoint(resume_dir) if cfg.get("resume", True) else None
     if resume_from is not None:
-        log.info("resuming '%s' from %s (the last completed epoch of an interrupted run; resume=false starts afresh)", v.name, resume_from)
+        log.info("resuming '%s' from %s (the last completed epoch of an interrupted run; resume=false starts afresh)", v.alias, resume_from)
 
     resolved = tracking.plain_config(cfg)
     logger = tracking.make_lightning_logger(
-        plain(cfg.logger), output_dir, name=f"{cfg.get('experiment_name') or 'train'}-{v.variant}", config=resolved,
+        to_python(cfg.logger), output_dir, name=f"{cfg.get('experiment_name') or 'train'}-{v.variant}", config=resolved,
         tags=[f"variant:{v.variant}", f"dataset:{info.name}", f"experiment:{cfg.get('experiment_name')}"],
     )
     trainer = pl.Trainer(**trainer_options, logger=logger, callbacks=[*callbacks, *regularizer.callbacks()], default_root_dir=str(output_dir))
@@ -129,7 +129,7 @@ def _fit(v: variant_lookup.Variant, store: Any, output_dir: Path) -> RunOutcome:
         tracking.finish_run(logger)
         where = resume_dir / "last.ckpt"
         log.warning("training of '%s' interrupted; run the same command again to resume from the last completed epoch (checkpoint: %s)",
-                    v.name, where if where.is_file() else "none yet: no epoch was completed")
+                    v.alias, where if where.is_file() else "none yet: no epoch was completed")
         raise
     metrics: dict[str, Any] = {**fit_metrics, **test_metrics}
     metrics["skipped_steps"] = module.skipped_steps
@@ -137,14 +137,14 @@ def _fit(v: variant_lookup.Variant, store: Any, output_dir: Path) -> RunOutcome:
     # What the regularizer did (e.g. the adversarial set's size and accuracy history), kept with the model.
     metrics["regularizer"] = regularizer.describe()
     metrics["fingerprint"] = v.key
-    metrics["start"] = {"from": v.parent.name if v.parent is not None else "random init", "weight_change": relative_change(start, list(model.parameters()))}
+    metrics["start"] = {"from": v.parent.alias if v.parent is not None else "random init", "weight_change": relative_change(start, list(model.parameters()))}
     if trainer.is_global_zero:
-        directory = store.save(v.key, model, info, plain(cfg.model), metrics, OmegaConf.to_yaml(cfg, resolve=True),
+        directory = store.save(v.key, model, info, to_python(cfg.model), metrics, OmegaConf.to_yaml(cfg, resolve=True),
                                variant=v.variant, identity=v.identity)
-        store.set_alias(v.name, v.key)
+        store.set_alias(v.alias, v.key)
         atomic_write_json(output_dir / "metrics.json", metrics)
         discard_checkpoints(resume_dir)
-        log.info("trained '%s': test accuracy %.4f -> %s", v.name, metrics.get("test/acc", float("nan")), directory)
+        log.info("trained '%s': test accuracy %.4f -> %s", v.alias, metrics.get("test/acc", float("nan")), directory)
     tracking.finish_run(logger, summary=metrics)
     return RunOutcome("train", output_dir, metrics=metrics)
 

@@ -21,7 +21,7 @@ from robustness.data.base import ImageDataModule
 from robustness.errors import ConfigError, StoreError
 from robustness.models import zoo
 from robustness.registry import build
-from robustness.stages.common import apply_debug, compose_experiment, inherited, plain, store_for
+from robustness.stages.common import apply_debug, compose_experiment, inherited, to_python, store_for
 from robustness.store import ModelStore
 
 log = logging.getLogger("robustness")
@@ -35,7 +35,7 @@ _TAKEN_FROM_RUN = ("paths", "logger", "store", "debug")
 class Variant:
     """A variant resolved for one run."""
 
-    name: str          # as asked for, e.g. 'cure@regularizer.lam=8'
+    alias: str         # as asked for, e.g. 'cure@regularizer.lam=8'
     variant: str       # the regularizer's variant, e.g. 'cure'
     config: DictConfig  # the composed config that trains it
     identity: dict[str, Any]
@@ -86,7 +86,7 @@ def of_training_config(child: DictConfig, overrides: Sequence[str] = (), name: s
     if init_from:
         parent = resolve(child, str(init_from), overrides, (*_seen, name or variant))
     identity = fingerprint.training_identity(
-        {key: plain(child[key]) for key in ("dataset", "model", "regularizer", "optim", "trainer", "seed")},
+        {key: to_python(child[key]) for key in ("dataset", "model", "regularizer", "optim", "trainer", "seed")},
         parent.key if parent else None,
     )
     return Variant(name or variant, variant, child, identity, fingerprint.of_config(identity), parent)
@@ -94,7 +94,7 @@ def of_training_config(child: DictConfig, overrides: Sequence[str] = (), name: s
 
 def missing_model_error(store: ModelStore, wanted: Variant, train_command: str) -> StoreError:
     """The store lacks ``wanted``: say which options differ from the model its alias points at."""
-    aliased = store.aliases().get(wanted.name) or store.aliases().get(wanted.variant)
+    aliased = store.aliases().get(wanted.alias) or store.aliases().get(wanted.variant)
     detail = ""
     if aliased and store.has(aliased):
         try:
@@ -106,7 +106,7 @@ def missing_model_error(store: ModelStore, wanted: Variant, train_command: str) 
             shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
             detail = f". The store's '{wanted.variant}' was trained with other options: {shown}"
     return StoreError(
-        f"the store has no '{wanted.name}' model trained with this config for {store.dataset}/{store.model} "
+        f"the store has no '{wanted.alias}' model trained with this config for {store.dataset}/{store.model} "
         f"(fingerprint {wanted.key[:16]}..., looked in {store.entry_dir(wanted.key)}){detail}",
         f"train it with: {train_command}, or allow it here with store.train_missing=true",
     )
@@ -114,7 +114,7 @@ def missing_model_error(store: ModelStore, wanted: Variant, train_command: str) 
 
 def train_command(v: Variant) -> str:
     cfg = v.config
-    extra = v.name.partition("@")[2]
+    extra = v.alias.partition("@")[2]
     return " ".join(filter(None, [
         "python -m robustness", f"experiment={cfg.experiment_name}", f"dataset={cfg.dataset.name}", f"model={cfg.model.name}",
         f"seed={cfg.seed}", f"paths.artifacts_dir={cfg.paths.artifacts_dir}", " ".join(extra.split(",")) if extra else "",
@@ -131,8 +131,8 @@ def ensure_trained(v: Variant, output_dir: Path, overrides: Sequence[str] = ()) 
         return
     if not cfg.store.train_missing:
         raise missing_model_error(store, v, train_command(v))
-    log.info("variant '%s' is not in the store for this config: training it with experiment=%s", v.name, cfg.experiment_name)
-    train_variant(v, output_dir / f"train_{v.name.replace('/', '_')}", overrides)
+    log.info("variant '%s' is not in the store for this config: training it with experiment=%s", v.alias, cfg.experiment_name)
+    train_variant(v, output_dir / f"train_{v.alias.replace('/', '_')}", overrides)
 
 
 def weights_digest(v: Variant, store: ModelStore) -> str:
@@ -146,7 +146,7 @@ def split_problem(v: Variant, probe_cfg: DictConfig, store: ModelStore) -> str |
     """Why the images a probe reads are not from the split ``v`` was trained with, or None."""
     meta = store.meta(v.key)
     trained = (meta.get("identity") or {}).get("dataset")
-    wanted = fingerprint.dataset_identity(plain(probe_cfg.dataset), int(probe_cfg.seed))
+    wanted = fingerprint.dataset_identity(to_python(probe_cfg.dataset), int(probe_cfg.seed))
     if trained is None:
         return None
     a, b = fingerprint.split_identity(trained), fingerprint.split_identity(wanted)
@@ -187,7 +187,7 @@ def load_models(cfg: DictConfig, datamodule: ImageDataModule, output_dir: Path, 
             )
         # Built as it was trained: a variant's experiment may set options of its own.
         model = build("model", v.config.model, info=datamodule.info)
-        store.load_into(v.key, model, datamodule.info, plain(v.config.model), what=f"the '{name}' weights")
+        store.load_into(v.key, model, datamodule.info, to_python(v.config.model), what=f"the '{name}' weights")
         models[name] = model.to(device).eval()
         resolved[name] = v
     return models, resolved

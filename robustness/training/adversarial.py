@@ -25,30 +25,12 @@ from robustness.data.base import TensorImageDataset
 from robustness import fingerprint
 from robustness.errors import ConfigError, TrainingError
 from robustness.io import atomic_write_json
-from robustness.tensors import FoldedTwin, predict
+from robustness.tensors import FoldedTwin, accuracy, eval_mode, model_device, predict
 from robustness.registry import build
 from robustness.training.regularizer import Regularizer, StepOutput, TrainContext
 from robustness.registry import register
 
 log = logging.getLogger(__name__)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    first = next(iter(model.parameters()), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode inside the block; each submodule's own mode is restored afterwards
-    (Lightning keeps whatever mode it finds, so a regularizer must not leave the model in eval)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, mode in modes:
-            module.training = mode
 
 
 @contextmanager
@@ -65,16 +47,6 @@ def without_augmentation(dataset: Dataset) -> Iterator[Dataset]:
     finally:
         if augment:
             inner.augment = augment  # type: ignore[attr-defined]
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> float:
-    """Top-1 accuracy of ``model`` in eval mode (its mode is restored afterwards)."""
-    if len(y) == 0:
-        return float("nan")
-    with eval_mode(model):
-        pred = predict(model, x.to(model_device(model)), batch_size)
-    return float((pred.cpu() == y.cpu()).float().mean())
 
 
 def _check_fraction(name: str, value: float, hint: str) -> float:

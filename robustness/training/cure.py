@@ -94,6 +94,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from robustness.errors import ConfigError, InputError
+from robustness.tensors import eval_mode
 from robustness.training.regularizer import Regularizer, StepOutput
 from robustness.registry import register
 
@@ -451,17 +452,6 @@ def has_mode_dependent_layers(model: nn.Module) -> bool:
 
 
 @contextmanager
-def _evaluation_mode(model: nn.Module) -> Iterator[None]:
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
-@contextmanager
 def _running_statistics_untouched(norms: Sequence[nn.modules.batchnorm._NormBase]) -> Iterator[None]:
     """Normalisation layers in training mode use their batch's statistics without updating the
     running ones: a layer that does not track statistics passes none to ``batch_norm``."""
@@ -520,7 +510,7 @@ def penalty_forward(model: nn.Module, bn_mode: str) -> Forward:
     ]
 
     def forward(x: Tensor) -> Tensor:
-        with _evaluation_mode(model), _statistics_swapped(snapshots), _closed_form_second_order(model):
+        with eval_mode(model), _statistics_swapped(snapshots), _closed_form_second_order(model):
             return model(x)
 
     return forward

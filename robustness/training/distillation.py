@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from robustness.errors import ConfigError, InputError
 from robustness.io import atomic_write_json
 from robustness import fingerprint
-from robustness.training.adversarial import run_seed, accuracy
+from robustness.tensors import accuracy
+from robustness.training.adversarial import run_seed
 from robustness.training.regularizer import Regularizer, StepOutput, TrainContext
 from robustness.registry import register
 

@@ -24,7 +24,7 @@ from robustness.data.fashion_mnist import FashionMNISTDataModule
 from robustness.errors import ConfigError, DataError
 from robustness.registry import build
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset" / "fashion_mnist.yaml"
+CONF = Path(__file__).resolve().parents[2] / "conf" / "dataset" / "fashion_mnist.yaml"
 RAW = Path("FashionMNIST") / "raw"
 
 

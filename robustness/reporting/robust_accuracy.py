@@ -1,4 +1,4 @@
-"""Table and figure of the ``adversarial_accuracy`` probe: robust accuracy against eps per variant
+"""Table and figure of the ``robust_accuracy`` probe: robust accuracy against eps per variant
 and attack (the main attack solid, attacks reported beside it dashed)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def _attack_label(meta: dict) -> str:
     return label + (f" and {', '.join(extra)}" if extra else "")
 
 
-@register("reporter", "adversarial_accuracy")
+@register("reporter", "robust_accuracy")
 def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     meta = result.meta
     rows = result.tables["robust_accuracy"]
@@ -31,7 +31,7 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
         f"Clean and robust accuracy of each variant under {attack} on {meta.get('n_images')} "
         f"{meta.get('split', 'test')} images of {meta.get('dataset', '')}"
     )
-    table = write_table(rows, out_dir, "adversarial_accuracy", caption)
+    table = write_table(rows, out_dir, "robust_accuracy", caption)
 
     fig, ax = plt.subplots(figsize=(4.8, 3.4))
     colours = {}
@@ -52,5 +52,5 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     ax.grid(alpha=0.3)
     ax.legend(frameon=False, fontsize="small")
     ax.set_title(attack, fontsize="small")
-    figure = save_figure(fig, out_dir, "adversarial_accuracy_vs_eps", f"Robust accuracy against eps under {attack}")
+    figure = save_figure(fig, out_dir, "robust_accuracy_vs_eps", f"Robust accuracy against eps under {attack}")
     return [table, figure]

@@ -336,7 +336,7 @@ def test_probe_measures_saves_and_resumes(colour_model, tmp_path: Path):
     cfg = {"name": "perceptual", "num_images": 24, "chunk_size": 12, "angle_step": 45, "search_step": 45, "search_tol": 1.0,
            "l2_attack": {"name": "deepfool", "max_iter": 20, "num_candidates": 4}, "refine_steps": 8, "region": "dominant"}
     attack = {"name": "colour", "steps": 10, "max_hue": 45.0}
-    ctx = ProbeContext(cfg=cfg, models={"base": model, "again": model}, data=dm, attack=attack, device=torch.device("cpu"), seed=0, work_dir=tmp_path / "work")
+    ctx = ProbeContext(options=cfg, models={"base": model, "again": model}, data=dm, attack=attack, device=torch.device("cpu"), seed=0, work_dir=tmp_path / "work")
     result = perceptual.compute(ctx)
     x, y = dm.split_tensors("test", limit=24)
     assert result.arrays["angles"].tolist() == [0, 45, 90, 135, 180, 225, 270, 315]
@@ -371,7 +371,7 @@ def test_probe_refuses_grey_datasets_and_bad_options(colour_model, tmp_path: Pat
     model, _, _ = colour_model
     grey = DigitsDataModule(seed=0)
     grey.setup()
-    ctx = ProbeContext(cfg={"name": "perceptual"}, models={"base": model}, data=grey, attack={"name": "colour"}, device=torch.device("cpu"), seed=0, work_dir=tmp_path)
+    ctx = ProbeContext(options={"name": "perceptual"}, models={"base": model}, data=grey, attack={"name": "colour"}, device=torch.device("cpu"), seed=0, work_dir=tmp_path)
     with pytest.raises(ConfigError, match="1 channel") as info:
         perceptual.compute(ctx)
     assert "colour_digits" in info.value.hint
@@ -440,7 +440,7 @@ def test_whole_split_is_probed_and_named_in_the_captions(colour_model, tmp_path:
     dm.setup()
     x, y = dm.split_tensors("test")
     cfg = {"name": "perceptual", "items": ["figure9"], "angle_step": 90}
-    ctx = ProbeContext(cfg=cfg, models={"base": model}, data=dm, attack={"name": "colour"}, device=torch.device("cpu"), seed=0, work_dir=tmp_path / "work")
+    ctx = ProbeContext(options=cfg, models={"base": model}, data=dm, attack={"name": "colour"}, device=torch.device("cpu"), seed=0, work_dir=tmp_path / "work")
     result = perceptual.compute(ctx)
     assert result.meta["num_images"] == len(y) == 450 and result.meta["whole_split"]
     assert torch.equal(result.arrays["labels"], y)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from robustness.attacks import deepfool
-from robustness.bench.attacks import correctly_classified, digits_resnet18, train_digits_smallcnn
+from helpers import correctly_classified, digits_resnet18, train_digits_smallcnn
 from robustness.geometry.jacobian import linearize
 from robustness.tensors import inference_copy
 

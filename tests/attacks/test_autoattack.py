@@ -11,10 +11,10 @@ import torch
 
 from robustness.attacks import FixedEpsilonAttack, PGDLinf
 from robustness.attacks.autoattack import AutoAttack
-from robustness.bench.attacks import train_digits_smallcnn
+from helpers import train_digits_smallcnn
 from robustness.data.digits import DigitsDataModule
 from robustness.errors import ConfigError, InputError
-from robustness.probes import adversarial_accuracy
+from robustness.probes import robust_accuracy
 from robustness.probes.base import ProbeContext
 from robustness.registry import build
 
@@ -34,13 +34,13 @@ def tiny_model():
 
 def _context(model, x, y, attack: dict, probe: dict, work_dir: Path) -> ProbeContext:
     data = SimpleNamespace(info=DigitsDataModule.info, split_tensors=lambda split, limit=None, indices=None: (x[:limit], y[:limit]))
-    return ProbeContext(cfg=probe, models={"tiny": model}, data=data, attack=attack, device=torch.device("cpu"), seed=0, work_dir=work_dir)
+    return ProbeContext(options=probe, models={"tiny": model}, data=data, attack=attack, device=torch.device("cpu"), seed=0, work_dir=work_dir)
 
 
 def test_autoattack_is_a_fixed_epsilon_attack_built_from_its_config():
     from omegaconf import OmegaConf
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "attack" / "autoattack.yaml"
+    conf = Path(__file__).resolve().parents[2] / "conf" / "attack" / "autoattack.yaml"
     attack = build("attack", OmegaConf.load(conf))
     assert isinstance(attack, AutoAttack) and isinstance(attack, FixedEpsilonAttack)
     assert (attack.eps, attack.norm, attack.version) == (8 / 255, "linf", "standard")
@@ -52,7 +52,7 @@ def test_probe_reports_autoattack_beside_pgd_and_it_is_no_weaker(tiny_model, tmp
     pgd = {"name": "pgd_linf", "eps": 0.1, "step_size": 0.025, "steps": 10, "random_start": True}
     probe = {"eps": EPS, "n_images": len(y), "batch_size": 64, "relative_step": 0.25, "extra_attacks": [FAST]}
     torch.manual_seed(0)
-    result = adversarial_accuracy.compute(_context(model, x, y, pgd, probe, tmp_path))
+    result = robust_accuracy.compute(_context(model, x, y, pgd, probe, tmp_path))
     rows = result.tables["robust_accuracy"]
     by = {(row["attack"], row["eps"]): row for row in rows}
     assert sorted({row["attack"] for row in rows}) == ["autoattack", "pgd_linf"]

@@ -39,7 +39,7 @@ from robustness.data.tinyimagenet import RESTRUCTURED_MARKER, TinyImageNetDataMo
 from robustness.errors import ConfigError, DataError
 from robustness.registry import build
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
+CONF = Path(__file__).resolve().parents[2] / "conf" / "dataset"
 FAKE_CIFAR_NAMES = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "lorry"]
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustness.bench.attacks import train_digits_smallcnn
+from helpers import train_digits_smallcnn
 from robustness.data.digits import DigitsDataModule
 from robustness.errors import InputError
 from robustness.geometry.hessian import InputHessian, frobenius_norm_sq, input_gradient, top_eigenvalues

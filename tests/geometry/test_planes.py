@@ -63,7 +63,7 @@ class PlaneData:
 
 def _context(models: dict[str, nn.Module], cfg: dict, data: PlaneData | None = None, tmp_path: Path | None = None) -> ProbeContext:
     return ProbeContext(
-        cfg=cfg, models=models, data=data or PlaneData(), attack=dict(DEEPFOOL), device=torch.device("cpu"),
+        options=cfg, models=models, data=data or PlaneData(), attack=dict(DEEPFOOL), device=torch.device("cpu"),
         seed=0, work_dir=tmp_path or Path("."),
     )
 

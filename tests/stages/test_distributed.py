@@ -16,7 +16,7 @@ WORKER = Path(__file__).with_name("lightning_ddp_worker.py")
 @pytest.mark.parametrize("regularizer", ["none", "cure"])
 def test_ddp_ranks_end_with_identical_parameters(tmp_path: Path, regularizer: str) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join([str(WORKER.parent.parent), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(WORKER.parents[2]), env.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, str(WORKER), str(tmp_path), regularizer], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rank0 = torch.load(tmp_path / f"{regularizer}_rank0.pt", weights_only=True)

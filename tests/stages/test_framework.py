@@ -16,7 +16,7 @@ from robustness.errors import ConfigError, StoreError
 from robustness.registry import build
 from robustness.store import ModelStore
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

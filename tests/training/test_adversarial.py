@@ -1,4 +1,4 @@
-"""Adversarial fine-tuning, PGD training, defensive distillation and the adversarial_accuracy probe."""
+"""Adversarial fine-tuning, PGD training, defensive distillation and the robust_accuracy probe."""
 
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ from robustness.data.base import DatasetInfo
 from robustness.data.digits import DigitsDataModule
 from robustness.errors import ConfigError, TrainingError
 from robustness.models.smallcnn import smallcnn
-from robustness.probes import adversarial_accuracy
+from robustness.probes import robust_accuracy
 from robustness.probes.base import ProbeContext, ProbeResult
-from robustness.reporting import adversarial_accuracy as accuracy_report
+from robustness.reporting import robust_accuracy as accuracy_report
 from robustness.store import ModelStore
-from robustness.training.adversarial import AdversarialFinetune, PGDTraining, accuracy
+from robustness.tensors import accuracy
+from robustness.training.adversarial import AdversarialFinetune, PGDTraining
 from robustness.training.distillation import Distillation, soft_cross_entropy, train_teacher
 from robustness.training.module import ClassifierModule
 from robustness.training.regularizer import Regularizer, TrainContext
@@ -328,7 +329,7 @@ def test_distillation_teacher_is_cached_and_the_student_learns_its_soft_labels(d
 
 
 # --------------------------------------------------------------------------------------
-# probe adversarial_accuracy
+# probe robust_accuracy
 
 
 class TwoClassLinear(nn.Module):
@@ -365,7 +366,7 @@ def linear_probe_case(eps: list[float]) -> tuple[TwoClassLinear, torch.Tensor, t
 def probe_context(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: dict, probe: dict, work_dir: Path) -> ProbeContext:
     info = DatasetInfo("toy", 2, (1, 2, 2), ("a", "b"), (0.0,), (1.0,))
     data = SimpleNamespace(info=info, split_tensors=lambda split, limit=None, indices=None: (x[:limit], y[:limit]))
-    return ProbeContext(cfg=probe, models={"linear": model}, data=data, attack=attack, device=CPU, seed=0, work_dir=work_dir)
+    return ProbeContext(options=probe, models={"linear": model}, data=data, attack=attack, device=CPU, seed=0, work_dir=work_dir)
 
 
 @pytest.mark.parametrize(
@@ -376,7 +377,7 @@ def probe_context(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: di
         ({"name": "deepfool", "overshoot": 0.02, "max_iter": 50, "num_candidates": 10}, "l2"),
     ],
 )
-def test_adversarial_accuracy_of_a_linear_model_is_the_closed_form(attack: dict, norm: str, tmp_path: Path) -> None:
+def test_robust_accuracy_of_a_linear_model_is_the_closed_form(attack: dict, norm: str, tmp_path: Path) -> None:
     eps = [0.0, 0.02, 0.05, 0.1, 0.2]
     model, x, y, margin = linear_probe_case(eps)
     w = model.w.detach()
@@ -386,7 +387,7 @@ def test_adversarial_accuracy_of_a_linear_model_is_the_closed_form(attack: dict,
     else:
         distance = 1.02 * margin.abs() / w.norm()  # DeepFool's exact step times its overshoot
     probe = {"eps": eps, "n_images": len(y), "batch_size": 64, "norm": norm, "relative_step": 0.25}
-    result = adversarial_accuracy.compute(probe_context(model, x, y, attack, probe, tmp_path / "work"))
+    result = robust_accuracy.compute(probe_context(model, x, y, attack, probe, tmp_path / "work"))
 
     rows = result.tables["robust_accuracy"]
     assert [row["eps"] for row in rows] == eps
@@ -400,20 +401,20 @@ def test_adversarial_accuracy_of_a_linear_model_is_the_closed_form(attack: dict,
     saved = ProbeResult.load(result.save(tmp_path / "result"))
     artefacts = accuracy_report.draw(saved, tmp_path / "out")
     names = sorted(p.name for a in artefacts for p in a.paths)
-    assert names == ["adversarial_accuracy.csv", "adversarial_accuracy.md", "adversarial_accuracy_vs_eps.pdf", "adversarial_accuracy_vs_eps.png"]
-    with open(tmp_path / "out" / "adversarial_accuracy.csv") as handle:
+    assert names == ["robust_accuracy.csv", "robust_accuracy.md", "robust_accuracy_vs_eps.pdf", "robust_accuracy_vs_eps.png"]
+    with open(tmp_path / "out" / "robust_accuracy.csv") as handle:
         assert [float(r["robust_acc"]) for r in csv.DictReader(handle)] == pytest.approx([r["robust_acc"] for r in rows])
 
 
-def test_adversarial_accuracy_rejects_bad_options(tmp_path: Path) -> None:
+def test_robust_accuracy_rejects_bad_options(tmp_path: Path) -> None:
     model, x, y, _ = linear_probe_case([0.0])
     attack = {"name": "pgd_linf", "eps": 0.1, "step_size": 0.01, "steps": 2}
     with pytest.raises(ConfigError, match="eps"):
-        adversarial_accuracy.compute(probe_context(model, x, y, attack, {"eps": [0.1, -0.1]}, tmp_path))
+        robust_accuracy.compute(probe_context(model, x, y, attack, {"eps": [0.1, -0.1]}, tmp_path))
     with pytest.raises(ConfigError, match="unknown option"):
-        adversarial_accuracy.compute(probe_context(model, x, y, attack, {"epsilon": [0.1]}, tmp_path))
+        robust_accuracy.compute(probe_context(model, x, y, attack, {"epsilon": [0.1]}, tmp_path))
     with pytest.raises(ConfigError, match="norm"):
-        adversarial_accuracy.compute(probe_context(model, x, y, attack, {"norm": "l1"}, tmp_path))
+        robust_accuracy.compute(probe_context(model, x, y, attack, {"norm": "l1"}, tmp_path))
 
 
 # --------------------------------------------------------------------------------------
@@ -428,7 +429,7 @@ def test_robust_accuracy_experiment_runs_on_digits(tmp_path: Path) -> None:
         ["variants=[base,adversarial]", "probe.n_images=100", "probe.eps=[0.0,0.1,0.3]", "attack.steps=5"],
         tmp_path,
     )
-    with open(out / "adversarial_accuracy.csv") as handle:
+    with open(out / "robust_accuracy.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["variant"], float(r["eps"])) for r in rows] == [(v, e) for v in ("base", "adversarial") for e in (0.0, 0.1, 0.3)]
     for variant in ("base", "adversarial"):
@@ -437,4 +438,4 @@ def test_robust_accuracy_experiment_runs_on_digits(tmp_path: Path) -> None:
         assert clean > 0.5
         assert float(mine[0]["robust_acc"]) == pytest.approx(clean)
         assert float(mine[-1]["robust_acc"]) < clean
-    assert (out / "adversarial_accuracy_vs_eps.png").is_file() and (out / "adversarial_accuracy_vs_eps.pdf").is_file()
+    assert (out / "robust_accuracy_vs_eps.png").is_file() and (out / "robust_accuracy_vs_eps.pdf").is_file()

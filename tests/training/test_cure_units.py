@@ -31,7 +31,7 @@ from robustness.registry import build
 from robustness.training.cure import CURE
 from robustness.training.module import ClassifierModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # The public code's CIFAR-10 normalisation and hyper-parameters (CURELearner's default lambda,
 # the h ramp of its example notebook).

@@ -118,7 +118,7 @@ def models() -> dict[str, nn.Module]:
 
 
 def make_ctx(cfg, models, data, work_dir: Path, progress=None) -> ProbeContext:
-    ctx = ProbeContext(cfg=dict(cfg), models=models, data=data, attack=dict(DEEPFOOL), device=torch.device("cpu"), seed=3, work_dir=work_dir)
+    ctx = ProbeContext(options=dict(cfg), models=models, data=data, attack=dict(DEEPFOOL), device=torch.device("cpu"), seed=3, work_dir=work_dir)
     if progress is not None:
         ctx.progress = progress
     return ctx

@@ -56,6 +56,17 @@ class Interval:
         return asdict(self)
 
 
+def mean_and_stderr(values: Sequence[float] | np.ndarray | Any) -> tuple[float, float]:
+    """Mean of the finite values and its standard error (sample standard deviation / sqrt(n));
+    NaN where there are none (the error also where there is only one)."""
+    data = np.asarray(values.double() if hasattr(values, "double") else values, dtype=np.float64).reshape(-1)
+    data = data[np.isfinite(data)]
+    if len(data) == 0:
+        return math.nan, math.nan
+    stderr = float(data.std(ddof=1) / math.sqrt(len(data))) if len(data) > 1 else math.nan
+    return float(data.mean()), stderr
+
+
 def _statistic(values: np.ndarray, statistic: str) -> np.ndarray:
     """The statistic along the last axis."""
     return values.mean(axis=-1) if statistic == "mean" else np.median(values, axis=-1)

@@ -49,7 +49,7 @@ def _reference(net: nn.Module, mean=CIFAR.mean, std=CIFAR.std) -> nn.Module:
 
 def test_zoo_builders_are_registered_and_their_configs_compose() -> None:
     assert {"robustbench", "torchvision"} <= set(choices("model"))
-    conf_dir = Path(__file__).resolve().parents[1] / "conf" / "model"
+    conf_dir = Path(__file__).resolve().parents[2] / "conf" / "model"
     for name in zoo.EXTERNAL_MODELS:
         node = OmegaConf.merge({"paths": {"models_dir": "/zoo"}}, {"model": OmegaConf.load(conf_dir / f"{name}.yaml")}).model
         assert zoo.is_external(node)

@@ -11,7 +11,7 @@ from torch import nn
 
 from robustness.attacks import FGSM, PGDL2, AttackResult, DeepFool, FixedEpsilonAttack, MinimisationAttack, PGDLinf, RunnerUp, deepfool
 from robustness.attacks.deepfool import _NUDGE
-from robustness.bench.attacks import correctly_classified, rho, train_digits_smallcnn
+from helpers import correctly_classified, rho, train_digits_smallcnn
 from robustness.errors import InputError
 from robustness.registry import build
 
@@ -294,7 +294,7 @@ def test_attack_configs_build(name):
 
     from omegaconf import OmegaConf
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "attack" / f"{name}.yaml"
+    conf = Path(__file__).resolve().parents[2] / "conf" / "attack" / f"{name}.yaml"
     attack = build("attack", OmegaConf.load(conf))
     assert type(attack).__name__ == type(ATTACKS[IDS.index(name)]).__name__
 

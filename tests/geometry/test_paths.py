@@ -35,7 +35,7 @@ from robustness.probes.base import ProbeContext, ProbeResult
 from robustness.tensors import predict
 from robustness.reporting import path_connectivity as reporter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # ---------------------------------------------------------------- hand-made classifiers
 
@@ -642,7 +642,7 @@ def toy_context(tmp_path: Path, variants: tuple[str, ...] = ("base", "other"), *
     options = {"name": "path_connectivity", "pair_types": ["natural", "adversarial", "noise"], "natural_pairs": 3, "adversarial_pairs": 4,
                "noise_pairs": 2, "candidate_images": 80, "pairs_per_batch": 3, "pca_points": 20, **cfg}
     models = {name: linear_model(seed) for seed, name in enumerate(variants)}
-    return ProbeContext(cfg=options, models=models, data=ToyData(), attack={}, device=torch.device("cpu"), seed=0, work_dir=tmp_path / "work")
+    return ProbeContext(options=options, models=models, data=ToyData(), attack={}, device=torch.device("cpu"), seed=0, work_dir=tmp_path / "work")
 
 
 def test_probe_on_convex_regions_gives_straight_paths_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

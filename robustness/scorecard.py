@@ -9,7 +9,7 @@ images where both variants saw the same images, over independent samples where t
 e.g. natural and adversarial path pairs), the verdict, and the seed report's own number where
 it gives one.
 
-Verdicts (:mod:`robustness.geometry.stats`): a claim that predicts a sign *holds* when the whole
+Verdicts (:mod:`robustness.stats`): a claim that predicts a sign *holds* when the whole
 interval has that sign, *does not hold* when the whole interval has the other sign, and is
 *inconclusive* when it contains 0. The one claim of equality (Figure 9: colour changes flip the
 robust models as often as the base model) holds when the interval of the difference in flip
@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from robustness.errors import InputError
-from robustness.geometry.stats import STATISTICS, all_hold, bootstrap_difference, equivalence_verdict, ordering, verdict
+from robustness.stats import STATISTICS, all_hold, bootstrap_difference, equivalence_verdict, ordering, verdict
 from robustness.probes.base import ProbeResult
 
 # Figure 9's claim is one of equality: flip rates within 10 percentage points count as "as often".

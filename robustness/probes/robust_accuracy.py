@@ -1,4 +1,4 @@
-"""Probe ``adversarial_accuracy``: clean and robust accuracy of each variant over a list of eps.
+"""Probe ``robust_accuracy``: clean and robust accuracy of each variant over a list of eps.
 
 Two kinds of attack are handled, told apart by type (:mod:`robustness.attacks.base`):
 
@@ -40,9 +40,9 @@ NORMS = ("l2", "linf")
 
 @dataclass(frozen=True)
 class Options(ProbeOptions):
-    """See conf/probe/adversarial_accuracy.yaml for their meaning."""
+    """See conf/probe/robust_accuracy.yaml for their meaning."""
 
-    probe: ClassVar[str] = "adversarial_accuracy"
+    probe: ClassVar[str] = "robust_accuracy"
 
     eps: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5)
     split: str = "test"
@@ -156,9 +156,9 @@ def _norm_of(attack: Attack, options: Options) -> str:
     return attack.norm if isinstance(attack, FixedEpsilonAttack) else options.norm
 
 
-@register("probe", "adversarial_accuracy")
+@register("probe", "robust_accuracy")
 def compute(ctx: ProbeContext) -> ProbeResult:
-    options = Options.from_cfg(ctx.cfg)
+    options = Options.from_cfg(ctx.options)
     attack_cfg = dict(ctx.attack)
     if "name" not in attack_cfg:
         raise ConfigError("the attack config has no 'name'", "pick one with attack=pgd_linf (or deepfool, runner_up, ...)")
@@ -173,7 +173,7 @@ def compute(ctx: ProbeContext) -> ProbeResult:
             key = fingerprint.of_config({"options": options.__dict__, "attack": cfg, "variant": variant, "n": len(y)})
             partial = ctx.work_dir / f"{variant}-{label}-{key}.pt"
             if partial.is_file():
-                saved = load_weights(partial, f"partial adversarial_accuracy result of '{variant}' under {label}")
+                saved = load_weights(partial, f"partial robust_accuracy result of '{variant}' under {label}")
             else:
                 correct, robust, distance = robust_masks(model, x, y, attack, options)
                 saved = {"correct": correct.cpu(), "robust": robust.cpu(), "distance": distance.cpu()}
@@ -202,4 +202,4 @@ def compute(ctx: ProbeContext) -> ProbeResult:
         "relative_step": options.relative_step,
         "dataset": ctx.data.info.name,
     }
-    return ProbeResult(probe="adversarial_accuracy", arrays=arrays, tables={"robust_accuracy": rows}, meta=meta)
+    return ProbeResult(probe="robust_accuracy", arrays=arrays, tables={"robust_accuracy": rows}, meta=meta)
