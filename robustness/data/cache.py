@@ -18,8 +18,8 @@ A cache serves only while two things hold, checked at every first open in a proc
   when the file was written; a process reads each file once in full before first using it, and
   a file whose bytes differ (every pixel zeroed, same size; a flipped byte) rebuilds the cache
   with a warning that names it. A full digest, not a sample: a sampled check misses a changed
-  pixel. It costs one sequential read per process, about 1.7 s for Tiny-ImageNet's 1.2 GB at the
-  ~700 MB/s SHA-256 runs at on one core here; a report's sections, in one process, pay it once.
+  pixel. It costs one sequential read per process (seconds for Tiny-ImageNet's 1.2 GB), and a
+  report's sections, run in one process, pay it once.
 
 The cache is assembled in a staging folder and swapped in whole, so a reader finds the old
 cache, the new one or none, never half of one.

@@ -695,3 +695,37 @@ def test_layouts_images_carry_a_learnable_class_signal(tmp_path: Path, name: str
         torch.nn.functional.cross_entropy(model(x.flatten(1)), y).backward()
         optimiser.step()
     assert (model(xt.flatten(1)).argmax(1) == yt).float().mean().item() >= 0.9
+
+
+# --------------------------------------------------------------------------- what the data is
+
+
+@pytest.mark.parametrize("name", ["cifar10", "svhn", "tinyimagenet"])
+def test_data_identity_tells_two_copies_of_one_layout_apart_by_content(tmp_path: Path, name: str) -> None:
+    """Two folders under the same config (same class count, sizes, file names), other pixels: other
+    identities. The same bytes elsewhere: the same identity."""
+    write = {"cifar10": layouts.write_cifar10, "svhn": layouts.write_svhn,
+             "tinyimagenet": lambda d, per_class, seed: layouts.write_tinyimagenet(d, per_class, seed=seed, num_classes=3)}[name]
+    for seed in (0, 1):
+        write(tmp_path / f"seed{seed}", per_class=2, seed=seed)
+    shutil.copytree(tmp_path / "seed0", tmp_path / "copy", ignore=shutil.ignore_patterns("*.cache"))
+    ident = {folder: build("dataset", {"name": name, "val_fraction": 0.5}, data_dir=str(tmp_path / folder), seed=0).data_identity()
+             for folder in ("seed0", "seed1", "copy")}
+    assert ident["seed0"] != ident["seed1"] and ident["seed0"] == ident["copy"]
+    digests = ident["seed0"]["sha256"]
+    assert all(len(d) == 64 for d in digests.values())
+    if name == "cifar10":
+        batch = tmp_path / "seed0" / "cifar-10-batches-py" / "data_batch_3"
+        assert digests["data_batch_3"] == hashlib.sha256(batch.read_bytes()).hexdigest() and len(digests) == 7
+
+
+def test_data_identity_of_the_embedded_digits_is_their_content() -> None:
+    from sklearn.datasets import load_digits
+
+    from robustness import fingerprint
+    from robustness.data.colour_digits import ColourDigitsDataModule
+    from robustness.data.digits import DigitsDataModule
+
+    bunch = load_digits()
+    expected = {"sha256": fingerprint.of_tensors(torch.as_tensor(bunch.images), torch.as_tensor(bunch.target))}
+    assert DigitsDataModule().data_identity() == expected == ColourDigitsDataModule().data_identity()
