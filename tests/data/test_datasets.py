@@ -668,9 +668,12 @@ def test_layouts_write_all_at_the_real_sizes_and_class_counts(tmp_path: Path, mo
     monkeypatch.setattr(fashion_mnist, "DEBIAN_FOLDER", tmp_path / "no-debian-package")
     written = layouts.write_all(tmp_path, per_class=2)
     assert (written["tinyimagenet"] / "wnids.txt").read_text().split() == [w for w, _ in layouts.tiny_imagenet_classes()]
-    expected = {"cifar10": (10, (3, 32, 32), 100), "svhn": (10, (3, 32, 32), 20), "tinyimagenet": (200, (3, 64, 64), 400), "fashion_mnist": (10, (1, 28, 28), 20)}
+    expected = {"cifar10": (10, (3, 32, 32), 100), "svhn": (10, (3, 32, 32), 20), "tinyimagenet": (200, (3, 64, 64), 400), "fashion_mnist": (10, (1, 28, 28), 20),
+                "imagefolder": (10, (3, 32, 32), 20), "arrays": (10, (3, 32, 32), 20)}
+    assert set(written) == set(expected)
+    where = {"imagefolder": {"root": str(written["imagefolder"])}, "arrays": {"path": str(written["arrays"])}}
     for name, (classes, shape, train_images) in expected.items():
-        dm = build("dataset", {"name": name, "val_fraction": 0.5}, data_dir=str(tmp_path), seed=0)
+        dm = build("dataset", {"name": name, "val_fraction": 0.5, **where.get(name, {})}, data_dir=str(tmp_path), seed=0)
         dm.setup()
         x, y = dm.split_tensors("train")
         assert dm.info.num_classes == classes and len(dm.info.class_names) == classes, name
