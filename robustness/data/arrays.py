@@ -24,6 +24,7 @@ or the cache's content changes.
 
 from __future__ import annotations
 
+import functools
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -227,8 +228,7 @@ class ArraysDataModule(ImageDataModule):
         if manifest is None:
             images, labels, classes = load_arrays(self.path, self.layout)
             splits = {
-                split: SplitSource(labels[split], lambda target, source=images[split]: _write_uint8(target, source))
-                for split in images
+                split: SplitSource(labels[split], functools.partial(_write_uint8, source=images[split])) for split in images
             }
             description = {"source": str(self.path), "class_names": classes, "what": f"the images of {self.path} as uint8 (N, C, H, W)"}
             manifest = build_cache(self.cache, source, images["train"].shape[1:], splits, f"the arrays {self.path}", description)

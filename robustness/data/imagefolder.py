@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from robustness import fingerprint
 from robustness.data.base import DatasetInfo, ImageDataModule, check_val_fraction
@@ -93,8 +94,6 @@ def _unlistable(exc: OSError) -> None:
 
 def image_header(path: str) -> tuple[int, int, str]:
     """``(width, height, PIL mode)`` of an image file, read from its header alone."""
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             return image.size[0], image.size[1], image.mode

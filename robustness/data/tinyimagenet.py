@@ -30,10 +30,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
-from robustness.data.base import DatasetInfo, ImageDataModule, check_val_fraction, missing_data_error, stratified_holdout
-from robustness.data.cache import CachedImageDataset, SplitSource, build_cache, cache_identity, decode_into, images_file, open_cache, read_image
+from robustness.data.base import DatasetInfo, ImageDataModule, check_val_fraction, missing_data_error
+from robustness.data.cache import SplitSource, build_cache, cache_identity, cache_splits, decode_into, open_cache, read_image
 from robustness.data.cifar import fetch_archive
 from robustness.errors import DataError
 from robustness.fingerprint import of_bytes
@@ -249,6 +248,7 @@ class TinyImageNetDataModule(ImageDataModule):
     def __init__(self, val_fraction: float = 0.1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.val_fraction = check_val_fraction(val_fraction)
+        self.manifest: dict[str, Any] | None = None
 
     @property
     def root(self) -> Path:
@@ -308,15 +308,8 @@ class TinyImageNetDataModule(ImageDataModule):
         if manifest is None:
             manifest = build_tiny_cache(self.cache, self.root, fingerprint, files, labels_by_split, num_workers=self.num_workers)
         self.manifest = manifest
-
-        label_t = torch.tensor(labels, dtype=torch.long)
-        keep, held = stratified_holdout(label_t, self.val_fraction, self.seed)
-        train_images = images_file(self.cache, "train")
-        train = CachedImageDataset(train_images, keep, label_t[keep], augment=self.augment)
         self.info = replace(self.info, num_classes=len(wnids), class_names=class_names)
-        self.train_set = self._subsample_train(train, label_t[keep])
-        self.val_set = CachedImageDataset(train_images, held, label_t[held])
-        self.test_set = CachedImageDataset(images_file(self.cache, "test"), range(len(test_labels)), torch.tensor(test_labels, dtype=torch.long))
+        cache_splits(self, self.cache, manifest, padding=8)
 
     def _content_identity(self) -> dict[str, Any]:
         self.setup()
