@@ -399,7 +399,7 @@ def test_a_bad_image_folder_is_reported_by_the_cli_before_training(tmp_path: Pat
     _png(root / "train" / "dog" / "big.png", np.zeros((16, 20, 3), dtype=np.uint8))
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
     completed = subprocess.run(
-        [sys.executable, "-m", "robustness", "experiment=base_digits", "dataset=imagefolder", f"dataset.root={root}", "trainer=cpu",
+        [sys.executable, "-m", "robustness", "experiment=train", "dataset=imagefolder", f"dataset.root={root}", "trainer=cpu",
          "logger=csv", f"paths.artifacts_dir={tmp_path / 'store'}", f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'd'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )

@@ -181,7 +181,7 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "robustness", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-QUICK = ["experiment=base_digits", "model=import", "trainer=cpu", "trainer.max_epochs=1", "dataset.train_fraction=0.2", "logger=csv",
+QUICK = ["experiment=train", "model=import", "trainer=cpu", "trainer.max_epochs=1", "dataset.train_fraction=0.2", "logger=csv",
          "trainer.enable_progress_bar=false"]
 
 
@@ -232,3 +232,60 @@ def test_published_weights_holding_nan_are_refused_naming_the_tensor(tmp_path: P
     assert "hold 1 NaN or infinite value(s) in 'layer2.0.conv1.weight'" in completed.stderr and "fix: " in completed.stderr
     assert "Traceback" not in completed.stderr
     assert not list((tmp_path / "out").rglob("*.csv"))  # no table was written
+
+
+def _imagefolder(tmp_path: Path) -> Path:
+    from robustness.data import layouts
+
+    return layouts.write_imagefolder(tmp_path / "data", per_class=6, seed=0, test_per_class=3, class_names=("ant", "bee", "cow", "doe"), size=16)
+
+
+def test_a_published_import_variant_is_probed_as_it_is_and_recorded_with_its_digest(tmp_path: Path) -> None:
+    root = _imagefolder(tmp_path)
+    torch.manual_seed(5)
+    torch.save(TinyNet(4, 3, width=8).state_dict(), tmp_path / "mine.pt")
+    completed = _cli(["experiment=robust_accuracy", "dataset=imagefolder", f"dataset.root={root}", "variants=[mine]", "trainer=cpu", "logger=csv",
+                      "debug=rehearsal", f"+external_variants.mine={{name:import,target:{TARGET},kwargs:{{width:8}},weights:mine.pt}}",
+                      f"paths.models_dir={tmp_path}", f"paths.artifacts_dir={tmp_path / 'store'}", f"paths.output_dir={tmp_path / 'out'}",
+                      f"paths.data_dir={tmp_path / 'cache'}"], tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (table,) = (tmp_path / "out").rglob("robust_accuracy.csv")
+    assert "mine" in table.read_text()
+    (record,) = (tmp_path / "store" / "imagefolder").rglob("external.json")
+    source = json.loads(record.read_text())["source"]
+    assert source["kind"] == "import" and source["target"] == TARGET and source["kwargs"] == {"width": 8}
+    assert source["weights_sha256"] == hashlib.sha256((tmp_path / "mine.pt").read_bytes()).hexdigest()
+    assert not list((tmp_path / "store").rglob("model.pt"))  # nothing was trained
+
+
+@pytest.mark.slow
+def test_the_whole_reduced_report_on_generated_pngs_with_a_class_from_this_file(tmp_path: Path) -> None:
+    """Issue 28's acceptance: `python -m robustness experiment=report dataset=imagefolder dataset.root=DIR
+    model=import model.target=...` trains every variant of the generic recipe from the class above
+    and writes the whole report (reduced by debug=rehearsal) on PNG class folders."""
+    from omegaconf import OmegaConf
+
+    root = _imagefolder(tmp_path)
+    completed = _cli(["experiment=report", "dataset=imagefolder", f"dataset.root={root}", "model=import", f"model.target={TARGET}",
+                      "model.kwargs={width:8}", "debug=rehearsal", "trainer=cpu", "logger=csv", f"paths.artifacts_dir={tmp_path / 'store'}",
+                      f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'cache'}"], tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = min((tmp_path / "out").rglob("report.md"), key=lambda path: len(path.parts))  # fig4_cure is a report of its own inside
+    assert (report.parent / "report.html").is_file()
+    text = report.read_text()
+    sections = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "report" / "seed.yaml").sections
+    headings = {line[3:] for line in text.splitlines() if line.startswith("## ")}
+    assert {section.title for section in sections.values()} <= headings, headings
+    assert "Scorecard" in text and "recipe=generic" in text and f"model.target={TARGET}" in text
+
+    # every variant was trained from the imported class on the folder's images, and stored as such
+    store = tmp_path / "store" / "imagefolder" / "import"
+    aliases = json.loads((store / "aliases.json").read_text())
+    assert set(aliases) == {"base", "adversarial", "pgd", "cure"}
+    for variant, key in aliases.items():
+        (meta_path,) = (store / "entries" / key).glob("v-*/meta.json")
+        meta = json.loads(meta_path.read_text())
+        assert meta["model"]["target"] == TARGET and meta["model"]["kwargs"] == {"width": 8}, variant
+        assert meta["dataset"]["class_names"] == ["ant", "bee", "cow", "doe"] and meta["dataset"]["image_shape"] == [3, 16, 16]
+        state = torch.load(meta_path.parent / "model.pt", weights_only=True)
+        assert state["net.features.0.weight"].shape == (8, 3, 3, 3) and state["net.head.weight"].shape == (4, 8), variant
