@@ -18,10 +18,14 @@ _DIGITS_MAX = 16.0
 
 
 @functools.cache
+def _digits_digest() -> str:
+    bunch = load_digits()
+    return fingerprint.of_tensors(torch.as_tensor(bunch.images), torch.as_tensor(bunch.target))
+
+
 def digits_identity() -> dict[str, Any]:
     """The data identity of the bundled digits: the digest of all 1797 images and labels as loaded."""
-    bunch = load_digits()
-    return {"sha256": fingerprint.of_tensors(torch.as_tensor(bunch.images), torch.as_tensor(bunch.target))}
+    return {"sha256": _digits_digest()}
 
 
 def load_digit_splits(seed: int, val_fraction: float = 0.15, test_fraction: float = 0.25) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
