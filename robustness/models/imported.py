@@ -48,7 +48,7 @@ from torch import nn
 from robustness.data.base import DatasetInfo, content_digest
 from robustness.errors import ConfigError, StoreError
 from robustness.models.normalize import Normalize, PixelClassifier
-from robustness.models.zoo import _normalisation, check_finite, check_fits, find_state_dict, read_checkpoint, external_variant
+from robustness.models.zoo import _normalisation, check_finite, check_fits, find_state_dict, read_checkpoint
 from robustness.registry import register, split_name
 from robustness.store import fit_state
 
@@ -233,22 +233,14 @@ def identity_of(model_node: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def check_models(cfg: DictConfig | Mapping[str, Any]) -> None:
-    """Before any work: every model=import node the run uses (its model, and the external variants
-    it lists) names a callable that can be imported, and a weights file that exists.
-
-    Whether the callable returns a module that fits the data, and whether the weights fit it, is
-    known only with the dataset's shape; the builder checks those when it first builds the model,
-    before training or probing.
-    """
-    table = cfg.get("external_variants") or {}
-    listed = [str(v) for v in cfg.get("variants") or []] if cfg.get("task") == "probe" else []
-    nodes = [cfg["model"], *(external_variant(cfg, v) for v in listed if v in table)]
-    for node in nodes:
-        name, options = split_name(node, "model")
-        if name != "import":
-            continue
-        resolve_target(options.get("target"))
-        if options.get("weights"):
-            weights_path(options["weights"], options.get("models_dir", "models"))
-
+def check_node(node: DictConfig | Mapping[str, Any]) -> None:
+    """Before any work: a model=import node names a callable that can be imported, and a weights
+    file that exists. Whether the callable returns a module that fits the data, and whether the
+    weights fit it, is known only with the dataset's shape; the builder checks those when it
+    first builds the model, before training or probing."""
+    name, options = split_name(node, "model")
+    if name != "import":
+        return
+    resolve_target(options.get("target"))
+    if options.get("weights"):
+        weights_path(options["weights"], options.get("models_dir", "models"))

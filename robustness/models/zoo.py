@@ -83,56 +83,6 @@ def is_external(model_cfg: DictConfig | Mapping[str, Any]) -> bool:
     return str(model_cfg.get("name")) in EXTERNAL_MODELS
 
 
-def variant_node(model_cfg: DictConfig | Mapping[str, Any], variant: str) -> dict[str, Any]:
-    """The model node of one variant of an external model: ``model_cfg`` without its
-    ``variants`` table, updated with that variant's entry of the table."""
-    name, options = split_name(model_cfg, "model")
-    table = options.pop("variants", None) or {}
-    if variant not in table:
-        known = ", ".join(table) or "(none)"
-        raise ConfigError(
-            f"variant '{variant}' is not one of model={name}'s variants ({known})",
-            f"list one of those in variants=[...], or define it: '+model.variants.{variant}={{{_example_override(name)}}}'",
-        )
-    override = dict(table[variant] or {})
-    if override.get("name", name) != name:
-        raise ConfigError(f"variant '{variant}' of model={name} sets name '{override['name']}'", f"drop 'name' from model.variants.{variant}")
-    override.pop("name", None)
-    return {"name": name, **options, **override}
-
-
-def external_variant(cfg: DictConfig | Mapping[str, Any], variant: str) -> dict[str, Any] | None:
-    """The model node of ``variant`` when it is a published model, None when the store trains it.
-
-    A variant is external when the run's model is external (its ``model.variants`` table names
-    it; see :func:`variant_node`) or when a top-level ``external_variants`` table holds a full
-    model node for it (``{name: robustbench, entry: ...}``), which lets one probe compare
-    variants trained here with published ones. A node without ``models_dir`` gets
-    ``paths.models_dir``.
-    """
-    table = cfg.get("external_variants") or {}
-    if variant in table:
-        name, options = split_name(table[variant], "model")
-        if name not in VARIANT_MODELS:
-            raise ConfigError(
-                f"external_variants.{variant} names model '{name}', which is not a published model",
-                f"set its name to one of: {', '.join(VARIANT_MODELS)}",
-            )
-        node = {"name": name, **options}
-    elif is_external(cfg["model"]):
-        node = variant_node(cfg["model"], variant)
-    else:
-        return None
-    models_dir = (cfg.get("paths") or {}).get("models_dir")
-    if "models_dir" not in node and models_dir is not None:
-        node["models_dir"] = str(models_dir)
-    return node
-
-
-def _example_override(name: str) -> str:
-    return "entry:Standard,threat_model:L2" if name == "robustbench" else "arch:resnet18,weights:my_weights.pt"
-
-
 def external_source(model_cfg: DictConfig | Mapping[str, Any], info: DatasetInfo, model: nn.Module | None = None) -> dict[str, Any]:
     """Where an external variant's weights come from, with the weights file's sha256: what the
     store records for a variant it did not train.

@@ -22,6 +22,7 @@ from robustness.data.cifar import CIFAR10DataModule
 from robustness.data.digits import DigitsDataModule
 from robustness.errors import ConfigError, StoreError
 from robustness.models import identity_of, imported, zoo
+from robustness.stages import variants
 from robustness.registry import build
 
 DIGITS = DigitsDataModule.info
@@ -126,7 +127,7 @@ def test_weights_load_from_a_plain_or_wrapped_state_dict_and_the_digest_is_of_th
 def test_a_published_variant_of_model_import_resolves_and_needs_its_weights(tmp_path: Path) -> None:
     cfg = {"model": {"name": "smallcnn"}, "paths": {"models_dir": str(tmp_path)},
            "external_variants": {"mine": {"name": "import", "target": TARGET, "weights": "w.pt"}}}
-    assert zoo.external_variant(cfg, "mine") == {"name": "import", "target": TARGET, "weights": "w.pt", "models_dir": str(tmp_path)}
+    assert variants.external_variant(cfg, "mine") == {"name": "import", "target": TARGET, "weights": "w.pt", "models_dir": str(tmp_path)}
     assert not zoo.is_external({"name": "import"})  # trained like our own models, not "probed, not trained"
     with pytest.raises(ConfigError, match="needs its weights file"):
         zoo.external_source({"name": "import", "target": TARGET}, DIGITS)
