@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup, escape
 
 from robustness.reporting.base import FIGURE_DPI, VERDICT_COLOURS, Artefact, format_cell, format_number, markdown_table, numeric_columns, table_columns
 
@@ -64,7 +65,7 @@ class ReportHeader:
 
 def duration_text(seconds: float) -> str:
     """``45 s``, ``7 min 12 s``, ``2 h 05 min``."""
-    seconds = max(0, int(round(float(seconds))))
+    seconds = max(0, round(float(seconds)))
     if seconds < 60:
         return f"{seconds} s"
     minutes, seconds = divmod(seconds, 60)
@@ -168,6 +169,18 @@ def _table(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"columns": [{"name": c, "numeric": c in numeric, "verdict": c in verdicts} for c in columns], "rows": rows}
 
 
+def _number_html(value: Any) -> Markup:
+    """A numeric cell for HTML: an interval ``[a, b]`` never breaks inside, so a cell wraps only between a value and its interval."""
+    text = re.sub(r"\[([^\]]*), ([^\]]*)\]", "[\\1,&nbsp;\\2]", str(escape(format_cell(value))))
+    # A value with its interval: the interval on a line of its own, in every such cell alike.
+    return Markup(re.sub(r"^(\S+) (\[.*\])$", "\\1<br>\\2", text))
+
+
+def _heading_html(name: str) -> Markup:
+    """A column heading for HTML: "95% CI" stays on one line."""
+    return Markup(str(escape(name)).replace("95% CI", "95%&nbsp;CI"))
+
+
 def _verdict_class(value: Any) -> str:
     return "v-" + re.sub(r"[^a-z]+", "-", str(value).lower()).strip("-")
 
@@ -175,6 +188,8 @@ def _verdict_class(value: Any) -> str:
 def _environment() -> Environment:
     env = Environment(loader=PackageLoader("robustness.reporting", "templates"), autoescape=select_autoescape(["html", "j2"]))
     env.filters["cell"] = format_cell
+    env.filters["number"] = _number_html
+    env.filters["heading"] = _heading_html
     env.filters["verdict_class"] = _verdict_class
     return env
 

@@ -50,7 +50,7 @@ def test_numbers_right_aligned_and_text_left_aligned_in_markdown() -> None:
         {"Model": "CURE training", "accuracy": 0.9644, "attack succeeded": "40/40", "95% CI": "–", "change": "0.97", "note": "three images dominate"},
     ]
     assert numeric_columns(rows) == {"accuracy", "attack succeeded", "95% CI", "change"}
-    header, rule, *_ = markdown_table(rows).splitlines()
+    _header, rule, *_ = markdown_table(rows).splitlines()
     assert rule == "|:---|---:|---:|---:|---:|:---|"
     assert not is_numeric("random init") and is_numeric("+30°") and not is_numeric(True)
     # A column of blanks is not a number column.
