@@ -302,7 +302,8 @@ def test_scorecard_table_keeps_its_columns_through_a_saved_result(tmp_path: Path
     area = _plane("random_plane", "area_fraction", {"base": rng.uniform(0, 0.5, N), "adversarial": rng.uniform(0.5, 1, N)})
     result = compute_scorecard({"random_plane": area}, seed=0)
     result.save(tmp_path / "saved")
-    (artefact,) = scorecard_report.draw(ProbeResult.load(tmp_path / "saved"), tmp_path / "out")
+    artefact, forest = scorecard_report.draw(ProbeResult.load(tmp_path / "saved"), tmp_path / "out")
+    assert artefact.kind == "table" and forest.kind == "figure"
     with open(tmp_path / "out" / "scorecard.csv", encoding="utf-8") as handle:
         table = list(csv.DictReader(handle))
     assert list(table[0])[:6] == ["Source", "Claim", "Measure", "a → b", "Expected", "Items"]

@@ -135,7 +135,7 @@ def render_markdown(title: str, sections: list[Section], base: Path, header: Rep
                     lines += [f"*{artefact.caption}*{data}", ""]
             else:
                 link = f" ({_links_markdown(artefact.csvs, base)})" if artefact.csvs else ""
-                lines += [f"**{artefact.caption or artefact.name}**{link}", ""]
+                lines += [f"{artefact.caption or artefact.name}{link}", ""]
                 if artefact.summary:
                     lines += [f"**{artefact.summary}**", ""]
                 lines += [markdown_table(artefact.display), ""]

@@ -30,7 +30,13 @@ def _side(value: str) -> str:
 
 
 def _models(row: dict[str, Any]) -> str:
-    return f"{_side(row['a'])} → {_side(row['b'])}" if row["a"] else "base, adversarial, cure"
+    """``base → adversarial``; path claims compare two pair types of one model: ``cure: natural → adversarial pairs``."""
+    if not row["a"]:
+        return "base, adversarial, cure"
+    (model_a, _, type_a), (model_b, _, type_b) = row["a"].partition(":"), row["b"].partition(":")
+    if type_a and type_b and model_a == model_b:
+        return f"{model_a}: {type_a} → {type_b} pairs"
+    return f"{_side(row['a'])} → {_side(row['b'])}"
 
 
 def _is_ordering(row: dict[str, Any]) -> bool:

@@ -53,6 +53,7 @@ def test_scorecard_shows_one_row_per_claim_with_its_verdict_and_folds_the_rest(t
     figure2 = next(row for row in table.display if row["Claim"].startswith("Figure 2"))
     source = next(row for row in rows if row["source"] == "Figure 2")
     assert figure2["Effect (mean, b − a)"] == source["effect_mean"] and figure2["Models"] == "base → adversarial"
+    assert next(row for row in table.display if "(cure)" in row["Claim"])["Models"] == "cure: natural → adversarial pairs"
     assert {"Effect (median)", "Verdict (median)", "Seed report", "Note", "Items"} <= set(table_columns(table.details))
     counts = {v: sum(row["verdict_mean"] == v for row in rows) for v in ("holds", "does not hold", "inconclusive", "not measured")}
     assert table.summary.startswith(f"{counts['holds']} of {len(rows)} claims hold, {counts['does not hold']} do not, {counts['inconclusive']} are inconclusive")
