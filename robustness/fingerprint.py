@@ -20,6 +20,8 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from robustness.registry import METADATA_KEYS
+
 
 def canonical_json(obj: Any) -> str:
     """``obj`` as JSON with sorted keys and no whitespace: equal configs give equal text."""
@@ -127,7 +129,7 @@ def training_identity(config: Mapping[str, Any], init_fingerprint: str | None) -
         "format": IDENTITY_FORMAT,
         "dataset": dataset_identity(config["dataset"], config["seed"]),
         "model": dict(config["model"]),
-        "regularizer": dict(config["regularizer"]),
+        "regularizer": {k: v for k, v in dict(config["regularizer"]).items() if k not in METADATA_KEYS},
         "init_from": init_fingerprint,
         "optim": dict(config["optim"]),
         "trainer": trainer,

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from robustness.errors import ConfigError, RobustnessError
-from robustness.models import zoo
+from robustness.models import check_models, zoo
 from robustness.registry import build, lookup
 from robustness.stages.common import check_writable, make_datamodule, to_python, resolve_path
 
@@ -76,6 +76,7 @@ def check_config(cfg: DictConfig, output_dir: str | Path) -> Path:
     if task == "report":
         return output
     _built("dataset", lambda: make_datamodule(cfg, setup=False))
+    _built("model", lambda: check_models(cfg))  # model=import: its target imports, its weights file exists
     if task == "train" and zoo.is_external(cfg.model):
         raise ConfigError(f"model={cfg.model.name} is a published model: it is probed, not trained",
                           "use it in a probe's variants (task=probe), e.g. experiment=robust_accuracy model=robustbench 'variants=[rb_standard]'")
