@@ -229,10 +229,10 @@ def claims(path_models: Sequence[str] = ("base",)) -> list[tuple[str, Claim]]:
         ("area", Claim("Figure 3", "regions around samples are wider for the adversarial model", "area fraction of the sample's class", "base", "adversarial", +1, area)),
         ("curvature", Claim("Figure 4", "CURE flattens the boundary more than adversarial training", "|curvature| (1/l2)", "adversarial", "cure", -1, abs_curvature)),
         ("area", Claim("Figure 4", "CURE makes regions more uniform than adversarial training", "area fraction of the sample's class", "adversarial", "cure", +1, area)),
-        ("fro2", Claim("Table 1", "adversarial training lowers ||H||_F^2", "||H||_F^2", "base", "adversarial", -1, fro2, "5.5 -> 1.1")),
-        ("fro2", Claim("Table 1", "CURE lowers ||H||_F^2 below adversarial training", "||H||_F^2", "adversarial", "cure", -1, fro2, "1.1 -> 6.4e-4")),
-        ("norm", Claim("Table 1", "adversarial training enlarges the smallest perturbation", "||r||_2", "base", "adversarial", +1, norm, "0.67 -> 0.80")),
-        ("norm", Claim("Table 1", "CURE enlarges the smallest perturbation beyond adversarial training", "||r||_2", "adversarial", "cure", +1, norm, "0.80 -> 5.6")),
+        ("fro2", Claim("Table 1", "adversarial training lowers ‖H‖_F²", "‖H‖_F²", "base", "adversarial", -1, fro2, "5.5 → 1.1")),
+        ("fro2", Claim("Table 1", "CURE lowers ‖H‖_F² below adversarial training", "‖H‖_F²", "adversarial", "cure", -1, fro2, "1.1 → 6.4e-4")),
+        ("norm", Claim("Table 1", "adversarial training enlarges the smallest perturbation", "‖r‖₂", "base", "adversarial", +1, norm, "0.67 → 0.80")),
+        ("norm", Claim("Table 1", "CURE enlarges the smallest perturbation beyond adversarial training", "‖r‖₂", "adversarial", "cure", +1, norm, "0.80 → 5.6")),
     ]
     for model in path_models:
         out += [
@@ -249,8 +249,8 @@ def claims(path_models: Sequence[str] = ("base",)) -> list[tuple[str, Claim]]:
 
 # Table 1's orderings, each the conjunction of two pairwise claims above.
 ORDERINGS = {
-    "||H||_F^2": ("cure < adversarial < base", "5.5 / 1.1 / 6.4e-4 (base / adversarial / cure)"),
-    "||r||_2": ("base < adversarial < cure", "0.67 / 0.80 / 5.6 (base / adversarial / cure)"),
+    "‖H‖_F²": ("cure < adversarial < base", "5.5 / 1.1 / 6.4e-4 (base / adversarial / cure)"),
+    "‖r‖₂": ("base < adversarial < cure", "0.67 / 0.80 / 5.6 (base / adversarial / cure)"),
 }
 
 
@@ -337,7 +337,7 @@ def _ordering_rows(rows: list[dict[str, Any]], results: Mapping[str, ProbeResult
     for measure, (expected, seed_numbers) in ORDERINGS.items():
         steps = [row for row in rows if row["source"] == "Table 1" and row["measure"] == measure]
         row: dict[str, Any] = {"source": "Table 1", "claim": f"ordering {expected}", "measure": measure, "a": "", "b": "", "expected": expected, "seed_report": seed_numbers}
-        key = "fro2" if measure == "||H||_F^2" else "norm"
+        key = "fro2" if measure == "‖H‖_F²" else "norm"
         found = _results_for(results, key)
         for statistic in STATISTICS:
             row[f"verdict_{statistic}"] = all_hold([step[f"verdict_{statistic}"] for step in steps]) if all(step[f"verdict_{statistic}"] != NOT_MEASURED for step in steps) else NOT_MEASURED

@@ -229,7 +229,7 @@ def test_table1_ordering_can_hold_under_the_median_and_fail_under_the_mean() -> 
     (norm_order,) = [r for r in result.tables["scorecard"] if r["claim"] == "ordering base < adversarial < cure"]
     assert norm_order["verdict_mean"] == norm_order["verdict_median"] == "holds"
     seeds = {r["claim"]: r["seed_report"] for r in result.tables["scorecard"] if r["source"] == "Table 1"}
-    assert seeds["adversarial training lowers ||H||_F^2"] == "5.5 -> 1.1"
+    assert seeds["adversarial training lowers ‖H‖_F²"] == "5.5 → 1.1"
 
 
 def test_results_of_one_probe_from_two_sections_are_paired_only_on_the_same_images() -> None:
