@@ -95,7 +95,7 @@ def _shown(row: dict[str, Any], statistic: str) -> dict[str, Any]:
         "Claim": _claim(row, statistic),
         "Measure": row["measure"],
         "Models": _models(row),
-        f"Effect ({statistic}, b − a)": row.get(f"effect_{statistic}", math.nan) if not _is_ordering(row) else "",
+        f"b − a ({statistic})": row.get(f"effect_{statistic}", math.nan) if not _is_ordering(row) else "",
         "95% CI": _interval(row, statistic) if not _is_ordering(row) else "",
         "Verdict": row["verdict"],
     }
@@ -106,7 +106,7 @@ def _detail(row: dict[str, Any], other: str) -> dict[str, Any]:
     return {
         "Claim": _claim(row, other),
         "Items": _items(row),
-        f"Effect ({other})": row.get(f"effect_{other}", math.nan) if not _is_ordering(row) else "",
+        f"b − a ({other})": row.get(f"effect_{other}", math.nan) if not _is_ordering(row) else "",
         f"{other} 95% CI": _interval(row, other) if not _is_ordering(row) else "",
         f"Verdict ({other})": row[f"verdict_{other}"],
         "Seed report": row["seed_report"],

@@ -48,13 +48,13 @@ def _scorecard(tmp_path: Path) -> tuple[ProbeResult, list[Any]]:
 def test_scorecard_shows_one_row_per_claim_with_its_verdict_and_folds_the_rest(tmp_path: Path) -> None:
     result, (table, forest) = _scorecard(tmp_path)
     rows = result.tables["scorecard"]
-    assert table_columns(table.display) == ["Claim", "Measure", "Models", "Effect (mean, b − a)", "95% CI", "Verdict"]
+    assert table_columns(table.display) == ["Claim", "Measure", "Models", "b − a (mean)", "95% CI", "Verdict"]
     assert [row["Verdict"] for row in table.display] == [row["verdict_mean"] for row in rows]
     figure2 = next(row for row in table.display if row["Claim"].startswith("Figure 2"))
     source = next(row for row in rows if row["source"] == "Figure 2")
-    assert figure2["Effect (mean, b − a)"] == source["effect_mean"] and figure2["Models"] == "base → adversarial"
+    assert figure2["b − a (mean)"] == source["effect_mean"] and figure2["Models"] == "base → adversarial"
     assert next(row for row in table.display if "(cure)" in row["Claim"])["Models"] == "cure: natural → adversarial pairs"
-    assert {"Effect (median)", "Verdict (median)", "Seed report", "Note", "Items"} <= set(table_columns(table.details))
+    assert {"b − a (median)", "Verdict (median)", "Seed report", "Note", "Items"} <= set(table_columns(table.details))
     counts = {v: sum(row["verdict_mean"] == v for row in rows) for v in ("holds", "does not hold", "inconclusive", "not measured")}
     assert table.summary.startswith(f"{counts['holds']} of {len(rows)} claims hold, {counts['does not hold']} do not, {counts['inconclusive']} are inconclusive")
     assert ("1 was not measured" in table.summary) == (counts["not measured"] == 1)
@@ -108,6 +108,6 @@ def test_the_verdict_column_follows_the_headline_the_result_names(tmp_path: Path
         row["verdict"] = row[f"verdict_{statistic}"]
     table, _ = scorecard_report.draw(result, tmp_path / statistic)
     other = "median" if statistic == "mean" else "mean"
-    assert f"Effect ({statistic}, b − a)" in table_columns(table.display) and f"Verdict ({other})" in table_columns(table.details)
+    assert f"b − a ({statistic})" in table_columns(table.display) and f"Verdict ({other})" in table_columns(table.details)
     assert [row["Verdict"] for row in table.display] == [row[f"verdict_{statistic}"] for row in result.tables["scorecard"]]
     assert all(math.isfinite(row["d"]) for row in result.tables["scorecard"] if row["verdict"] != "not measured" and not row["claim"].startswith("ordering"))
