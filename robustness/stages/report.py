@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from robustness import tracking
 from robustness.errors import ConfigError, NotApplicableError
 from robustness.io import atomic_write_text
-from robustness.reporting.document import Section, render_html, render_markdown
+from robustness.reporting.document import ReportHeader, Section, render_html, render_markdown
 from robustness.stages.common import RunOutcome, compose_experiment, to_python
 
 log = logging.getLogger("robustness")
@@ -52,6 +52,42 @@ def report_sections(cfg: DictConfig) -> list[dict[str, Any]]:
         if not isinstance(entry.get("overrides", []), list):
             raise ConfigError(f"report section {index} ({entry['experiment']}): overrides must be a list", "e.g. overrides: [probe.resolution=101]")
     return entries
+
+
+def clean_accuracies(results: dict[str, Any]) -> dict[str, float]:
+    """Each variant's clean test accuracy as the report's sections measured it: on the whole test
+    split (training_shift), else on the robust-accuracy section's images (its eps = 0 rows)."""
+    found: dict[str, float] = {}
+    for probe, column in (("robust_accuracy", "clean_acc"), ("training_shift", "clean_acc")):
+        for result in results.values():
+            if getattr(result, "probe", None) != probe:
+                continue
+            for row in next(iter(result.tables.values()), []):
+                value = row.get(column)
+                if isinstance(value, (int, float)) and value == value:
+                    found[str(row["variant"])] = float(value)
+    return found
+
+
+def report_header(cfg: DictConfig, overrides: Sequence[str], results: dict[str, Any], seconds: float) -> ReportHeader:
+    """What the report ran: dataset, models with their clean accuracy, command, time, versions."""
+    from importlib import metadata
+
+    accuracy = clean_accuracies(results)
+    variants = [str(v) for v in cfg.get("variants") or []] or list(accuracy)
+    versions = {}
+    for package in ("robustness", "torch", "torchvision", "pytorch-lightning", "hydra-core"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return ReportHeader(
+        dataset=str(cfg.dataset.name),
+        models=[(variant, accuracy.get(variant)) for variant in variants],
+        command=reproduce_command(str(cfg.get("experiment_name") or "report"), overrides),
+        seconds=seconds,
+        versions=versions,
+    )
 
 
 def _scorecard_section(results: dict[str, Any], seed: int, output_dir: Path, wandb_run: Any) -> Section:
@@ -108,8 +144,9 @@ def report(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag
         if cfg.report.get("scorecard", True) and results:
             entries.insert(0, _scorecard_section(results, int(cfg.seed), output_dir, wandb_run))
 
-    md_path = atomic_write_text(output_dir / "report.md", render_markdown(title, entries, output_dir))
-    html_path = atomic_write_text(output_dir / "report.html", render_html(title, entries, output_dir))
+    header = report_header(cfg, overrides, results, time.monotonic() - started) if _depth == 0 else None
+    md_path = atomic_write_text(output_dir / "report.md", render_markdown(title, entries, output_dir, header))
+    html_path = atomic_write_text(output_dir / "report.html", render_html(title, entries, output_dir, header))
     artefacts = [artefact for entry in entries for artefact in entry.artefacts]
     if wandb_run is not None and _depth == 0:
         import wandb
