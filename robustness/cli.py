@@ -161,7 +161,38 @@ def _check_launcher(argv: list[str]) -> None:
                 ), to_log=False)
 
 
+def _follow_ddp(job: str) -> NoReturn:
+    """A DDP rank Lightning started by running this command again: join rank 0's training, nothing else.
+
+    Its command line is the user's (with Hydra's run directory added), which could name a sweep
+    or a launcher: it is not run. Logs go to the console, prefixed with the rank, and beside rank 0's.
+    """
+    from robustness.stages.train import follow
+
+    rank = os.environ.get("LOCAL_RANK", "?")
+    quiet_third_party_noise()
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    try:
+        from robustness.io import read_json
+
+        handlers.append(logging.FileHandler(Path(read_json(job)["output_dir"]) / f"train_ddp_rank{rank}.log", encoding="utf-8"))
+    except (OSError, ValueError, KeyError):
+        pass
+    logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] - %(message)s", handlers=handlers, force=True)
+    try:
+        follow(Path(job), CONFIG_DIR)
+    except RobustnessError as exc:
+        _fail(exc)
+    raise SystemExit(0)
+
+
 def main() -> None:
+    if os.environ.get("LOCAL_RANK", "0") != "0":  # perhaps a DDP rank that the training stage had Lightning start
+        from robustness.stages.common import FOLLOWER_JOB_ENV
+
+        job = os.environ.get(FOLLOWER_JOB_ENV)
+        if job:
+            _follow_ddp(job)
     _check_launcher(sys.argv[1:])
     _check_output_dir(sys.argv[1:])
     _main()

@@ -1,0 +1,176 @@
+"""DDP through the command line and the store (issue 32): the documented ``trainer=ddp`` command
+trains once, with every rank, and stores once, what the ranks ended with; it ends in bounded time.
+
+Two CPU processes (gloo) stand in for two GPUs: the launch, the store's lock and the saves are the
+same code paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from robustness import fingerprint
+from robustness.data.digits import DigitsDataModule
+from robustness.registry import build
+from robustness.store import ModelStore
+
+# Two CPU ranks, a short training; everything else as the README's command.
+DDP = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "logger=csv"]
+SHORT = ["trainer.max_epochs=1", "dataset.train_fraction=0.3", "dataset.batch_size=32"]
+# Two ranks on two shared cores start in ~10 s each and train in seconds: a hang is far above this.
+BOUND_S = 240
+RANK_LINE = re.compile(r"rank (\d) of 2 ended training '([^']+)' with parameters sha256 ([0-9a-f]{64})")
+
+
+def _env() -> dict[str, str]:
+    # A rank's variables from an outer launcher would make the command a member of that group.
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "MASTER_PORT", "MASTER_ADDR")}
+    return {**env, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    # Its own session, so that a timeout or the test's kill reaches every rank.
+    return subprocess.Popen([sys.executable, "-m", "robustness", *args], cwd=cwd, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = BOUND_S) -> tuple[int, str, float]:
+    started = time.monotonic()
+    try:
+        out = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.communicate()[0]
+        pytest.fail(f"the DDP command did not end within {timeout:.0f} s:\n{out[-3000:]}")
+    return proc.returncode, out, time.monotonic() - started
+
+
+def _run(args: list[str], cwd: Path, timeout: float = BOUND_S) -> str:
+    code, out, _ = _finish(_start(args, cwd), timeout)
+    assert code == 0, out[-4000:]
+    assert "Traceback" not in out, out[-4000:]
+    return out
+
+
+def _rank_digests(out: str) -> dict[str, dict[int, str]]:
+    """variant alias -> rank -> the digest of the parameters that rank ended with."""
+    found: dict[str, dict[int, str]] = {}
+    for rank, alias, digest in RANK_LINE.findall(out):
+        found.setdefault(alias, {})[int(rank)] = digest
+    return found
+
+
+def _stored(store_dir: Path, alias: str) -> tuple[dict[str, torch.Tensor], dict]:
+    store = ModelStore(store_dir, "digits", "smallcnn")
+    key = store.aliases()[alias]
+    versions = [p for p in store.entry_dir(key).iterdir() if p.name.startswith("v-")]
+    assert len(versions) == 1, f"one training, one save: found {versions}"
+    directory = store.version_dir(key)
+    return torch.load(directory / "model.pt", weights_only=True), json.loads((directory / "meta.json").read_text())
+
+
+def _parameters_digest(state: dict[str, torch.Tensor], meta: dict) -> str:
+    # Parameters only: each rank keeps its own batch-norm statistics under DDP.
+    names = {name for name, _ in build("model", meta["model"], info=DigitsDataModule.info).named_parameters()}
+    return fingerprint.of_state({k: v for k, v in state.items() if k in names})
+
+
+def _assert_stored_is_what_every_rank_ended_with(out: str, store_dir: Path, alias: str) -> dict[str, torch.Tensor]:
+    digests = _rank_digests(out).get(alias, {})
+    assert sorted(digests) == [0, 1], f"both ranks must train '{alias}': {digests}\n{out[-3000:]}"
+    state, meta = _stored(store_dir, alias)
+    assert digests[0] == digests[1] == _parameters_digest(state, meta)
+    return state
+
+
+def _initial_parameters(meta: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    import pytorch_lightning as pl
+
+    pl.seed_everything(seed, workers=True, verbose=False)
+    return dict(build("model", meta["model"], info=DigitsDataModule.info).named_parameters())
+
+
+@pytest.mark.parametrize("experiment, alias", [("base_digits", "base"), ("cure_digits", "cure")])
+def test_the_documented_ddp_command_trains_once_and_stores_what_both_ranks_ended_with(tmp_path: Path, experiment: str, alias: str) -> None:
+    store = tmp_path / "store"
+    args = [f"experiment={experiment}", *DDP, *SHORT, f"paths.artifacts_dir={store}", f"paths.output_dir={tmp_path / 'out'}",
+            f"paths.data_dir={tmp_path / 'data'}"]
+    code, out, seconds = _finish(_start(args, tmp_path))
+    assert code == 0, out[-4000:]
+    assert "MEMBER: 2/2" in out  # two processes did join
+    state = _assert_stored_is_what_every_rank_ended_with(out, store, alias)
+    _, meta = _stored(store, alias)
+    initial = _initial_parameters(meta)
+    assert any(not torch.equal(state[k], v) for k, v in initial.items()), "the ranks trained: the weights moved from the initialisation"
+    entry = ModelStore(store, "digits", "smallcnn").entry_dir(meta["fingerprint"])
+    assert not (entry / "resume").exists()
+    assert not list((tmp_path / "out").rglob(".ddp/*.json"))  # the ranks' job is gone with the training
+    # The same command again reuses the stored model, with no second process.
+    again = _run(args, tmp_path)
+    assert "reusing it" in again and "MEMBER" not in again
+
+
+def test_a_fine_tuned_variant_trains_its_parent_and_itself_each_with_both_ranks(tmp_path: Path) -> None:
+    """Two DDP trainings in one command: rank 0 starts fresh ranks for each (the first ones have left)."""
+    store = tmp_path / "store"
+    out = _run(["experiment=adv_finetune_digits", *DDP, *SHORT, "regularizer.per_class=2", f"paths.artifacts_dir={store}",
+                f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
+    _assert_stored_is_what_every_rank_ended_with(out, store, "base")
+    _assert_stored_is_what_every_rank_ended_with(out, store, "adversarial")
+
+
+def test_an_interrupted_ddp_run_resumes_on_every_rank_to_the_uninterrupted_weights(tmp_path: Path) -> None:
+    common = ["experiment=base_digits", *DDP, "trainer.max_epochs=3", "dataset.train_fraction=0.3", "dataset.batch_size=32",
+              f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}"]
+    reference = tmp_path / "reference"
+    _run([*common, f"paths.artifacts_dir={reference}"], tmp_path)
+
+    store = tmp_path / "store"
+    first = _start([*common, f"paths.artifacts_dir={store}"], tmp_path)
+    deadline = time.monotonic() + BOUND_S
+    while not list(store.glob("digits/smallcnn/entries/*/resume/last.ckpt")):
+        assert first.poll() is None, first.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint of the first epoch"
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)  # every rank, mid-run, without a chance to clean up
+    first.communicate()
+    (last,) = store.glob("digits/smallcnn/entries/*/resume/last.ckpt")
+    assert torch.load(last, weights_only=True)["epoch"] < 2
+
+    out = _run([*common, f"paths.artifacts_dir={store}"], tmp_path)
+    assert len(re.findall(r"resuming 'base' from", out)) == 2, "both ranks resume from the checkpoint"
+    resumed = _assert_stored_is_what_every_rank_ended_with(out, store, "base")
+    expected, _ = _stored(reference, "base")
+    _, meta = _stored(store, "base")
+    names = {name for name, _ in build("model", meta["model"], info=DigitsDataModule.info).named_parameters()}
+    assert all(torch.equal(resumed[k], expected[k]) for k in names), "resumed weights differ from the uninterrupted run's"
+
+
+def test_a_probe_with_ddp_trains_its_variants_with_both_ranks_then_probes_in_one_process(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    out = _run(["experiment=fig2_boundary", "variants=[base,adversarial]", *DDP, "debug=rehearsal", f"paths.artifacts_dir={store}",
+                f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
+    for alias in ("base", "adversarial"):
+        _assert_stored_is_what_every_rank_ended_with(out, store, alias)
+    assert len(list((tmp_path / "out").rglob("boundary_plane*.png"))) >= 1
+    assert "rank 1" not in "".join(line for line in out.splitlines() if "wrote figure" in line)
+
+
+def test_a_report_with_ddp_trains_with_both_ranks_and_writes_the_report(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    out = _run(["experiment=report_digits", "report.sections=[{experiment: fig3_regions, overrides: ['variants=[base]']}]",
+                "report.scorecard=false", *DDP, "debug=rehearsal", f"paths.artifacts_dir={store}",
+                f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
+    _assert_stored_is_what_every_rank_ended_with(out, store, "base")
+    (report,) = (tmp_path / "out").rglob("report.md")
+    assert "fig3_regions" in report.read_text()
