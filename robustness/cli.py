@@ -100,8 +100,9 @@ def _drop_tips(record: logging.LogRecord) -> bool:
 _NO_OUTPUT_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion", "-p", "--package", "--version"}
 
 
-def _requested_output_dir(argv: list[str]) -> str | None:
-    """The output folder the command line asks for (where Hydra will create the run directory).
+def _requested_output_dir(argv: list[str]) -> tuple[str, str] | None:
+    """The output folder the command line asks for (where Hydra will create the run directory),
+    and the key (or environment variable) that asks for it.
 
     Hydra creates that directory, and writes into it, before any of our code runs, so an
     unwritable place would surface as a traceback from inside Hydra. Only plain paths are
@@ -116,18 +117,26 @@ def _requested_output_dir(argv: list[str]) -> str | None:
         key, sep, value = arg.lstrip("+~").partition("=")
         if sep and key in ("paths.output_dir", "hydra.run.dir", "hydra.sweep.dir"):
             values[key] = value.strip("'\"")
-    value = values.get("hydra.sweep.dir" if multirun else "hydra.run.dir") or values.get("paths.output_dir") \
-        or os.environ.get("ROBUSTNESS_OUTPUT_DIR") or "outputs"
+    if os.environ.get("ROBUSTNESS_OUTPUT_DIR"):
+        values.setdefault("ROBUSTNESS_OUTPUT_DIR", os.environ["ROBUSTNESS_OUTPUT_DIR"])
+    key = next((k for k in ("hydra.sweep.dir" if multirun else "hydra.run.dir", "paths.output_dir", "ROBUSTNESS_OUTPUT_DIR") if values.get(k)), None)
+    value = values[key] if key else "outputs"
     if "${" in value or "," in value:
         return None
-    return value
+    return key or "paths.output_dir", value
 
 
 def _check_output_dir(argv: list[str]) -> None:
     requested = _requested_output_dir(argv)
     if requested is None:
         return
-    target = Path(requested).expanduser().absolute()
+    from robustness.io import path_length_problem
+
+    key, value = requested
+    target = Path(value).expanduser().absolute()
+    long = path_length_problem(target)
+    if long:
+        _fail(ConfigError(f"{key} cannot be used as the output folder: {long}", f"choose a shorter {key}"), to_log=False)
     existing = target
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

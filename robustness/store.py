@@ -15,7 +15,8 @@ weights (see :func:`robustness.stages.identity.training_identity`). Layout::
 
 Saving writes a new version folder completely, then switches ``current`` to it with one
 ``os.replace``: a reader sees the old complete model or the new complete one, and a save killed
-half-way leaves the old one live. ``meta.json`` holds the weights' digest, so a version whose
+half-way leaves the old one live. A save the machine refuses (full disk, file-size limit, a
+read-only mount) removes its version folder and raises ``WriteError``; the old one stays live. ``meta.json`` holds the weights' digest, so a version whose
 files disagree (copied by hand, say) is refused on load.
 
 Aliases are for people and for error messages: a probe finds its models by fingerprint, computed
@@ -43,7 +44,7 @@ from torch import Tensor, nn
 from robustness import fingerprint
 from robustness.data.base import DatasetInfo
 from robustness.errors import StoreError
-from robustness.io import atomic_torch_save, atomic_write_json, atomic_write_text, read_json
+from robustness.io import atomic_torch_save, atomic_write_json, atomic_write_text, read_json, write_error
 
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
@@ -218,10 +219,12 @@ class ModelStore:
         state = {k: v.detach().cpu().clone() for k, v in raw.items()}
         check_finite_state(state, f"the weights of '{variant or key}'")
         entry = self.entry_dir(key)
-        entry.mkdir(parents=True, exist_ok=True)
         name = f"v-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}-{os.getpid()}"
         version = entry / name
-        version.mkdir()
+        try:
+            version.mkdir(parents=True)
+        except OSError as exc:
+            raise (write_error(exc, version) or exc) from None
         try:
             atomic_torch_save(state, version / MODEL_FILE)
             if config_yaml is not None:

@@ -27,6 +27,8 @@ log = logging.getLogger("robustness")
 INHERITED_OVERRIDES = ("dataset", "model", "seed", "paths", "logger", "store", "debug", "trainer.accelerator", "trainer.precision")
 # Group choices inherited as a whole, though keys under them are not (``trainer=cpu``, not ``trainer.max_epochs``).
 INHERITED_CHOICES = ("trainer",)
+# Keys of the trainer group that are ours, not Lightning's (the training stage takes them out).
+OWN_TRAINER_KEYS = ("max_bad_steps",)
 
 
 @dataclass

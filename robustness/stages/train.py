@@ -27,11 +27,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from robustness import fingerprint, tracking
-from robustness.errors import ConfigError, RobustnessError, TrainingError
+from robustness.errors import ConfigError, TrainingError
 from robustness.io import atomic_write_json, read_json
 from robustness.registry import build
 from robustness.stages import variants as variant_lookup
-from robustness.stages.common import (FOLLOWER_JOB_ENV, LaunchedGroup, RunOutcome, device_for, launched_group, make_datamodule,
+from robustness.stages.common import (FOLLOWER_JOB_ENV, OWN_TRAINER_KEYS, LaunchedGroup, RunOutcome, device_for, launched_group, make_datamodule,
                                       to_python, store_for)
 from robustness.tensors import relative_change
 from robustness.training.module import ClassifierModule
@@ -39,9 +39,6 @@ from robustness.training.regularizer import TrainContext
 from robustness.training.resume import RandomState, discard_checkpoints, last_checkpoint, sigterm_as_interrupt
 
 log = logging.getLogger("robustness")
-
-# Keys of the trainer group that are ours, not Lightning's.
-_OWN_TRAINER_KEYS = ("max_bad_steps",)
 
 
 def train(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag: str = "", wandb_run: Any = None) -> RunOutcome:
@@ -111,7 +108,7 @@ def follow(job_path: Path, config_dir: Path) -> None:
 
 def _trainer_options(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     options = to_python(cfg.trainer)
-    own = {key: options.pop(key) for key in _OWN_TRAINER_KEYS if key in options}
+    own = {key: options.pop(key) for key in OWN_TRAINER_KEYS if key in options}
     if options.get("enable_progress_bar") == "auto":
         # Bars redraw in place: only a terminal shows them as such; a log file gets every frame.
         options["enable_progress_bar"] = sys.stderr.isatty()
@@ -150,6 +147,9 @@ def _fit(v: variant_lookup.Variant, store: Any, output_dir: Path, overrides: Seq
         for callback in callbacks:
             if isinstance(callback, pl.callbacks.ModelCheckpoint):
                 callback.dirpath = str(resume_dir)
+        if not any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks):
+            # callbacks.model_checkpoint=null: no checkpoints at all, rather than Lightning's own beside the logs.
+            trainer_options["enable_checkpointing"] = False
         random_state = next((c for c in callbacks if isinstance(c, RandomState)), None)
         if random_state is None:
             raise ConfigError("the callbacks config has no RandomState callback, so an interrupted run could not resume exactly",
