@@ -42,7 +42,12 @@ def _main(cfg: DictConfig) -> float | None:
     try:
         outcome = run(cfg, hydra_cfg.runtime.output_dir, overrides=overrides, tag=tag)
     except RobustnessError as exc:
-        _fail(exc)
+        # One job of a sweep: its error in its log and folder, and the other jobs and the summary go on (robustness/sweep.py).
+        _fail(exc, exit_code=None if multirun else 2)
+        from robustness.sweep import job_error
+
+        job_error(Path(hydra_cfg.runtime.output_dir), exc)
+        return None
     except KeyboardInterrupt as exc:
         # 130 for Ctrl-C, 128 + N for another signal (143 for SIGTERM), as a shell reports them.
         code = 128 + int(getattr(exc, "signum", signal.SIGINT))
@@ -69,14 +74,16 @@ def user_message(exc: RobustnessError) -> str:
     return text.strip()
 
 
-def _fail(exc: RobustnessError, to_log: bool = True) -> NoReturn:
+def _fail(exc: RobustnessError, to_log: bool = True, exit_code: int | None = 2) -> None:
+    """Print our error (and put it in the run's log file); exit with ``exit_code`` unless None."""
     message = user_message(exc)
     if to_log:  # into the run's log file only: the console gets the message once, below
         for handler in logging.getLogger().handlers:
             if isinstance(handler, logging.FileHandler):
                 handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (message,), None))
     print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2) from None
+    if exit_code is not None:
+        raise SystemExit(exit_code) from None
 
 
 def quiet_third_party_noise() -> None:

@@ -38,6 +38,8 @@ _MANAGED_TRAINER_KEYS = {"logger": "the logger group (logger=wandb, logger=csv o
 # Strategies whose processes Lightning starts some other way than by running the command again
 # (multiprocessing), which the store's one-writer rule is not built for.
 _SPAWNING = ("spawn", "fork", "notebook")
+# Said once per process: a run checks its config, then each variant it trains.
+_WARNED_OVERSUBSCRIBED: set[tuple[int, int]] = set()
 
 
 def _numbers(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -236,9 +238,10 @@ def _check_devices(trainer: dict[str, Any], on_gpu: bool) -> int:
                               f"set trainer.devices={max(1, torch.cuda.device_count())} or fewer")
     if not on_gpu and count > 1:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        if count > cores:
-            log.warning("trainer.devices=%d starts %d training processes on %d CPU core(s): they will share the cores and run slower than %d",
-                        count, count, cores, cores)
+        if count > cores and (count, cores) not in _WARNED_OVERSUBSCRIBED:
+            _WARNED_OVERSUBSCRIBED.add((count, cores))
+            log.warning("trainer.devices=%d starts %d training processes on %d CPU core(s): they share the cores, so each runs "
+                        "slower than alone (trainer.devices=%d or fewer avoids it)", count, count, cores, cores)
     return count * nodes
 
 
@@ -280,13 +283,20 @@ def _lightning_accepts(trainer: dict[str, Any]) -> None:
         options["enable_progress_bar"] = False
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    # Lightning's notes about the hardware it found are for the training, not for this check.
+    chatty = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in chatty]
     try:
+        for logger in chatty:
+            logger.setLevel(logging.WARNING)
         options["plugins"] = [instantiate(p) for p in options.get("plugins") or []]
         pl.Trainer(**options, logger=False)
     except (TypeError, ValueError, RuntimeError, MisconfigurationException) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"Lightning refuses these trainer options: {message}", "fix the trainer.* value it names (conf/trainer/ holds the defaults)") from None
     finally:
+        for logger, level in zip(chatty, levels):
+            logger.setLevel(level)
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
         if saved[4] is None:
@@ -295,14 +305,15 @@ def _lightning_accepts(trainer: dict[str, Any]) -> None:
 
 def _check_launched_group(group: Any, processes: int, task: str) -> None:
     """Processes a launcher started (torchrun, SLURM or submitit tasks) are one DDP training's ranks."""
+    one = "start it as one process, without torchrun" if group.launcher == "torchrun" else "run it as one task (hydra.launcher.tasks_per_node=1)"
     if task != "train":
         raise ConfigError(f"this {task} runs in {group.world_size} processes started by {group.launcher}; a {task} runs in one "
                           "(only trainings are split over several)",
-                          "run it as one task (hydra.launcher.tasks_per_node=1); variants it trains can use trainer=ddp with trainer.devices=N inside it")
+                          f"{one}; the variants it trains can still use several devices with trainer=ddp trainer.devices=N")
     if processes != group.world_size:
         raise ConfigError(f"{group.launcher} started {group.world_size} processes for this job, and the trainer options make "
                           f"{processes} (trainer.devices x trainer.num_nodes)",
-                          f"set trainer=ddp trainer.devices={group.per_node} (one process per device), or start one task per job")
+                          f"set trainer=ddp trainer.devices={group.per_node} (one process per device), or {one}")
 
 
 def _check_fractions(dataset: dict[str, Any]) -> None:
