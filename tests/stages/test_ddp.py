@@ -120,15 +120,6 @@ def test_the_documented_ddp_command_trains_once_and_stores_what_both_ranks_ended
     assert "reusing it" in again and "MEMBER" not in again
 
 
-def test_a_fine_tuned_variant_trains_its_parent_and_itself_each_with_both_ranks(tmp_path: Path) -> None:
-    """Two DDP trainings in one command: rank 0 starts fresh ranks for each (the first ones have left)."""
-    store = tmp_path / "store"
-    out = _run(["experiment=adv_finetune_digits", *DDP, *SHORT, "regularizer.per_class=2", f"paths.artifacts_dir={store}",
-                f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
-    _assert_stored_is_what_every_rank_ended_with(out, store, "base")
-    _assert_stored_is_what_every_rank_ended_with(out, store, "adversarial")
-
-
 def test_an_interrupted_ddp_run_resumes_on_every_rank_to_the_uninterrupted_weights(tmp_path: Path) -> None:
     common = ["experiment=base_digits", *DDP, "trainer.max_epochs=3", "dataset.train_fraction=0.3", "dataset.batch_size=32",
               f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}"]
@@ -157,6 +148,8 @@ def test_an_interrupted_ddp_run_resumes_on_every_rank_to_the_uninterrupted_weigh
 
 
 def test_a_probe_with_ddp_trains_its_variants_with_both_ranks_then_probes_in_one_process(tmp_path: Path) -> None:
+    """Two DDP trainings in one command (base, then its fine-tuned child): rank 0 starts fresh ranks
+    for each, since the first ones have left; then the probe runs in rank 0 alone."""
     store = tmp_path / "store"
     out = _run(["experiment=fig2_boundary", "variants=[base,adversarial]", *DDP, "debug=rehearsal", f"paths.artifacts_dir={store}",
                 f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
@@ -174,3 +167,51 @@ def test_a_report_with_ddp_trains_with_both_ranks_and_writes_the_report(tmp_path
     _assert_stored_is_what_every_rank_ended_with(out, store, "base")
     (report,) = (tmp_path / "out").rglob("report.md")
     assert "fig3_regions" in report.read_text()
+
+
+def test_more_processes_than_cores_is_warned_about_and_ends(tmp_path: Path) -> None:
+    """The issue's `trainer=cpu trainer.devices=3` on 2 cores waited forever; now every rank trains and the run ends."""
+    cores = len(os.sched_getaffinity(0))
+    store = tmp_path / "store"
+    out = _run(["experiment=base_digits", "trainer=cpu", f"trainer.devices={cores + 1}", "logger=csv", "debug=rehearsal",
+                f"paths.artifacts_dir={store}", f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
+    assert out.count(f"trainer.devices={cores + 1} starts {cores + 1} training processes on {cores} CPU core(s)") == 1
+    digests = _rank_digests(out.replace(f"of {cores + 1} ended", "of 2 ended"))["base"]
+    assert sorted(digests) == list(range(cores + 1)) and len(set(digests.values())) == 1
+    state, meta = _stored(store, "base")
+    assert digests[0] == _parameters_digest(state, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# processes a launcher started (torchrun here; SLURM and submitit tasks take the same path)
+
+
+def _torchrun(args: list[str], cwd: Path) -> tuple[int, str]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "robustness", *args]
+    proc = subprocess.Popen(command, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    code, out, _ = _finish(proc)
+    return code, out
+
+
+def test_torchrun_ranks_decide_through_rank_0_and_store_once(tmp_path: Path) -> None:
+    """Every rank runs the whole command: base (the parent) and the fine-tuned child, each trained by both, stored by rank 0."""
+    store = tmp_path / "store"
+    code, out = _torchrun(["experiment=adv_finetune_digits", *DDP, "debug=rehearsal", f"paths.artifacts_dir={store}",
+                           f"hydra.run.dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
+    assert code == 0, out[-4000:]
+    for alias in ("base", "adversarial"):
+        _assert_stored_is_what_every_rank_ended_with(out, store, alias)
+    assert out.count("trained 'base'") == 1 and out.count("trained 'adversarial'") == 1  # one save each
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["experiment=fig2_boundary", *DDP], "this probe runs in 2 processes started by torchrun; a probe runs in one"),
+    (["experiment=base_digits", "trainer=cpu", "logger=csv"], "torchrun started 2 processes for this job, and the trainer options make 1"),
+])
+def test_torchrun_refuses_what_one_group_cannot_run(tmp_path: Path, args: list[str], message: str) -> None:
+    code, out = _torchrun([*args, f"paths.artifacts_dir={tmp_path / 'store'}", f"paths.output_dir={tmp_path / 'out'}"], tmp_path)
+    assert code != 0
+    assert out.count(f"error: {message}") == 2, out[-4000:]  # each rank says it, before any work
+    # torchrun prints its own traceback when a rank fails; none comes from our code.
+    assert f'File "{Path(__file__).resolve().parents[2] / "robustness"}' not in out
+    assert not (tmp_path / "store" / "digits").exists()
