@@ -212,6 +212,10 @@ def _check_trainer(trainer: dict[str, Any], training: bool, task: str = "train")
     group = launched_group()
     if group is not None:
         _check_launched_group(group, processes, task)
+    elif int(trainer.get("num_nodes", 1)) > 1:
+        raise ConfigError(f"trainer.num_nodes={trainer.get('num_nodes')} needs a launcher that starts the processes on every machine, "
+                          "and this one was started alone",
+                          "use hydra/launcher=submitit_slurm with hydra.launcher.nodes and tasks_per_node, or torchrun on each machine")
 
 
 def _check_devices(trainer: dict[str, Any], on_gpu: bool) -> int:

@@ -120,6 +120,7 @@ def test_the_documented_ddp_command_trains_once_and_stores_what_both_ranks_ended
     assert "reusing it" in again and "MEMBER" not in again
 
 
+@pytest.mark.slow
 def test_an_interrupted_ddp_run_resumes_on_every_rank_to_the_uninterrupted_weights(tmp_path: Path) -> None:
     common = ["experiment=base_digits", *DDP, "trainer.max_epochs=3", "dataset.train_fraction=0.3", "dataset.batch_size=32",
               f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}"]
@@ -147,6 +148,7 @@ def test_an_interrupted_ddp_run_resumes_on_every_rank_to_the_uninterrupted_weigh
     assert all(torch.equal(resumed[k], expected[k]) for k in names), "resumed weights differ from the uninterrupted run's"
 
 
+@pytest.mark.slow
 def test_a_probe_with_ddp_trains_its_variants_with_both_ranks_then_probes_in_one_process(tmp_path: Path) -> None:
     """Two DDP trainings in one command (base, then its fine-tuned child): rank 0 starts fresh ranks
     for each, since the first ones have left; then the probe runs in rank 0 alone."""
@@ -159,6 +161,7 @@ def test_a_probe_with_ddp_trains_its_variants_with_both_ranks_then_probes_in_one
     assert "rank 1" not in "".join(line for line in out.splitlines() if "wrote figure" in line)
 
 
+@pytest.mark.slow
 def test_a_report_with_ddp_trains_with_both_ranks_and_writes_the_report(tmp_path: Path) -> None:
     store = tmp_path / "store"
     out = _run(["experiment=report_digits", "report.sections=[{experiment: fig3_regions, overrides: ['variants=[base]']}]",
@@ -215,3 +218,37 @@ def test_torchrun_refuses_what_one_group_cannot_run(tmp_path: Path, args: list[s
     # torchrun prints its own traceback when a rank fails; none comes from our code.
     assert f'File "{Path(__file__).resolve().parents[2] / "robustness"}' not in out
     assert not (tmp_path / "store" / "digits").exists()
+
+
+def test_submitit_tasks_of_one_job_are_the_ranks_of_its_training(tmp_path: Path) -> None:
+    """hydra.launcher.tasks_per_node=2: both tasks run the job; they form the DDP group, rank 0 stores."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the cluster extra is not installed")
+    store, sweep = tmp_path / "store", tmp_path / "sweep"
+    _run(["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "experiment=base_digits", *DDP, "debug=rehearsal",
+          f"paths.artifacts_dir={store}", f"hydra.sweep.dir={sweep}", f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
+    logs = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.*"))
+    (alias,) = _rank_digests(logs)
+    _assert_stored_is_what_every_rank_ended_with(logs, store, alias)
+    assert logs.count(f"trained '{alias}'") == 1
+
+
+@pytest.mark.parametrize(("variables", "expected"), [
+    ({}, None),
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NAME": "sweep"}, (3, 4, 2)),
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_JOB_NAME": "interactive"}, None),  # Lightning leaves `srun --job-name=interactive` alone
+    ({"TORCHELASTIC_RUN_ID": "x", "RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "1", "GROUP_RANK": "0"}, (1, 2, 2)),
+    ({"SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_GLOBALID": "1"}, (1, 2, 2)),
+    ({"LOCAL_RANK": "1", "WORLD_SIZE": "2", "ROBUSTNESS_DDP_FOLLOWER_JOB": "/job.json"}, None),  # a rank the training stage started
+])
+def test_a_process_knows_its_place_before_any_trainer_exists(monkeypatch: pytest.MonkeyPatch, variables: dict, expected: tuple | None) -> None:
+    from robustness.stages.common import FOLLOWER_JOB_ENV, launched_group
+
+    assert FOLLOWER_JOB_ENV == "ROBUSTNESS_DDP_FOLLOWER_JOB"
+    for name in [n for n in os.environ if n.startswith(("SLURM_", "SUBMITIT_", "TORCHELASTIC_"))] + ["RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK"]:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    group = launched_group()
+    assert (None if group is None else (group.rank, group.world_size, group.per_node)) == expected
+    if group is not None:
+        assert group.leader == (expected[0] == 0)
