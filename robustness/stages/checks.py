@@ -24,7 +24,8 @@ from robustness.errors import ConfigError, RobustnessError
 from robustness.io import path_length_problem
 from robustness.models import zoo
 from robustness.registry import build, lookup
-from robustness.stages.common import OWN_TRAINER_KEYS, check_writable, launched_group, make_datamodule, to_python, resolve_path
+from robustness.stages.common import OWN_TRAINER_KEYS, check_writable, launched_group, make_datamodule, resolve_path, to_python
+from robustness.stages.variants import check_imported_models
 
 log = logging.getLogger("robustness")
 
@@ -93,6 +94,7 @@ def check_config(cfg: DictConfig, output_dir: str | Path) -> Path:
     if task == "report":
         return output
     _built("dataset", lambda: make_datamodule(cfg, setup=False))
+    _built("model", lambda: check_imported_models(cfg))  # model=import: its target imports, its weights file exists
     if task == "train" and zoo.is_external(cfg.model):
         raise ConfigError(f"model={cfg.model.name} is a published model: it is probed, not trained",
                           "use it in a probe's variants (task=probe), e.g. experiment=robust_accuracy model=robustbench 'variants=[rb_standard]'")

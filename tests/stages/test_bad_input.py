@@ -49,7 +49,7 @@ def _refused(out: subprocess.CompletedProcess, message: str) -> None:
 ])
 def test_values_for_lightning_torch_and_the_file_system_are_refused_before_work(tmp_path: Path, overrides: list[str], message: str) -> None:
     store = tmp_path / "store"
-    out = _cli(["experiment=base_digits", "logger=csv", f"paths.artifacts_dir={store}", *overrides], tmp_path)
+    out = _cli(["experiment=train", "logger=csv", f"paths.artifacts_dir={store}", *overrides], tmp_path)
     _refused(out, message)
     assert not (store / "digits").exists() and not list(tmp_path.glob("x*"))  # nothing trained, no folder made
 
@@ -57,7 +57,7 @@ def test_values_for_lightning_torch_and_the_file_system_are_refused_before_work(
 def test_an_unknown_trainer_key_lists_every_option_lightning_takes(tmp_path: Path) -> None:
     import pytorch_lightning as pl
 
-    out = _cli(["experiment=base_digits", "logger=csv", "+trainer.gradient_clip=1.0"], tmp_path)
+    out = _cli(["experiment=train", "logger=csv", "+trainer.gradient_clip=1.0"], tmp_path)
     _refused(out, "trainer.gradient_clip is not an option")
     offered = out.stderr.split("fix: choose among: ", 1)[1].strip().split(", ")
     expected = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self", "logger", "callbacks", "default_root_dir"}
@@ -66,11 +66,11 @@ def test_an_unknown_trainer_key_lists_every_option_lightning_takes(tmp_path: Pat
 
 def test_every_trainer_option_passes_through_to_lightning(tmp_path: Path) -> None:
     """Options the issue did not name are accepted and reach the Trainer check, with Lightning's own validation."""
-    cfg = compose("base_digits", ["trainer=cpu", "+trainer.gradient_clip_val=0.5", "+trainer.accumulate_grad_batches=2",
+    cfg = compose("train", ["trainer=cpu", "+trainer.gradient_clip_val=0.5", "+trainer.accumulate_grad_batches=2",
                                   "+trainer.val_check_interval=0.5", "+trainer.detect_anomaly=false", "+trainer.barebones=false",
                                   "+trainer.num_sanity_val_steps=0", "+trainer.check_val_every_n_epoch=1"])
     checks.check_config(cfg, tmp_path / "out")
-    cfg = compose("base_digits", ["trainer=cpu", "+trainer.val_check_interval=2.5"])
+    cfg = compose("train", ["trainer=cpu", "+trainer.val_check_interval=2.5"])
     with pytest.raises(ConfigError, match="val_check_interval"):
         checks.check_config(cfg, tmp_path / "out")
 
@@ -79,7 +79,7 @@ def test_the_checks_leave_torchs_process_wide_flags_as_they_were(tmp_path: Path)
     import torch
 
     before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
-    checks.check_config(compose("base_digits", ["trainer=cpu", "+trainer.benchmark=true"]), tmp_path / "out")
+    checks.check_config(compose("train", ["trainer=cpu", "+trainer.benchmark=true"]), tmp_path / "out")
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
 
 
@@ -94,7 +94,7 @@ def _summary(sweep: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-SWEEP = ["experiment=base_digits", "trainer=cpu", "logger=csv", "debug=rehearsal"]
+SWEEP = ["experiment=train", "trainer=cpu", "logger=csv", "debug=rehearsal"]
 
 
 @pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
@@ -107,7 +107,7 @@ def test_one_bad_value_in_a_sweep_is_that_jobs_error_and_the_others_run(tmp_path
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr + out.stdout, out.stderr[-3000:]
     # Refused in the command's own process, before the launcher started any job.
-    assert re.search(r"^error: job 1 of the sweep \(experiment=base_digits .*optim\.lr=-1.*\) is refused before launch: "
+    assert re.search(r"^error: job 1 of the sweep \(experiment=train .*optim\.lr=-1.*\) is refused before launch: "
                      r"the learning rate must be > 0, got -1$", out.stderr, re.M), out.stderr[-3000:]
     rows = _summary(sweep)
     assert [row["job"] for row in rows] == ["0", "1"]

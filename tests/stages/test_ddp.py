@@ -100,10 +100,10 @@ def _initial_parameters(meta: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     return dict(build("model", meta["model"], info=DigitsDataModule.info).named_parameters())
 
 
-@pytest.mark.parametrize("experiment, alias", [("base_digits", "base"), ("cure_digits", "cure")])
-def test_the_documented_ddp_command_trains_once_and_stores_what_both_ranks_ended_with(tmp_path: Path, experiment: str, alias: str) -> None:
+@pytest.mark.parametrize("regularizer, alias", [("none", "base"), ("cure", "cure")])
+def test_the_documented_ddp_command_trains_once_and_stores_what_both_ranks_ended_with(tmp_path: Path, regularizer: str, alias: str) -> None:
     store = tmp_path / "store"
-    args = [f"experiment={experiment}", *DDP, *SHORT, f"paths.artifacts_dir={store}", f"paths.output_dir={tmp_path / 'out'}",
+    args = ["experiment=train", f"regularizer={regularizer}", *DDP, *SHORT, f"paths.artifacts_dir={store}", f"paths.output_dir={tmp_path / 'out'}",
             f"paths.data_dir={tmp_path / 'data'}"]
     code, out, seconds = _finish(_start(args, tmp_path))
     assert code == 0, out[-4000:]
@@ -122,7 +122,7 @@ def test_the_documented_ddp_command_trains_once_and_stores_what_both_ranks_ended
 
 @pytest.mark.slow
 def test_an_interrupted_ddp_run_resumes_on_every_rank_to_the_uninterrupted_weights(tmp_path: Path) -> None:
-    common = ["experiment=base_digits", *DDP, "trainer.max_epochs=3", "dataset.train_fraction=0.3", "dataset.batch_size=32",
+    common = ["experiment=train", *DDP, "trainer.max_epochs=3", "dataset.train_fraction=0.3", "dataset.batch_size=32",
               f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}"]
     reference = tmp_path / "reference"
     _run([*common, f"paths.artifacts_dir={reference}"], tmp_path)
@@ -176,7 +176,7 @@ def test_more_processes_than_cores_is_warned_about_and_ends(tmp_path: Path) -> N
     """The issue's `trainer=cpu trainer.devices=3` on 2 cores waited forever; now every rank trains and the run ends."""
     cores = len(os.sched_getaffinity(0))
     store = tmp_path / "store"
-    out = _run(["experiment=base_digits", "trainer=cpu", f"trainer.devices={cores + 1}", "logger=csv", "debug=rehearsal",
+    out = _run(["experiment=train", "trainer=cpu", f"trainer.devices={cores + 1}", "logger=csv", "debug=rehearsal",
                 f"paths.artifacts_dir={store}", f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
     assert out.count(f"trainer.devices={cores + 1} starts {cores + 1} training processes on {cores} CPU core(s)") == 1
     digests = _rank_digests(out.replace(f"of {cores + 1} ended", "of 2 ended"))["base"]
@@ -199,7 +199,7 @@ def _torchrun(args: list[str], cwd: Path) -> tuple[int, str]:
 def test_torchrun_ranks_decide_through_rank_0_and_store_once(tmp_path: Path) -> None:
     """Every rank runs the whole command: base (the parent) and the fine-tuned child, each trained by both, stored by rank 0."""
     store = tmp_path / "store"
-    code, out = _torchrun(["experiment=adv_finetune_digits", *DDP, "debug=rehearsal", f"paths.artifacts_dir={store}",
+    code, out = _torchrun(["experiment=train", "regularizer=adversarial_finetune", *DDP, "debug=rehearsal", f"paths.artifacts_dir={store}",
                            f"hydra.run.dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
     assert code == 0, out[-4000:]
     for alias in ("base", "adversarial"):
@@ -209,7 +209,7 @@ def test_torchrun_ranks_decide_through_rank_0_and_store_once(tmp_path: Path) -> 
 
 @pytest.mark.parametrize(("args", "message"), [
     (["experiment=fig2_boundary", *DDP], "this probe runs in 2 processes started by torchrun; a probe runs in one"),
-    (["experiment=base_digits", "trainer=cpu", "logger=csv"], "torchrun started 2 processes for this job, and the trainer options make 1"),
+    (["experiment=train", "trainer=cpu", "logger=csv"], "torchrun started 2 processes for this job, and the trainer options make 1"),
 ])
 def test_torchrun_refuses_what_one_group_cannot_run(tmp_path: Path, args: list[str], message: str) -> None:
     code, out = _torchrun([*args, f"paths.artifacts_dir={tmp_path / 'store'}", f"paths.output_dir={tmp_path / 'out'}"], tmp_path)
@@ -224,7 +224,7 @@ def test_submitit_tasks_of_one_job_are_the_ranks_of_its_training(tmp_path: Path)
     """hydra.launcher.tasks_per_node=2: both tasks run the job; they form the DDP group, rank 0 stores."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the cluster extra is not installed")
     store, sweep = tmp_path / "store", tmp_path / "sweep"
-    _run(["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "experiment=base_digits", *DDP, "debug=rehearsal",
+    _run(["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "experiment=train", *DDP, "debug=rehearsal",
           f"paths.artifacts_dir={store}", f"hydra.sweep.dir={sweep}", f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
     logs = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.*"))
     (alias,) = _rank_digests(logs)

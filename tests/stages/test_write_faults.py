@@ -33,7 +33,7 @@ from robustness.store import ModelStore
 
 INFO = DigitsDataModule.info
 SMALLCNN = {"name": "smallcnn", "width": 32, "activation": "relu", "batch_norm": True}
-TRAIN = ["experiment=base_digits", "trainer=cpu", "logger=csv", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+TRAIN = ["experiment=train", "trainer=cpu", "logger=csv", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
          "dataset.train_fraction=0.3"]
 # The stored model.pt of a width-32 smallcnn is ~388 KB and its training checkpoint ~1.2 MB; logs stay far below this.
 LIMIT_BYTES = 300 * 1024
