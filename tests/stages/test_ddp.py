@@ -163,10 +163,12 @@ def test_a_probe_with_ddp_trains_its_variants_with_both_ranks_then_probes_in_one
 
 @pytest.mark.slow
 def test_a_report_with_ddp_trains_with_both_ranks_and_writes_the_report(tmp_path: Path) -> None:
+    # A report of one section: a report group option of the user's own, in a config folder of theirs (--config-dir).
+    (tmp_path / "conf" / "report").mkdir(parents=True)
+    (tmp_path / "conf" / "report" / "one.yaml").write_text("scorecard: false\nsections:\n  fig3_regions:\n    overrides: ['variants=[base]']\n")
     store = tmp_path / "store"
-    out = _run(["experiment=report_digits", "report.sections=[{experiment: fig3_regions, overrides: ['variants=[base]']}]",
-                "report.scorecard=false", *DDP, "debug=rehearsal", f"paths.artifacts_dir={store}",
-                f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
+    out = _run(["--config-dir", str(tmp_path / "conf"), "experiment=report_digits", "report=one", *DDP, "debug=rehearsal",
+                f"paths.artifacts_dir={store}", f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
     _assert_stored_is_what_every_rank_ended_with(out, store, "base")
     (report,) = (tmp_path / "out").rglob("report.md")
     assert "fig3_regions" in report.read_text()
