@@ -61,8 +61,11 @@ def train_variant(v: variant_lookup.Variant, output_dir: Path, overrides: Sequen
     if group is not None and not group.leader:
         # Rank 0 of the job decides, under the lock; this process trains beside it, or reuses.
         _connect(group, cfg)
-        if _share(None) != "train":
+        decision = _share(None)
+        if decision == "reuse":
             return RunOutcome("train", output_dir, metrics=store.metrics(v.key))
+        if decision != "train":
+            raise TrainingError(f"rank 0 of this {group.launcher} job could not start training '{v.alias}'", "see rank 0's error above")
         return _fit(v, store.reader(), output_dir, overrides, group=group)
     with store.lock(v.key):
         if group is not None:
