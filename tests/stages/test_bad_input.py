@@ -40,6 +40,7 @@ def _refused(out: subprocess.CompletedProcess, message: str) -> None:
     (["+trainer.max_time=abc"], "Lightning refuses these trainer options: `Timer(duration='abc')` is not a valid duration"),
     (["+trainer.logger=true"], "trainer.logger is set by the training stage itself"),
     (["trainer.devices=0"], "trainer.devices must be >= 1, got 0"),
+    (["trainer=ddp", "trainer.accelerator=cpu", "+trainer.num_nodes=2"], "trainer.num_nodes=2 needs a launcher that starts the processes on every machine"),
     (["trainer.accelerator=cpu", "trainer.precision=16-mixed"], "trainer.precision=16-mixed needs a GPU"),
     (["dataset.val_fraction=1.0"], "dataset.val_fraction must lie in (0, 1), got 1.0"),
     (["dataset.val_fraction=0.5", "dataset.test_fraction=0.5"], "dataset.val_fraction + dataset.test_fraction must be < 1"),
