@@ -38,6 +38,10 @@ class InputError(RobustnessError, ValueError):
     """Tensors handed to an attack, estimator or probe are not valid inputs."""
 
 
+class WriteError(RobustnessError):
+    """A file could not be written: the disk is full, a size limit was reached, permission was lost."""
+
+
 class TrainingError(RobustnessError):
     """Training cannot continue (for example: too many consecutive non-finite losses)."""
 

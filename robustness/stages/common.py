@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import tempfile
 import weakref
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ log = logging.getLogger("robustness")
 INHERITED_OVERRIDES = ("recipe", "dataset", "model", "seed", "paths", "logger", "store", "debug", "trainer.accelerator", "trainer.precision")
 # Group choices inherited as a whole, though keys under them are not (``trainer=cpu``, not ``trainer.max_epochs``).
 INHERITED_CHOICES = ("trainer",)
+# Keys of the trainer group that are ours, not Lightning's (the training stage takes them out).
+OWN_TRAINER_KEYS = ("max_bad_steps",)
 
 
 @dataclass
@@ -90,6 +93,60 @@ def compose_experiment(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     if loader is not None:
         _COMPOSED[key] = (weakref.ref(loader), copy.deepcopy(cfg))
     return cfg
+
+
+@dataclass(frozen=True)
+class LaunchedGroup:
+    """The processes a launcher started for one job (torchrun, SLURM or submitit tasks), seen from one of them.
+
+    Every member runs the same command; only the leader (rank 0) takes the store's locks and writes.
+    """
+
+    rank: int
+    world_size: int
+    launcher: str      # what started them, as the user would name it
+    per_node: int      # processes on each node: each drives one of ``trainer.devices``
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+
+def launched_group() -> LaunchedGroup | None:
+    """This process's place among the processes a launcher started for the job, or None for a lone process.
+
+    Read from the launchers' environment variables, in the order Lightning detects them, before
+    any Trainer exists. Lightning's own DDP children are not a launched group: the training stage
+    starts them itself (``stages.train``) and they carry its job in ``FOLLOWER_JOB_ENV``.
+    """
+    env = os.environ
+    from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    def number(name: str, default: int) -> int:
+        try:
+            return int(env.get(name, default))
+        except ValueError:
+            return default
+
+    if SLURMEnvironment.detect() and number("SLURM_NTASKS", 1) > 1:
+        per_node = number("SLURM_NTASKS_PER_NODE", number("SLURM_NTASKS", 1))
+        return LaunchedGroup(number("SLURM_PROCID", 0), number("SLURM_NTASKS", 1), "SLURM (hydra.launcher.tasks_per_node)", per_node)
+    if TorchElasticEnvironment.detect() and number("WORLD_SIZE", 1) > 1:
+        return LaunchedGroup(number("RANK", 0), number("WORLD_SIZE", 1), "torchrun", number("LOCAL_WORLD_SIZE", number("WORLD_SIZE", 1)))
+    if number("SUBMITIT_LOCAL_NTASKS", 1) > 1:
+        tasks = number("SUBMITIT_LOCAL_NTASKS", 1)
+        return LaunchedGroup(number("SUBMITIT_LOCAL_GLOBALID", 0), tasks, "submitit (hydra.launcher.tasks_per_node)", tasks)
+    if FOLLOWER_JOB_ENV not in env and "LOCAL_RANK" in env and number("WORLD_SIZE", 1) > 1:
+        # Processes started by hand the way Lightning's launcher starts its own (LOCAL_RANK, NODE_RANK, WORLD_SIZE).
+        first = number("LOCAL_RANK", 0) == 0 and number("NODE_RANK", number("GROUP_RANK", 0)) == 0
+        per_node = number("LOCAL_WORLD_SIZE", number("WORLD_SIZE", 1))
+        return LaunchedGroup(0 if first else max(1, number("RANK", 1)), number("WORLD_SIZE", 1), "LOCAL_RANK/WORLD_SIZE", per_node)
+    return None
+
+
+# Set by the training stage for the DDP processes Lightning starts by running the command again:
+# the path of the one training they join (stages/train.py).
+FOLLOWER_JOB_ENV = "ROBUSTNESS_DDP_FOLLOWER_JOB"
 
 
 def device_for(cfg: DictConfig) -> torch.device:

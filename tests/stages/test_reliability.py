@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import compose, resume_checkpoints, run_outcome, stored_model
-from robustness.errors import ConfigError
+from robustness.errors import ConfigError, WriteError
 
 # A short, fully specified digits run: about 10 optimiser steps per epoch, CPU, CSV logging.
 SMALL_TRAIN = [
@@ -269,26 +269,25 @@ def _digits_models():
     return cfg, info, a, b
 
 
-@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["disk-full", "ctrl-c"])
-def test_failed_save_leaves_the_previous_model_and_no_temporary_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException) -> None:
-    import io as _io
-
+@pytest.mark.parametrize(("failure", "raised"), [(OSError(28, "No space left on device"), WriteError), (KeyboardInterrupt(), KeyboardInterrupt)],
+                         ids=["disk-full", "ctrl-c"])
+def test_failed_save_leaves_the_previous_model_and_no_temporary_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException,
+                                                                      raised: type) -> None:
+    from robustness import io as robustness_io
     from robustness.registry import build
     from robustness.store import ModelStore
 
     cfg, info, old, new = _digits_models()
     store = ModelStore(tmp_path, "digits", "smallcnn")
     store.save("base", old, info, {"name": "smallcnn"})
-    real_save = torch.save
+    real_write = robustness_io._write_all
 
-    def dies_half_way(obj, f, *args, **kwargs):  # the disk fills up (or Ctrl-C arrives) mid-write
-        buffer = _io.BytesIO()
-        real_save(obj, buffer, *args, **kwargs)
-        Path(f).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    def dies_half_way(tmp: Path, data: bytes) -> None:  # the disk fills up (or Ctrl-C arrives) mid-write
+        real_write(tmp, bytes(data)[: len(data) // 2])
         raise failure
 
-    monkeypatch.setattr(torch, "save", dies_half_way)
-    with pytest.raises(type(failure)):
+    monkeypatch.setattr(robustness_io, "_write_all", dies_half_way)
+    with pytest.raises(raised):
         store.save("base", new, info, {"name": "smallcnn"})
     monkeypatch.undo()
 
