@@ -54,6 +54,18 @@ def report_sections(cfg: DictConfig) -> list[dict[str, Any]]:
     return entries
 
 
+def _for_sections(overrides: Sequence[str]) -> list[str]:
+    """The command line's overrides every section takes: all but those of the report itself
+    (``report.sections.fig2_boundary.overrides=[...]``, ``~report.sections.fig9_perceptual``), which
+    the report has applied and which a section's own config would not have."""
+    kept = []
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if not (key == "report" or key.startswith(("report.", "report/"))):
+            kept.append(override)
+    return kept
+
+
 def clean_accuracies(results: dict[str, Any]) -> dict[str, float]:
     """Each variant's clean test accuracy as the report's sections measured it: on the whole test
     split (training_shift), else on the robust-accuracy section's images (its eps = 0 rows)."""
@@ -121,7 +133,7 @@ def report(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag
     for index, section in enumerate(sections, start=1):
         experiment = section["experiment"]
         # Report-wide overrides first, then the command line's, then the section's own.
-        extra = [*(cfg.report.get("overrides") or []), *overrides, *section.get("overrides", [])]
+        extra = [*(cfg.report.get("overrides") or []), *_for_sections(overrides), *section.get("overrides", [])]
         log.info("[report %d/%d] %s (elapsed %.0f s)", index, len(sections), experiment, time.monotonic() - started)
         child = compose_experiment(experiment, extra)
         try:

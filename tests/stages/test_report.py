@@ -69,3 +69,15 @@ def test_reduced_report_has_every_figure_and_table_and_logs_them_to_wandb(tmp_pa
     assert len(list(media.rglob("*.png"))) == len(figures)
     assert len(logged_tables) == len(tables)
     assert logged_images
+
+
+def test_a_section_is_dropped_or_changed_from_the_command_line_and_the_sections_never_see_it() -> None:
+    from robustness.stages.report import _for_sections, report_sections
+
+    command_line = ["~report.sections.fig9_perceptual", "++report.sections.fig2_boundary.overrides=['probe.resolution=101']", "seed=3", "+report.title=x"]
+    cfg = compose("report_digits", command_line[:2])
+    sections = [section["experiment"] for section in report_sections(cfg)]
+    assert "fig9_perceptual" not in sections and len(sections) == 11
+    assert next(s for s in report_sections(cfg) if s["experiment"] == "fig2_boundary")["overrides"] == ["probe.resolution=101"]
+    # A section composes its own experiment, which has no report node to delete or change.
+    assert _for_sections(command_line) == ["seed=3"]
