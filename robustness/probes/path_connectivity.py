@@ -23,9 +23,9 @@ deviates most) its principal components: the projection of points spaced evenly 
 its vertices, and the explained-variance ratio of the first components (Figures 5-8).
 
 Every pair's result is saved as soon as it is found, in a folder named by the fingerprint of
-everything it depends on (weights, options, seed, candidate images), under ``ctx.shared_dir``
-where the run has one: a rerun, or another section with the same pair settings (Table 2 after
-Figures 5-8), reuses them and only searches the pairs still missing.
+everything it depends on (weights, options, seed, candidate images), under the cache folder (the
+stage gives the run's shared folder where it has one): a rerun, or another section with the same
+pair settings (Table 2 after Figures 5-8), reuses them and only searches the pairs still missing.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Two kinds of attack are handled, told apart by type (:mod:`robustness.attacks.ba
 (RobustBench reports AutoAttack beside PGD): each row names its attack.
 
 Only correctly classified images are attacked: the others are non-robust at every eps.
-Per-variant results are kept in ``ctx.work_dir`` so an interrupted run resumes per variant.
+Each model's finished attacks are kept (:mod:`robustness.probes.partial`), so an interrupted run resumes per model and attack.
 """
 
 from __future__ import annotations

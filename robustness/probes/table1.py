@@ -11,7 +11,7 @@ Per-image values span decades, so a mean can rest on a few images: each column g
 and the median over images, each with a seeded percentile-bootstrap 95% interval over images
 (:mod:`robustness.stats`), and ``tables["ordering"]`` orders the variants under both.
 
-Both come from the functions of those probes, with their chunk files in ``ctx.work_dir``, so an
+Both come from the functions of those probes, each chunk kept as it finishes, so an
 interrupted run resumes and a finished column is never recomputed.
 """
 
