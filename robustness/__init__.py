@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 # The public names of robustness.api, re-exported here.
 _API = (
     "ProbeResult",
+    "RunOutcome",
     "StoredVariant",
     "TrainingRecord",
     "boundary_plane",
@@ -27,7 +28,9 @@ _API = (
     "min_perturbation",
     "path_search",
     "random_plane",
+    "report",
     "robust_accuracy",
+    "run",
     "table1",
     "training_shift",
 )

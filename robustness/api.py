@@ -14,9 +14,10 @@ unknown option) raises :class:`~robustness.errors.InputError` or
 from __future__ import annotations
 
 import datetime as _datetime
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,7 @@ from robustness.errors import ConfigError, InputError, StoreError
 from robustness.probes.base import ProbeResult, TrainingRecord, text_table
 from robustness.probes.boundary_plane import boundary_plane
 from robustness.probes.curvature_profile import curvature_profile
-from robustness.probes.defaults import default_seed, group_defaults
+from robustness.probes.defaults import default_choice, default_seed, group_defaults
 from robustness.probes.hessian_norm import hessian_norm
 from robustness.probes.min_perturbation import min_perturbation
 from robustness.probes.path_connectivity import path_search
@@ -36,10 +37,12 @@ from robustness.probes.robust_accuracy import robust_accuracy
 from robustness.probes.table1 import table1
 from robustness.probes.training_shift import training_shift
 from robustness.registry import build
+from robustness.stages.common import RunOutcome
 from robustness.store import ALIASES_FILE, ModelStore
 
 __all__ = [
     "ProbeResult",
+    "RunOutcome",
     "StoredVariant",
     "TrainingRecord",
     "boundary_plane",
@@ -53,7 +56,9 @@ __all__ = [
     "min_perturbation",
     "path_search",
     "random_plane",
+    "report",
     "robust_accuracy",
+    "run",
     "table1",
     "training_shift",
 ]
@@ -99,7 +104,9 @@ class VariantList(list):
         return str(self)
 
 
-def _store_root(store: str | Path) -> Path:
+def _store_root(store: str | Path | None) -> Path:
+    if store is None:  # the command line's paths.artifacts_dir: ``artifacts``, or $ROBUSTNESS_ARTIFACTS_DIR
+        store = group_defaults("paths", "default")["artifacts_dir"]
     if not isinstance(store, (str, Path)):
         raise InputError(f"store must be a folder path, got {type(store).__name__}", "e.g. store='artifacts' (the CLI's paths.artifacts_dir)")
     return Path(store).expanduser().resolve()
@@ -116,11 +123,12 @@ def _saved_at(version: Path | None) -> str:
         return _datetime.datetime.fromtimestamp(version.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def list_variants(store: str | Path = "artifacts") -> VariantList:
+def list_variants(store: str | Path | None = None) -> VariantList:
     """Every model the store holds under an alias: alias, fingerprint, dataset, model, clean (test)
     accuracy and the date it was saved; printed, a table.
 
-    store: the store's folder (the command line's ``paths.artifacts_dir``, ``artifacts`` by default).
+    store: the store's folder (default: the command line's ``paths.artifacts_dir``: ``artifacts``, or
+           ``$ROBUSTNESS_ARTIFACTS_DIR`` where that is set).
     """
     root = _store_root(store)
     found = VariantList()
@@ -141,13 +149,13 @@ def _model_folders(root: Path, dataset: str, variant: str) -> list[str]:
     return [folder.name for folder in sorted((root / dataset).iterdir()) if folder.is_dir() and variant in ModelStore(root, dataset, folder.name).aliases()]
 
 
-def load_model(variant: str, *, dataset: str, model: str | None = None, store: str | Path = "artifacts") -> nn.Module:
+def load_model(variant: str, *, dataset: str, model: str | None = None, store: str | Path | None = None) -> nn.Module:
     """The stored model a variant name stands for, built and loaded, in eval mode.
 
     variant: an alias of the store (``base``, ``cure@regularizer.lam=8``; :func:`list_variants` lists them)
     dataset: the dataset it was trained on (``digits``)
     model:   the model config's name (``smallcnn``); None finds the one folder that holds the alias
-    store:   the store's folder (the command line's ``paths.artifacts_dir``)
+    store:   the store's folder (default: the command line's ``paths.artifacts_dir``, ``artifacts``)
     """
     root = _store_root(store)
     if not (root / dataset).is_dir():
@@ -199,3 +207,131 @@ def load_data(dataset: str, *, split: str = "test", n: int | None = None, data_d
     folder = group_defaults("paths", "default")["data_dir"] if data_dir is None else data_dir
     datamodule = build("dataset", node, data_dir=str(Path(str(folder)).expanduser().absolute()), seed=default_seed() if seed is None else int(seed))
     return datamodule.split_tensors(split, limit=n)
+
+
+# ---------------------------------------------------------------- whole runs: any command, a report on your models
+
+
+@contextmanager
+def _hydra() -> Iterator[None]:
+    """Hydra's config search path, as the command line sets it up (kept where a caller already has one)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from robustness.probes.defaults import CONF_DIR
+
+    if GlobalHydra.instance().is_initialized():
+        yield
+        return
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        yield
+
+
+def run(*overrides: str, output_dir: str | Path | None = None) -> RunOutcome:
+    """Any command line, run in this process: ``run("experiment=train", "regularizer=cure")`` is
+    ``python -m robustness experiment=train regularizer=cure``.
+
+    Returns what it produced (:class:`RunOutcome`: ``metrics`` of a training, ``artefacts`` and
+    ``results`` of a probe or a report, ``output_dir``). Bad input raises the error the command
+    line prints (ConfigError, StoreError, DataError, ...), never exits.
+    output_dir: where the run writes (default: ``<paths.output_dir>/<experiment>/<date>_<time>``, as the command line)
+    """
+    from robustness import tracking
+    from robustness.stages import compose_experiment, run as run_stages
+    from robustness.stages.common import resolve_path
+
+    arguments = [str(o) for o in overrides]
+    flags = [a for a in arguments if a.startswith("-")]
+    if flags:
+        raise ConfigError(f"run() takes overrides only, not command-line flags: {' '.join(flags)}",
+                          "for a sweep, call run() once per value (or use python -m robustness -m ...)")
+    chosen = [a.split("=", 1)[1] for a in arguments if a.startswith("experiment=")]
+    experiment = chosen[-1] if chosen else default_choice("experiment")
+    rest = [a for a in arguments if not a.startswith("experiment=")]
+    with _hydra():
+        cfg = compose_experiment(experiment, rest)
+        folder = Path(output_dir) if output_dir is not None else \
+            resolve_path(cfg.paths.output_dir) / experiment / _datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+        tracking.set_run_root(folder.absolute())
+        return run_stages(cfg, folder.absolute(), overrides=rest)
+
+
+class GivenData:
+    """Images handed to :func:`report`, served to its sections as a dataset's test split."""
+
+    def __init__(self, images: Tensor, labels: Tensor, num_classes: int, class_names: Sequence[str] | None, dataset: str) -> None:
+        if images.dim() != 4:
+            raise InputError(f"a report needs images shaped (N, C, H, W), got {tuple(images.shape)}", "add the channel dimension, e.g. x.unsqueeze(1)")
+        names = tuple(str(c) for c in class_names) if class_names is not None else tuple(str(i) for i in range(num_classes))
+        if len(names) != num_classes:
+            raise InputError(f"{len(names)} class names for models with {num_classes} classes", "give one name per class, in class order")
+        self.images, self.labels = images.detach().cpu(), labels.detach().cpu()
+        channels = self.images.transpose(0, 1).flatten(1).double()
+        self.info = DatasetInfo(name=dataset, num_classes=num_classes, image_shape=tuple(self.images.shape[1:]), class_names=names,
+                                mean=tuple(channels.mean(1).tolist()), std=tuple(channels.std(1).nan_to_num(0.0).tolist()))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Nothing to read: the images are in memory."""
+
+    def split_tensors(self, split: str = "test", limit: int | None = None, indices: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+        if split != "test":
+            raise ConfigError(f"the report runs on the images it was given, a test set: there is no '{split}' split",
+                              "leave the sections' probe.split at test")
+        if indices is not None:
+            bad = [i for i in indices if not 0 <= i < len(self.images)]
+            if bad:
+                raise ConfigError(f"image index {bad[0]} is outside the {len(self.images)} images given", f"pick an index in [0, {len(self.images) - 1}]")
+            return self.images[list(indices)], self.labels[list(indices)]
+        stop = len(self.images) if limit is None else min(int(limit), len(self.images))
+        return self.images[:stop], self.labels[:stop]
+
+    def fingerprint(self) -> str:
+        from robustness import fingerprint
+
+        return fingerprint.of_config({"images": fingerprint.of_tensors(self.images, self.labels), "info": self.info.__dict__})
+
+
+def report(models: Any, data: tuple[Tensor, Tensor], out_dir: str | Path, *, sections: Sequence[str] | None = None,
+           overrides: Sequence[str] = (), title: str | None = None, class_names: Sequence[str] | None = None,
+           dataset: str = "images", seed: int | None = None) -> RunOutcome:
+    """The seed report (``conf/report/seed.yaml``: report.md, report.html, the scorecard) on your
+    models and test images, written to ``out_dir``. Nothing is trained and the store is not read;
+    probe results are kept in ``out_dir/probe-cache``, so a second call reuses them.
+
+    models:   an ``nn.Module`` in eval mode, or a dict of named ones. A section runs on those
+              its experiment lists in ``variants`` (``fig4_cure``: ``cure``) where the dict has
+              them, else on all of them.
+    data:     ``(images, labels)``: images (N, C, H, W) in [0, 1], labels their class indices
+    sections: the sections to run (keys of conf/report/seed.yaml, in its order); None: all. A
+              section that does not apply (the hue sweep on grey images) says why in the report.
+    overrides: command-line overrides for every section, e.g. ``["probe.num_images=20"]``
+    class_names, dataset: how captions name the classes and the data
+    """
+    from omegaconf import open_dict
+
+    from robustness.probes.base import prepare_inputs
+    from robustness.stages import compose_experiment, run as run_stages
+    from robustness.stages.probe import GivenModels, given_models
+
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise InputError(f"data must be a pair (images, labels), got {type(data).__name__}", "e.g. report(models, (x, y), 'out')")
+    named, images, labels, num_classes = prepare_inputs(models, data[0], data[1])
+    given = GivenData(images, labels, num_classes, class_names, dataset)
+    folder = Path(out_dir).expanduser().absolute()
+    arguments = ["logger=none", "store.train_missing=false", *([f"seed={int(seed)}"] if seed is not None else []), *[str(o) for o in overrides]]
+    with _hydra():
+        cfg = compose_experiment("report", arguments)
+        with open_dict(cfg):
+            if title is not None:
+                cfg.report.title = str(title)
+            if sections is not None:
+                known = list(cfg.report.sections)
+                unknown = [s for s in sections if s not in known]
+                if unknown or not sections:
+                    raise ConfigError(f"unknown report section(s) {unknown}" if unknown else "no report sections chosen",
+                                      f"choose among: {', '.join(known)}")
+                for key in known:
+                    if key not in sections:
+                        del cfg.report.sections[key]
+        with given_models(GivenModels(named, given, folder / "probe-cache")):
+            return run_stages(cfg, folder, overrides=arguments)

@@ -407,7 +407,7 @@ def hue_sweep(models: Any, images: Tensor, labels: Tensor, *, attack: str | dict
     attack_cfg = attack_node(attack)
     named, x, y, classes = prepare_inputs(models, images, labels)
     if x.dim() != 4 or x.shape[1] != 3:
-        raise ConfigError(
+        raise NotApplicableError(
             f"the perceptual probe recolours images, but {dataset} images have shape {tuple(x.shape[1:])}, not 3 colour channels first",
             "use colour images (N, 3, H, W): dataset=colour_digits (embedded), cifar10, svhn or tinyimagenet",
         )

@@ -106,7 +106,7 @@ def stage_context(name: str, options: dict[str, Any], attack: Any, data: Any, mo
     overrides = [f"probe={name}", *(f"probe.{k}={v}" for k, v in options.items()), f"attack={(attack or {}).get('name', 'deepfool')}",
                  *(f"attack.{k}={v}" for k, v in (attack or {}).items() if k != "name")]
     with hydra_initialized():
-        cfg = compose_experiment("base_digits", overrides)
+        cfg = compose_experiment("train", overrides)
     from omegaconf import OmegaConf
 
     records = {"base": TrainingRecord("random init", {"epochs": 3}), "cure": TrainingRecord("base", {"epochs": 1}, start_model=models["base"])}
@@ -181,7 +181,7 @@ def test_the_api_defaults_are_the_command_lines(name: str) -> None:
     value in the YAML and nowhere else (conf/probe/curvature_profile.yaml's chunk_size 10 is its only one)."""
     options_class = options_of("probe", name)
     with hydra_initialized():
-        composed = compose_experiment("base_digits", [f"probe={name}"]).probe
+        composed = compose_experiment("train", [f"probe={name}"]).probe
     from omegaconf import OmegaConf
 
     from_cli = options_class.from_cfg(OmegaConf.to_container(composed, resolve=True))
@@ -199,7 +199,7 @@ def test_attack_defaults_are_the_yamls_and_the_command_lines(name: str) -> None:
     """What a probe function's ``attack="NAME"`` builds: the YAML, as `attack=NAME` composes it, and
     the attack's own Python defaults (where it has any) agree with it."""
     with hydra_initialized():
-        composed = compose_experiment("base_digits", [f"attack={name}"]).attack
+        composed = compose_experiment("train", [f"attack={name}"]).attack
     from omegaconf import OmegaConf
 
     assert attack_node(name) == OmegaConf.to_container(composed, resolve=True)
