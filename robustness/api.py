@@ -227,6 +227,13 @@ def _hydra() -> Iterator[None]:
         yield
 
 
+def _quiet() -> None:
+    """The libraries' advertising and deprecation notes stay out of the output, as on the command line."""
+    from robustness.cli import quiet_third_party_noise
+
+    quiet_third_party_noise()
+
+
 def run(*overrides: str, output_dir: str | Path | None = None) -> RunOutcome:
     """Any command line, run in this process: ``run("experiment=train", "regularizer=cure")`` is
     ``python -m robustness experiment=train regularizer=cure``.
@@ -240,6 +247,7 @@ def run(*overrides: str, output_dir: str | Path | None = None) -> RunOutcome:
     from robustness.stages import compose_experiment, run as run_stages
     from robustness.stages.common import resolve_path
 
+    _quiet()
     arguments = [str(o) for o in overrides]
     flags = [a for a in arguments if a.startswith("-")]
     if flags:
@@ -313,6 +321,7 @@ def report(models: Any, data: tuple[Tensor, Tensor], out_dir: str | Path, *, sec
     from robustness.stages import compose_experiment, run as run_stages
     from robustness.stages.probe import GivenModels, given_models
 
+    _quiet()
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise InputError(f"data must be a pair (images, labels), got {type(data).__name__}", "e.g. report(models, (x, y), 'out')")
     named, images, labels, num_classes = prepare_inputs(models, data[0], data[1])
