@@ -113,3 +113,91 @@ def test_every_public_name_is_documented_with_its_signature_and_an_example() -> 
         assert getattr(robustness, name) is getattr(robustness.api, name)
     documented = set(re.findall(r"### `robustness\.(\w+)", text))
     assert documented == set(robustness.__all__) - {"__version__"}, "docs/API.md documents names the package does not export"
+
+
+# ---------------------------------------------------------------- run() and report()
+
+
+def test_run_raises_what_the_command_line_prints(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    with pytest.raises(ConfigError, match="the learning rate must be > 0, got 0") as caught:
+        robustness.run("experiment=train", "optim.lr=0", f"paths.artifacts_dir={tmp_path / 'store'}", output_dir=tmp_path / "out")
+    cli = subprocess.run([sys.executable, "-m", "robustness", "experiment=train", "optim.lr=0", f"paths.artifacts_dir={tmp_path / 'store'}",
+                          f"paths.output_dir={tmp_path / 'cli'}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert cli.returncode == 2 and f"error: {caught.value}" in cli.stderr  # the same message, and its fix line
+    with pytest.raises(ConfigError, match="cannot compose experiment 'table99'"):
+        robustness.run("experiment=table99")
+    with pytest.raises(ConfigError, match="Could not override 'optim.learning_rate'"):
+        robustness.run("experiment=train", "optim.learning_rate=3")
+    with pytest.raises(ConfigError, match="overrides only, not command-line flags: -m"):
+        robustness.run("-m", "experiment=train", "seed=0,1")
+
+
+@pytest.mark.slow
+def test_run_trains_into_the_store_and_probes_with_the_same_numbers_as_the_function(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    common = [f"paths.artifacts_dir={store}", "logger=none", "trainer.enable_progress_bar=false"]
+    trained = robustness.run("experiment=train", "regularizer=none", "trainer.max_epochs=2", *common, output_dir=tmp_path / "train")
+    assert trained.task == "train" and trained.output_dir == tmp_path / "train"
+    (listed,) = robustness.list_variants(store)
+    assert listed.alias == "base" and listed.clean_accuracy == pytest.approx(trained.metrics["test/acc"]) and listed.fingerprint == trained.metrics["fingerprint"]
+
+    options = {"resolution": 11, "stats_resolution": 9, "num_images": 4}
+    probed = robustness.run("experiment=fig3_regions", "variants=[base]", "store.train_missing=false", "trainer.max_epochs=2",
+                            *(f"probe.{k}={v}" for k, v in options.items()), *common, output_dir=tmp_path / "probe")
+    staged = probed.results["random_plane"]
+    model = robustness.load_model("base", dataset="digits", store=store)
+    x, y = robustness.load_data("digits", n=4)
+    called = robustness.random_plane({"base": model}, x, y, class_names=[str(i) for i in range(10)], dataset="digits", **options)
+    assert called.tables == staged.tables
+    assert called.arrays.keys() == staged.arrays.keys() and all(torch.equal(called.arrays[k], staged.arrays[k]) for k in called.arrays)
+
+
+def fitted_digits_models() -> dict[str, torch.nn.Module]:
+    from robustness.testing import train_digits_smallcnn
+
+    return {"base": train_digits_smallcnn(width=8, epochs=2, seed=0)[0], "cure": train_digits_smallcnn(width=8, epochs=2, seed=1)[0]}
+
+
+@pytest.mark.slow
+def test_report_runs_the_seed_sections_on_given_models_without_a_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    models = fitted_digits_models()
+    x, y = robustness.load_data("digits", n=40)
+    sections = ["fig3_regions", "table1_curvature", "fig9_perceptual"]
+    out = robustness.report(models, (x, y), "out", sections=sections, overrides=["probe.num_images=5"], dataset="digits")
+    assert out.task == "report" and out.output_dir == tmp_path / "out"
+    text = (tmp_path / "out" / "report.md").read_text()
+    headings = re.findall(r"^## (.*)$", text, re.MULTILINE)
+    assert [h.split(" - ")[0] for h in headings] == ["Scorecard", "Figure 3", "Table 1", "Figure 9"]
+    assert "Not run: the perceptual probe recolours images" in text  # grey digits: the section says why
+    assert (tmp_path / "out" / "report.html").is_file() and not (tmp_path / "artifacts").exists()  # no store touched
+    # Each section measured the given models its experiment names: fig3 names base (not cure), table1 both.
+    regions, table = out.results["random_plane"], out.results["table1"]
+    assert regions.meta["variants"] == ["base"] and table.meta["variants"] == ["base", "cure"]
+    # The same numbers as the probe function with the experiment's settings (fig3_regions: the YAML's).
+    direct = robustness.random_plane({"base": models["base"]}, x, y, num_images=5, class_names=[str(i) for i in range(10)], dataset="digits")
+    assert direct.tables == regions.tables
+    # A second report reuses the cached results: the same tables, nothing recomputed.
+    calls: list[int] = []
+    import robustness.probes.table1 as table1_module
+
+    monkeypatch.setattr(table1_module, "measure_hessian_norm", lambda *a, **k: calls.append(1))
+    again = robustness.report(models, (x, y), "out", sections=["table1_curvature"], overrides=["probe.num_images=5"], dataset="digits")
+    assert calls == [] and again.results["table1"].tables == table.tables
+
+
+def test_report_refuses_bad_input_before_any_work(tmp_path: Path) -> None:
+    models = {"base": smallcnn(DigitsDataModule.info, width=4).eval()}
+    x, y = robustness.load_data("digits", n=4)
+    with pytest.raises(robustness.errors.InputError, match="data must be a pair"):
+        robustness.report(models, x, tmp_path)
+    with pytest.raises(ConfigError, match=r"unknown report section\(s\) \['fig99'\]\n  fix: choose among: training_shift, fig2_boundary"):
+        robustness.report(models, (x, y), tmp_path, sections=["fig99"])
+    with pytest.raises(robustness.errors.InputError, match="3 class names for models with 10 classes"):
+        robustness.report(models, (x, y), tmp_path, class_names=["a", "b", "c"])
+    with pytest.raises(robustness.errors.InputError, match="training mode"):
+        robustness.report({"base": smallcnn(DigitsDataModule.info, width=4)}, (x, y), tmp_path)
+    assert not list(tmp_path.iterdir())

@@ -58,15 +58,31 @@ def test_the_quickstart_notebook_runs_and_writes_its_report(tmp_path: Path, monk
 
 
 def from_python_blocks(markdown: str, heading: str) -> list[str]:
-    """The ```python blocks of the section whose heading contains ``heading`` (up to the next heading of its level or above)."""
-    match = re.search(rf"^(#+) [^\n]*{re.escape(heading)}[^\n]*$", markdown, re.MULTILINE)
-    if match is None:
-        return []
-    level = len(match.group(1))
-    rest = markdown[match.end():]
-    end = re.search(rf"^#{{1,{level}}} ", rest, re.MULTILINE)
-    section = rest[: end.start()] if end else rest
-    return re.findall(r"^```python\n(.*?)^```", section, re.MULTILINE | re.DOTALL)
+    """The ```python blocks of the section whose heading contains ``heading``, up to the next heading
+    of its level or above (a ``#`` line inside a code block is a comment, not a heading)."""
+    blocks: list[str] = []
+    level: int | None = None
+    inside, language, lines = False, "", []
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            if not inside:
+                inside, language, lines = True, line[3:].strip(), []
+            else:
+                inside = False
+                if level is not None and language == "python":
+                    blocks.append("\n".join(lines) + "\n")
+            continue
+        if inside:
+            lines.append(line)
+            continue
+        found = re.match(r"^(#+) ", line)
+        if found:
+            depth = len(found.group(1))
+            if level is not None and depth <= level:
+                break
+            if level is None and heading in line:
+                level = depth
+    return blocks
 
 
 def test_the_from_python_block_is_the_same_in_the_readme_and_the_api_docs() -> None:
