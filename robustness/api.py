@@ -327,10 +327,12 @@ def report(models: Any, data: tuple[Tensor, Tensor], out_dir: str | Path, *, sec
     named, images, labels, num_classes = prepare_inputs(models, data[0], data[1])
     given = GivenData(images, labels, num_classes, class_names, dataset)
     folder = Path(out_dir).expanduser().absolute()
-    arguments = ["logger=none", "store.train_missing=false", *([f"seed={int(seed)}"] if seed is not None else []), *[str(o) for o in overrides]]
+    arguments = ["logger=none", "store.train_missing=false", *([f"seed={int(seed)}"] if seed is not None else [])]
     with _hydra():
         cfg = compose_experiment("report", arguments)
         with open_dict(cfg):
+            # The sections' overrides, as report.overrides=[...] on the command line.
+            cfg.report.overrides = [*(cfg.report.get("overrides") or []), *[str(o) for o in overrides]]
             if title is not None:
                 cfg.report.title = str(title)
             if sections is not None:

@@ -145,7 +145,7 @@ def test_run_trains_into_the_store_and_probes_with_the_same_numbers_as_the_funct
     assert listed.alias == "base" and listed.clean_accuracy == pytest.approx(trained.metrics["test/acc"]) and listed.fingerprint == trained.metrics["fingerprint"]
 
     options = {"resolution": 11, "stats_resolution": 9, "num_images": 4}
-    probed = robustness.run("experiment=fig3_regions", "variants=[base]", "store.train_missing=false", "trainer.max_epochs=2",
+    probed = robustness.run("experiment=fig3_regions", "variants=[base]", "store.train_missing=false", "store.train_overrides=['trainer.max_epochs=2']",
                             *(f"probe.{k}={v}" for k, v in options.items()), *common, output_dir=tmp_path / "probe")
     staged = probed.results["random_plane"]
     model = robustness.load_model("base", dataset="digits", store=store)
@@ -171,7 +171,7 @@ def test_report_runs_the_seed_sections_on_given_models_without_a_store(tmp_path:
     assert out.task == "report" and out.output_dir == tmp_path / "out"
     text = (tmp_path / "out" / "report.md").read_text()
     headings = re.findall(r"^## (.*)$", text, re.MULTILINE)
-    assert [h.split(" - ")[0] for h in headings] == ["Scorecard", "Figure 3", "Table 1", "Figure 9"]
+    assert [h.split(" - ")[0] for h in headings] == ["Scorecard", "Figure 3", "Table 1", "Figure 9", "Appendix: methods"]
     assert "Not run: the perceptual probe recolours images" in text  # grey digits: the section says why
     assert (tmp_path / "out" / "report.html").is_file() and not (tmp_path / "artifacts").exists()  # no store touched
     # Each section measured the given models its experiment names: fig3 names base (not cure), table1 both.
