@@ -22,9 +22,13 @@ def _fresh_environment() -> dict[str, str]:
     inside the fresh folder, as they would for a user."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTNESS_")}
     env.setdefault("WANDB_MODE", "offline")
-    # Two threads at most, as on the 2-core machine the timings are stated for.
-    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "2")
+    env.update(ONE_THREAD)
     return env
+
+
+# One thread per process, as conftest.py sets for the suite: the test workers already use both
+# cores, and more threads would spin against each other.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @pytest.mark.slow
@@ -34,6 +38,8 @@ def test_the_quickstart_notebook_runs_and_writes_its_report(tmp_path: Path, monk
 
     for key in [k for k in os.environ if k.startswith("ROBUSTNESS_")]:
         monkeypatch.delenv(key)  # the kernel inherits this environment: the notebook's own paths apply
+    for key, value in ONE_THREAD.items():
+        monkeypatch.setenv(key, value)
     notebook = nbformat.read(REPO / "examples" / "quickstart.ipynb", as_version=4)
     client = NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     began = time.monotonic()
