@@ -59,7 +59,7 @@ def test_every_option_of_every_group_builds(group: str, tmp_path: Path) -> None:
 
 def test_every_model_builds_for_each_image_shape() -> None:
     for name in choices("model"):
-        if name in ("robustbench", "torchvision"):  # published models need their weights file (tests/test_zoo.py)
+        if name in ("robustbench", "torchvision", "import"):  # published models need their weights file (tests/models/test_zoo.py), model=import its target (tests/models/test_imported.py)
             continue
         node = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
         for shape, classes in (((1, 8, 8), 10), ((3, 32, 32), 10), ((3, 64, 64), 200)):

@@ -303,7 +303,10 @@ def test_a_published_model_is_probed_not_trained(tmp_path: Path) -> None:
 ])
 def test_a_training_command_trains_the_model_its_report_loads(report: str, recipe: str, variant: str, tmp_path: Path) -> None:
     """Run on its own, a fine-tuning variant starts from its own recipe's base, not the digits one."""
-    common = ["logger=csv", f"paths.artifacts_dir={tmp_path}"]
+    from robustness.data import layouts
+
+    getattr(layouts, f"write_{recipe}")(tmp_path / "data", per_class=1)  # a fingerprint names the data's content
+    common = ["logger=csv", f"paths.artifacts_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}"]
     with hydra_initialized():
         own = [f"recipe={recipe}", *common]
         direct = variants.resolve(compose_experiment("train", own), variant, own, own_overrides=own)

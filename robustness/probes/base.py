@@ -31,6 +31,7 @@ from robustness.errors import ConfigError, InputError, StoreError
 from robustness.io import atomic_torch_save, atomic_write_json, read_json
 from robustness.probes.defaults import default_choice, default_seed, group_defaults
 from robustness.probes.memory import MemoryNeed, activation_bytes, fit_batch, image_bytes
+from robustness.registry import METADATA_KEYS
 from robustness.tensors import check_images, model_device
 
 Progress = Callable[[int, int, str], None]
@@ -59,7 +60,7 @@ class ProbeOptions:
         """
         name = cls.defaults_from
         known = [f.name for f in fields(cls)]  # type: ignore[arg-type]
-        unknown = sorted(set(cfg) - set(known) - {"name"})
+        unknown = sorted(set(cfg) - set(known) - {"name", *METADATA_KEYS})
         if unknown:
             raise ConfigError(
                 f"unknown option(s) for probe {name}: {', '.join(unknown)}",
@@ -104,7 +105,8 @@ def probe_options(name: str) -> Callable[[type], type]:
 
     def make(cls: type) -> type:
         values = cls.normalise(group_defaults("probe", name))  # type: ignore[attr-defined]
-        values.pop("name", None)
+        for key in ("name", *METADATA_KEYS):  # about the probe, not options of it (registry.METADATA_KEYS)
+            values.pop(key, None)
         annotations: dict[str, Any] = {}
         for klass in reversed(cls.__mro__):
             for key, kind in inspect.get_annotations(klass).items():

@@ -166,7 +166,7 @@ class PathOptions(ProbeOptions):
             batch=int(self.batch_size),
             batch_key="batch_size",
             fixed_what=f"{held} candidate images of shape {tuple(image_shape)}",
-            fixed_fix=lambda usable: f"draw pairs from fewer images (probe.candidate_images); {size_text(usable)} can hold about {usable // image_bytes(image_shape)}",
+            fixed_fix=lambda usable: f"draw pairs from fewer images (probe.candidate_images); {size_text(usable)} can hold about {usable // max(1, image_bytes(image_shape))}",
         )
 
 

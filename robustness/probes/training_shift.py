@@ -63,7 +63,7 @@ class TrainingShiftOptions(ProbeOptions):
             batch=int(self.batch_size),
             batch_key="batch_size",
             fixed_what=f"{held} images of shape {tuple(image_shape)}",
-            fixed_fix=lambda usable: f"compare on fewer images (probe.n_images); {size_text(usable)} can hold about {usable // image_bytes(image_shape)}",
+            fixed_fix=lambda usable: f"compare on fewer images (probe.n_images); {size_text(usable)} can hold about {usable // max(1, image_bytes(image_shape))}",
         )
 
 

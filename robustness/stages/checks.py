@@ -20,7 +20,8 @@ from omegaconf.errors import OmegaConfBaseException
 from robustness.errors import ConfigError, RobustnessError
 from robustness.models import zoo
 from robustness.registry import build, lookup
-from robustness.stages.common import check_writable, device_for, make_datamodule, to_python, resolve_path
+from robustness.stages.common import check_writable, device_for, make_datamodule, resolve_path, to_python
+from robustness.stages.variants import check_imported_models
 
 _ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 _PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "64", "transformer-engine")
@@ -76,6 +77,7 @@ def check_config(cfg: DictConfig, output_dir: str | Path) -> Path:
     if task == "report":
         return output
     _built("dataset", lambda: make_datamodule(cfg, setup=False))
+    _built("model", lambda: check_imported_models(cfg))  # model=import: its target imports, its weights file exists
     if task == "train" and zoo.is_external(cfg.model):
         raise ConfigError(f"model={cfg.model.name} is a published model: it is probed, not trained",
                           "use it in a probe's variants (task=probe), e.g. experiment=robust_accuracy model=robustbench 'variants=[rb_standard]'")

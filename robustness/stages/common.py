@@ -138,8 +138,9 @@ def check_writable(directory: Path, what: str, hint: str) -> None:
 
 def apply_debug(cfg: DictConfig) -> None:
     """Apply ``debug`` (``debug=rehearsal``): merge its ``settings`` over the run's config, and
-    shrink the run's probe, regularizer and attack by ``debug.shrink`` for the keys those
-    components have; nothing else changes.
+    shrink the run's probe, regularizer and attack (and the attack nested in either) by
+    ``debug.shrink`` for the keys those components have, then by each component's own
+    ``rehearsal`` values; nothing else changes.
 
     Runs after composition, because a variant's training overrides (its recipe's) come after
     every config file, the debug one included."""
@@ -156,8 +157,14 @@ def apply_debug(cfg: DictConfig) -> None:
                     cfg[key] = value
         for group in ("probe", "regularizer", "attack"):
             node = cfg.get(group)
-            if shrink and isinstance(node, DictConfig) and group in shrink:
+            if not isinstance(node, DictConfig):
+                continue
+            if shrink and group in shrink:
                 _set_existing(node, shrink[group])
+            for inner in (node, *(value for value in node.values() if isinstance(value, DictConfig))):
+                # A component's own rehearsal values (its YAML's `rehearsal:`), for keys the shared list lacks.
+                if isinstance(inner.get("rehearsal"), DictConfig):
+                    _set_existing(inner, inner.rehearsal)
 
 
 def _set_existing(node: DictConfig, values: DictConfig) -> None:
