@@ -260,8 +260,13 @@ def run(*overrides: str, output_dir: str | Path | None = None) -> RunOutcome:
         cfg = compose_experiment(experiment, rest)
         folder = Path(output_dir) if output_dir is not None else \
             resolve_path(cfg.paths.output_dir) / experiment / _datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+        # W&B runs of this call go into its folder, as the command line's do; the caller's setting is back afterwards.
+        previous = getattr(tracking, "_RUN_ROOT", None)
         tracking.set_run_root(folder.absolute())
-        return run_stages(cfg, folder.absolute(), overrides=rest)
+        try:
+            return run_stages(cfg, folder.absolute(), overrides=rest)
+        finally:
+            tracking.set_run_root(previous)
 
 
 class GivenData:

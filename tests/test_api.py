@@ -139,8 +139,12 @@ def test_run_raises_what_the_command_line_prints(tmp_path: Path) -> None:
 def test_run_trains_into_the_store_and_probes_with_the_same_numbers_as_the_function(tmp_path: Path) -> None:
     store = tmp_path / "store"
     common = [f"paths.artifacts_dir={store}", "logger=none", "trainer.enable_progress_bar=false"]
+    from robustness import tracking
+
+    root = tracking._RUN_ROOT
     trained = robustness.run("experiment=train", "regularizer=none", "trainer.max_epochs=2", *common, output_dir=tmp_path / "train")
     assert trained.task == "train" and trained.output_dir == tmp_path / "train"
+    assert tracking._RUN_ROOT == root  # later W&B runs of this process go where their own runs say
     (listed,) = robustness.list_variants(store)
     assert listed.alias == "base" and listed.clean_accuracy == pytest.approx(trained.metrics["test/acc"]) and listed.fingerprint == trained.metrics["fingerprint"]
 
