@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from robustness.data.base import DatasetInfo
