@@ -1,4 +1,6 @@
-"""Probes: one module per probe, registered with ``@register("probe", NAME, options=...)``.
+"""Probes: one module per probe, each a plain function (``hessian_norm(models, images, labels,
+**options)``) and its stage adapter ``compute(ctx)``, registered with
+``@register("probe", NAME, options=...)``.
 
 A probe computes and never plots; :mod:`robustness.probes.base` says what it receives and returns.
 Every probe module is imported here, so looking up any probe finds them all.

@@ -34,8 +34,8 @@ sample towards the adversarial image, columns inside the fit window); those valu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -51,23 +51,42 @@ from robustness.geometry.planes import (
     origin_index,
     quadratic_values,
 )
-from robustness.probes.base import ProbeContext, ProbeResult
-from robustness.probes.random_plane import PerImageFn, PlaneOptions, load_sample, measure_per_image, per_image_outputs, sample_meta
+from robustness.probes.base import (
+    Progress,
+    ProbeContext,
+    ProbeResult,
+    attack_node,
+    class_name,
+    fitted,
+    no_progress,
+    prepare_inputs,
+    probe_options,
+    run_seed,
+    seeded,
+)
+from robustness.probes.random_plane import (
+    PerImageFn,
+    PlaneOptions,
+    PlaneResult,
+    measure_per_image,
+    per_image_outputs,
+    plane_images,
+    plane_run,
+    sample_meta,
+    sample_of,
+)
 from robustness.registry import build, register
 from robustness.tensors import inference_copy, predict
 
 PER_IMAGE_COLUMNS = ("attack_success", "attack_distance", "curvature", "curvature_x_distance", "fit_columns")
 
 
-@dataclass(frozen=True)
+@probe_options("boundary_plane")
 class BoundaryPlaneOptions(PlaneOptions):
     """``extent`` and ``fit_halfwidth`` are in units of the attack's distance ``d`` (see conf/probe/boundary_plane.yaml)."""
 
-    probe: ClassVar[str] = "boundary_plane"
-
-    extent: float = 2.0
-    bisection_steps: int = 12
-    fit_halfwidth: float = 1.0
+    bisection_steps: int
+    fit_halfwidth: float
 
     def validate(self) -> None:
         super().validate()
@@ -77,44 +96,74 @@ class BoundaryPlaneOptions(PlaneOptions):
             raise ConfigError(f"probe.fit_halfwidth must be positive, got {self.fit_halfwidth}", "e.g. probe.fit_halfwidth=1.0")
 
 
-@register("probe", "boundary_plane")
-def compute(ctx: ProbeContext) -> ProbeResult:
-    options = BoundaryPlaneOptions.from_cfg(ctx.options)
-    x0, true_label = load_sample(ctx, options)
-    attack = build("attack", ctx.attack)
-    attack_name = str(ctx.attack.get("name", "attack"))
-    class_names = ctx.data.info.class_names
+class BoundaryPlaneResult(PlaneResult):
+    """``rows`` (table ``curvature``): per model the attack's distance ``d`` to the boundary at the
+    sample, the boundary's fitted curvature (and curvature x d), slope and fit error; per image
+    the same in each image's own plane. :meth:`labels` is the grid, ``arrays[f"{model}/boundary"]``
+    the boundary per column and ``arrays[f"{model}/coeffs"]`` the fitted quadratic."""
 
-    predicted = {variant: int(predict(model, x0.unsqueeze(0))[0]) for variant, model in ctx.models.items()}
-    attacked = {variant: _attack_sample(model, x0, predicted[variant], attack, attack_name, variant, options) for variant, model in ctx.models.items()}
-    # One square for every panel, so the figure compares the models on one scale.
-    half_width = float(options.extent) * max(distance for _, distance, _ in attacked.values())
+    main_table = "curvature"
+
+
+def boundary_plane(models: Any, images: Tensor, labels: Tensor, *, attack: str | dict[str, Any] | None = None,
+                   class_names: Sequence[str] | None = None, dataset: str = "images", seed: int | None = None,
+                   cache_dir: str | Path | None = None, progress: Progress = no_progress, **options: Any) -> BoundaryPlaneResult:
+    """The decision boundary in the plane of the attack's direction and a random one, and its
+    curvature: at image ``sample_index`` on a ``resolution`` grid (the figure), and at each of the
+    first ``num_images`` images on a ``stats_resolution`` grid.
+
+    attack: the attack that finds the direction to the boundary (default: ``conf/config.yaml``'s, deepfool).
+    options: those of ``conf/probe/boundary_plane.yaml`` (its values are the defaults).
+    class_names, dataset: how rows and captions name the classes and the data.
+    cache_dir: where per-image chunks are kept (None: nothing is kept).
+    """
+    settings = BoundaryPlaneOptions.from_cfg(options)
+    attack_cfg = attack_node(attack)
+    attack_fn = build("attack", attack_cfg)
+    attack_name = str(attack_cfg["name"])
+    named, x, y, classes = prepare_inputs(models, images, labels, labels_are_classes=False)
+    names = list(class_names) if class_names is not None else [str(i) for i in range(classes)]
+    x0, true_label = sample_of(x, y, settings)
+    settings = fitted(settings, named, x[: settings.images_wanted()], classes)
+
     arrays: dict[str, Tensor] = {"x0": x0.cpu()}
     rows: list[dict[str, Any]] = []
-    for done, (variant, model) in enumerate(ctx.models.items()):
-        delta, distance, success = attacked[variant]
-        plane = _boundary_plane(model, x0, predicted[variant], delta, distance, half_width, options)
-        arrays.update({f"{variant}/{key}": value.cpu() for key, value in plane.pop("arrays").items()})
-        rows.append({"variant": variant, "sample_class": class_names[predicted[variant]], "attack": attack_name, "attack_success": success, **plane})
-        ctx.progress(done + 1, len(ctx.models), f"boundary plane of {variant}")
+    with seeded(run_seed(seed), x.device):
+        predicted = {variant: int(predict(model, x0.unsqueeze(0))[0]) for variant, model in named.items()}
+        attacked = {variant: _attack_sample(model, x0, predicted[variant], attack_fn, attack_name, variant, settings) for variant, model in named.items()}
+        # One square for every panel, so the figure compares the models on one scale.
+        half_width = float(settings.extent) * max(distance for _, distance, _ in attacked.values())
+        for done, (variant, model) in enumerate(named.items()):
+            delta, distance, success = attacked[variant]
+            plane = _boundary_plane(model, x0, predicted[variant], delta, distance, half_width, settings)
+            arrays.update({f"{variant}/{key}": value.cpu() for key, value in plane.pop("arrays").items()})
+            rows.append({"variant": variant, "sample_class": class_name(names, predicted[variant]), "attack": attack_name, "attack_success": success, **plane})
+            progress(done + 1, len(named), f"boundary plane of {variant}")
 
-    labels, indices, measured = measure_per_image(ctx, options, boundary_curvature_per_image(attack, options), "boundary planes")
-    per_image_arrays, per_image_rows = per_image_outputs(labels, indices, measured, PER_IMAGE_COLUMNS)
+        point_labels, indices, measured = measure_per_image(named, x, y, settings, boundary_curvature_per_image(attack_fn, settings), "boundary planes",
+                                                             None if cache_dir is None else Path(cache_dir), progress, {"attack": attack_cfg})
+    per_image_arrays, per_image_rows = per_image_outputs(point_labels, indices, measured, PER_IMAGE_COLUMNS)
     arrays.update(per_image_arrays)
 
-    meta = sample_meta(ctx, options, true_label)
+    meta = sample_meta(list(named), settings, true_label, names, dataset)
     meta.update(
         {
-            "attack": dict(ctx.attack),
-            "bisection_steps": int(options.bisection_steps),
-            "fit_halfwidth": float(options.fit_halfwidth),
+            "attack": attack_cfg,
+            "bisection_steps": int(settings.bisection_steps),
+            "fit_halfwidth": float(settings.fit_halfwidth),
             "predicted_label": predicted,
             "half_width": half_width,
             "num_images": int(len(indices)),
-            "methods": _methods(options, attack_name, int(len(indices))),
+            "methods": _methods(settings, attack_name, int(len(indices))),
         }
     )
-    return ProbeResult(probe="boundary_plane", arrays=arrays, tables={"curvature": rows, "per_image": per_image_rows}, meta=meta)
+    return BoundaryPlaneResult(probe="boundary_plane", arrays=arrays, tables={"curvature": rows, "per_image": per_image_rows}, meta=meta)
+
+
+@register("probe", "boundary_plane", options=BoundaryPlaneOptions)
+def compute(ctx: ProbeContext) -> ProbeResult:
+    x, y = plane_images(ctx, BoundaryPlaneOptions.from_cfg(ctx.options))
+    return boundary_plane(ctx.models, x, y, attack=ctx.attack, **plane_run(ctx), **ctx.options)
 
 
 def _methods(options: BoundaryPlaneOptions, attack: str, num_images: int) -> str:

@@ -11,36 +11,68 @@ which the table's ``found`` column counts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from robustness.attacks.base import Attack, MinimisationAttack
-from robustness.tensors import inference_copy, l2_norm
 from robustness import fingerprint
+from robustness.attacks.base import Attack, MinimisationAttack
 from robustness.errors import ConfigError, InputError
-from robustness.probes.base import ProbeContext, ProbeResult
-from robustness.tensors import predict
+from robustness.probes.base import (
+    Progress,
+    ProbeContext,
+    ProbeResult,
+    attack_node,
+    fitted,
+    no_progress,
+    per_item_bytes,
+    prepare_inputs,
+    probe_options,
+    run_seed,
+    seeded,
+)
+from robustness.probes.memory import LONG, MemoryNeed
+from robustness.probes.partial import PartialResults, run_in_chunks
+from robustness.probes.per_image import PerImageOptions, first, load_images
+from robustness.registry import build, register
 from robustness.stats import mean_and_stderr
-from robustness.tensors import accuracy
-from robustness.probes.per_image import PerImageOptions, load_images, run_in_chunks
-from robustness.registry import build
-from robustness.registry import register
+from robustness.tensors import accuracy, inference_copy, l2_norm, predict
 
 
-
-@dataclass(frozen=True)
+@probe_options("min_perturbation")
 class MinPerturbationOptions(PerImageOptions):
-    probe: ClassVar[str] = "min_perturbation"
+    """The options of conf/probe/min_perturbation.yaml (table1 takes them too)."""
 
-    refine_steps: int = 20
+    refine_steps: int
 
     def validate(self) -> None:
         super().validate()
         if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
             raise ConfigError(f"probe.refine_steps must be an integer >= 0, got {self.refine_steps}", "0 keeps the attack's perturbation as it is; 20 bisects it to 1e-6 of its length")
+
+    def attack_bytes(self, image_shape: Sequence[int], num_classes: int, activation: int) -> int:
+        """One image through a minimisation attack: the candidate classes' gradients in one backward sweep."""
+        return per_item_bytes(image_shape, activation * max(1, num_classes), gradients=True)
+
+    def memory_need(self, image_shape: Sequence[int], num_classes: int, activation: int, num_images: int | None) -> MemoryNeed:
+        return self.images_need(image_shape, num_images, self.attack_bytes(image_shape, num_classes, activation), results_per_image=6 * LONG)
+
+
+class MinPerturbationResult(ProbeResult):
+    """``rows``: per model the mean smallest ``||r||_2`` (and ``||r||_2 / ||x||_2``) with standard
+    errors over the images where the attack succeeded, how many it succeeded on, the accuracy;
+    :meth:`per_image`: ``norm``, ``relative``, ``found``, ``label`` (the prediction changed),
+    ``attack_norm`` (before bisection) and ``attack_steps``."""
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.tables["min_perturbation"]
+
+    def per_image(self, model: str = "model") -> dict[str, Tensor]:
+        prefix = f"{model}/"
+        return {key[len(prefix):]: value for key, value in self.arrays.items() if key.startswith(prefix)}
 
 
 @torch.no_grad()
@@ -94,21 +126,29 @@ def minimal_perturbation(model: nn.Module, x: Tensor, attack: Attack, refine_ste
     }
 
 
-def measure_min_perturbation(ctx: ProbeContext, variant: str, model: nn.Module, x: Tensor, options: MinPerturbationOptions) -> dict[str, Tensor]:
-    """:func:`minimal_perturbation` over all images with the ``attack`` group, resumable from ``ctx.work_dir``."""
-    attack = build("attack", ctx.attack)
+def minimisation_attack(attack_cfg: dict[str, Any]) -> MinimisationAttack:
+    """The ``attack`` node built, refused unless it minimises the perturbation (DeepFool, runner-up)."""
+    attack = build("attack", attack_cfg)
     if not isinstance(attack, MinimisationAttack):
-        raise ConfigError(f"the minimal perturbation needs a minimisation attack, and attack={ctx.attack.get('name')} is bounded by eps",
+        raise ConfigError(f"the minimal perturbation needs a minimisation attack, and attack={attack_cfg.get('name')} is bounded by eps",
                           "use attack=deepfool or attack=runner_up")
+    return attack
+
+
+def measure_min_perturbation(model: nn.Module, x: Tensor, attack_cfg: dict[str, Any], options: MinPerturbationOptions,
+                             cache_dir: Path | None, progress: Progress, what: str) -> dict[str, Tensor]:
+    """:func:`minimal_perturbation` over all images with the ``attack`` node, chunk by chunk, each chunk kept in ``cache_dir``."""
+    attack = minimisation_attack(attack_cfg)
     identity = {
-        "refine_steps": int(options.refine_steps), "attack": dict(ctx.attack),
+        "refine_steps": int(options.refine_steps), "attack": dict(attack_cfg),
         "images": fingerprint.of_tensors(x), "model": fingerprint.of_state(model),
     }
 
     def chunk(start: int, stop: int) -> dict[str, Tensor]:
         return minimal_perturbation(model, x[start:stop], attack, int(options.refine_steps))
 
-    return run_in_chunks(ctx.work_dir, f"min_perturbation-{variant}", identity, len(x), int(options.chunk_size), chunk, lambda d, t, w: ctx.progress(d, t, f"min perturbation {variant}"))
+    parts = PartialResults(cache_dir, "min_perturbation", identity)
+    return run_in_chunks(parts, len(x), int(options.chunk_size), chunk, lambda done, total: progress(done, total, f"min perturbation {what}"))
 
 
 def min_perturbation_row(variant: str, measured: dict[str, Tensor]) -> dict[str, Any]:
@@ -131,21 +171,40 @@ def attack_description(attack_cfg: dict[str, Any], refine_steps: int) -> str:
     return text + (f", refined by {refine_steps} bisection steps along r" if refine_steps else "")
 
 
-@register("probe", "min_perturbation")
-def compute(ctx: ProbeContext) -> ProbeResult:
-    options = MinPerturbationOptions.from_cfg(ctx.options)
-    x, y = load_images(ctx, options)
+def min_perturbation(models: Any, images: Tensor, labels: Tensor, *, attack: str | dict[str, Any] | None = None, seed: int | None = None,
+                     cache_dir: str | Path | None = None, progress: Progress = no_progress, **options: Any) -> MinPerturbationResult:
+    """The smallest label-changing l2 perturbation at each of the first ``num_images`` images, per model.
+
+    attack: a minimisation attack of the ``attack`` group, by name or as a node
+            (``{"name": "deepfool", "max_iter": 20}``); default: ``conf/config.yaml``'s (deepfool).
+    options: those of ``conf/probe/min_perturbation.yaml`` (its values are the defaults).
+    """
+    settings = MinPerturbationOptions.from_cfg(options)
+    attack_cfg = attack_node(attack)
+    minimisation_attack(attack_cfg)  # a wrong attack is refused before any work
+    named, x, y, classes = prepare_inputs(models, images, labels)
+    x, y = first(x, y, settings.num_images)
+    settings = fitted(settings, named, x, classes)
+    seed = run_seed(seed)
     arrays: dict[str, Tensor] = {"labels": y.cpu(), "image_norm": l2_norm(x).double().cpu()}
     rows = []
-    for variant, model in ctx.models.items():
-        measured = measure_min_perturbation(ctx, variant, model, x, options)
-        arrays.update({f"{variant}/{key}": value for key, value in measured.items()})
-        rows.append({**min_perturbation_row(variant, measured), "accuracy": accuracy(model, x, y)})
+    with seeded(seed, x.device):
+        for variant, model in named.items():
+            measured = measure_min_perturbation(model, x, attack_cfg, settings, None if cache_dir is None else Path(cache_dir), progress, variant)
+            arrays.update({f"{variant}/{key}": value for key, value in measured.items()})
+            rows.append({**min_perturbation_row(variant, measured), "accuracy": accuracy(model, x, y)})
     meta = {
-        "variants": list(ctx.models),
-        "attack": attack_description(ctx.attack, int(options.refine_steps)),
+        "variants": list(named),
+        "attack": attack_description(attack_cfg, int(settings.refine_steps)),
         "num_images": int(len(x)),
-        "split": options.split,
-        "seed": int(ctx.seed),
+        "split": settings.split,
+        "seed": int(seed),
     }
-    return ProbeResult("min_perturbation", arrays, {"min_perturbation": rows}, meta)
+    return MinPerturbationResult("min_perturbation", arrays, {"min_perturbation": rows}, meta)
+
+
+@register("probe", "min_perturbation", options=MinPerturbationOptions)
+def compute(ctx: ProbeContext) -> ProbeResult:
+    options = MinPerturbationOptions.from_cfg(ctx.options)
+    x, y = load_images(ctx, options.split, options.num_images)
+    return min_perturbation(ctx.models, x, y, attack=ctx.attack, **ctx.common(), **ctx.options)

@@ -23,20 +23,19 @@ deviates most) its principal components: the projection of points spaced evenly 
 its vertices, and the explained-variance ratio of the first components (Figures 5-8).
 
 Every pair's result is saved as soon as it is found, in a folder named by the fingerprint of
-everything it depends on (weights, options, seed, candidate images), under ``ctx.shared_dir``
-where the run has one: a rerun, or another section with the same pair settings (Table 2 after
-Figures 5-8), reuses them and only searches the pairs still missing.
+everything it depends on (weights, options, seed, candidate images), under the cache folder (the
+stage gives the run's shared folder where it has one): a rerun, or another section with the same
+pair settings (Table 2 after Figures 5-8), reuses them and only searches the pairs still missing.
 """
 
 from __future__ import annotations
 
 import logging
-
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -48,11 +47,26 @@ from robustness import fingerprint
 from robustness.errors import ConfigError, InputError
 from robustness.geometry.certify import Certifier
 from robustness.geometry.paths import PathResult, TargetedAttack, find_paths, path_metrics, resample_path
-from robustness.io import atomic_torch_save
 from robustness.models.normalize import Normalize
-from robustness.probes.base import ProbeContext, ProbeOptions, ProbeResult
-from robustness.tensors import predict
+from robustness.probes.base import (
+    Progress,
+    ProbeContext,
+    ProbeOptions,
+    ProbeResult,
+    class_name,
+    fitted,
+    no_progress,
+    per_item_bytes,
+    prepare_inputs,
+    probe_options,
+    run_seed,
+    seeded,
+)
+from robustness.probes.memory import MemoryNeed, image_bytes, size_text
+from robustness.probes.partial import PartialResults
+from robustness.probes.per_image import first, load_images
 from robustness.registry import build, register
+from robustness.tensors import predict
 
 PAIR_TYPES = ("natural", "adversarial", "noise")
 # What the reporter may draw: each pair type's two figures (Figures 5-8), and Table 2.
@@ -69,30 +83,28 @@ _PLAIN_CONTAINERS = (tv_resnet.ResNet, tv_resnet.BasicBlock, tv_resnet.Bottlenec
 log = logging.getLogger("robustness")
 
 
-@dataclass
+@probe_options("path_connectivity")
 class PathOptions(ProbeOptions):
     """The probe's options (conf/probe/path_connectivity.yaml documents each one)."""
 
-    probe: ClassVar[str] = "path_connectivity"
-
-    pair_types: list[str] = field(default_factory=lambda: ["natural", "adversarial"])
-    natural_pairs: int = 18
-    adversarial_pairs: int = 30
-    noise_pairs: int = 10
-    split: str = "test"
-    candidate_images: int = 500
-    points_per_segment: int = 16
-    max_depth: int = 10
-    max_vertices: int | None = None
-    certify: bool = True
-    max_pieces: int = 10_000
-    pull_attack: dict[str, Any] = field(default_factory=lambda: {"name": "deepfool", "overshoot": 1.0, "max_iter": 50})
-    push_attack: dict[str, Any] = field(default_factory=lambda: {"name": "deepfool", "overshoot": 0.02, "max_iter": 50})
-    pairs_per_batch: int = 6
-    batch_size: int = 256
-    pca_points: int = 100
-    pca_components: int = 10
-    draw: list[str] = field(default_factory=lambda: list(DRAWINGS))
+    pair_types: list[str]
+    natural_pairs: int
+    adversarial_pairs: int
+    noise_pairs: int
+    split: str
+    candidate_images: int
+    points_per_segment: int
+    max_depth: int
+    max_vertices: int | None
+    certify: bool
+    max_pieces: int
+    pull_attack: dict[str, Any]
+    push_attack: dict[str, Any]
+    pairs_per_batch: int
+    batch_size: int
+    pca_points: int
+    pca_components: int
+    draw: list[str]
 
     @classmethod
     def normalise(cls, values: dict[str, Any]) -> dict[str, Any]:
@@ -144,6 +156,18 @@ class PathOptions(ProbeOptions):
 
     def sampled_check(self) -> str:
         return f"sampled at {self.points_per_segment} points per segment"
+
+    def memory_need(self, image_shape: Sequence[int], num_classes: int, activation: int, num_images: int | None) -> MemoryNeed:
+        held = int(self.candidate_images) if num_images is None else int(num_images)
+        return MemoryNeed(
+            fixed=held * image_bytes(image_shape),
+            # A batch of path points through the model, with the pull attack's candidate gradients.
+            per_item=per_item_bytes(image_shape, activation * max(1, num_classes), gradients=True),
+            batch=int(self.batch_size),
+            batch_key="batch_size",
+            fixed_what=f"{held} candidate images of shape {tuple(image_shape)}",
+            fixed_fix=lambda usable: f"draw pairs from fewer images (probe.candidate_images); {size_text(usable)} can hold about {usable // max(1, image_bytes(image_shape))}",
+        )
 
 
 def variant_check(model: nn.Module, options: PathOptions) -> tuple[Certifier | None, str, list[str]]:
@@ -287,59 +311,94 @@ def path_pca(vertices: Tensor, num_points: int, components: int) -> dict[str, Te
     }
 
 
-@register("probe", "path_connectivity")
-def compute(ctx: ProbeContext) -> ProbeResult:
-    options = PathOptions.from_cfg(dict(ctx.options))
-    data = ctx.data
-    x_all, _ = data.split_tensors(options.split, limit=options.candidate_images)
-    x_all = x_all.to(ctx.device)
-    info = data.info
+class PathSearchResult(ProbeResult):
+    """``rows`` (table ``table2``): per model and pair type the certified, sampled-only and failed
+    paths, and over the successful ones the mean and standard deviation of the number of points
+    and of the normalised deviation from the straight segment; ``pairs``: one row per pair;
+    ``arrays[f"{model}/{pair_type}/projection"]``: the figure path's first three principal components."""
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.tables["table2"]
+
+    @property
+    def pairs(self) -> list[dict[str, Any]]:
+        return self.tables["pairs"]
+
+
+def path_search(models: Any, images: Tensor, labels: Tensor | None = None, *, class_names: Sequence[str] | None = None, dataset: str = "images",
+                seed: int | None = None, cache_dir: str | Path | None = None, progress: Progress = no_progress, **options: Any) -> PathSearchResult:
+    """Paths inside one class between pairs of images drawn from the first ``candidate_images``
+    images, per model and pair type (natural, adversarial, noise), certified where the model is
+    piecewise linear.
+
+    labels: not used (pairs follow each model's own predictions); accepted so that every probe
+            is called alike.
+    options: those of ``conf/probe/path_connectivity.yaml`` (its values are the defaults).
+    seed: which pairs are drawn (default: ``conf/config.yaml``'s seed).
+    cache_dir: where each pair's path is kept as soon as it is found (None: nothing is kept).
+    """
+    settings = PathOptions.from_cfg(dict(options))
+    named, x_all, _, classes = prepare_inputs(models, images, labels, labels_required=False, labels_are_classes=False)
+    x_all, _ = first(x_all, None, settings.candidate_images)
+    settings = fitted(settings, named, x_all, classes)
+    seed = run_seed(seed)
+    names = list(class_names) if class_names is not None else [str(i) for i in range(classes)]
     pair_rows: list[dict[str, Any]] = []
     arrays: dict[str, Tensor] = {}
     figure_paths: dict[str, dict[str, Any]] = {}
     generation: dict[str, dict[str, Any]] = {}
     checks: dict[str, dict[str, Any]] = {}
-    total = len(ctx.models) * sum(options.count(t) for t in options.pair_types)
+    total = len(named) * sum(settings.count(t) for t in settings.pair_types)
     done = 0
 
-    for variant, model in ctx.models.items():
-        model.eval()
-        pred = predict(model, x_all, options.batch_size)
-        fingerprint = _fingerprint(model, options, ctx.seed, info.name, x_all)
-        certifier, check, why_not = variant_check(model, options)
-        checks[variant] = {"check": check, "not_certified_because": why_not[:5]}
-        for pair_type in options.pair_types:
-            folder = Path(ctx.shared_dir or ctx.work_dir) / "path_connectivity" / fingerprint / pair_type
-            pairs = _load_or_make_pairs(folder, fingerprint, pair_type, model, x_all, pred, options, ctx.seed)
-            generation.setdefault(variant, {})[pair_type] = {"requested": options.count(pair_type), "found": len(pairs.label), "dropped": pairs.dropped}
-            records = _search_pairs(folder, fingerprint, model, pairs, options, certifier, ctx, done, total, f"{variant}/{pair_type}")
-            done += options.count(pair_type)
-            rows = [_pair_row(variant, pair_type, i, pairs, record, info.class_names, check) for i, record in enumerate(records)]
-            pair_rows.extend(rows)
-            # Every successful path's explained-variance ratio, for statistics over paths (the scorecard's).
-            ratios = [path_pca(record["vertices"], options.pca_points, options.pca_components)["explained_variance_ratio"]
-                      for record, row in zip(records, rows) if row["success"]]
-            arrays[f"{variant}/{pair_type}/pair_explained_variance_ratio"] = (
-                torch.stack(ratios) if ratios else torch.zeros(0, options.pca_components))
-            chosen = _figure_path(rows)
-            if chosen is not None:
-                pca = path_pca(records[chosen]["vertices"], options.pca_points, options.pca_components)
-                for key, value in pca.items():
-                    arrays[f"{variant}/{pair_type}/{key}"] = value
-                figure_paths.setdefault(variant, {})[pair_type] = {k: rows[chosen][k] for k in ("pair", "class", "class_name", "points", "deviation")}
-    ctx.progress(total, total, "path_connectivity")
+    with seeded(seed, x_all.device):
+        for variant, model in named.items():
+            pred = predict(model, x_all, settings.batch_size)
+            # <cache>/path_connectivity/pairs-<fingerprint>/<pair type>/: the pairs, then each pair's path.
+            parts = PartialResults(None if cache_dir is None else Path(cache_dir) / "path_connectivity", "pairs", _identity(model, settings, seed, dataset, x_all))
+            certifier, check, why_not = variant_check(model, settings)
+            checks[variant] = {"check": check, "not_certified_because": why_not[:5]}
+            for pair_type in settings.pair_types:
+                pairs = _load_or_make_pairs(parts, pair_type, model, x_all, pred, settings, seed)
+                generation.setdefault(variant, {})[pair_type] = {"requested": settings.count(pair_type), "found": len(pairs.label), "dropped": pairs.dropped}
+                records = _search_pairs(parts, pair_type, model, pairs, settings, certifier, progress, done, total, f"{variant}/{pair_type}")
+                done += settings.count(pair_type)
+                rows = [_pair_row(variant, pair_type, i, pairs, record, names, check) for i, record in enumerate(records)]
+                pair_rows.extend(rows)
+                # Every successful path's explained-variance ratio, for statistics over paths (the scorecard's).
+                ratios = [path_pca(record["vertices"], settings.pca_points, settings.pca_components)["explained_variance_ratio"]
+                          for record, row in zip(records, rows) if row["success"]]
+                arrays[f"{variant}/{pair_type}/pair_explained_variance_ratio"] = (
+                    torch.stack(ratios) if ratios else torch.zeros(0, settings.pca_components))
+                chosen = _figure_path(rows)
+                if chosen is not None:
+                    pca = path_pca(records[chosen]["vertices"], settings.pca_points, settings.pca_components)
+                    for key, value in pca.items():
+                        arrays[f"{variant}/{pair_type}/{key}"] = value
+                    figure_paths.setdefault(variant, {})[pair_type] = {k: rows[chosen][k] for k in ("pair", "class", "class_name", "points", "deviation")}
+    progress(total, total, "path_connectivity")
 
     meta = {
-        "dataset": info.name,
-        "variants": list(ctx.models),
-        "pair_types": options.pair_types,
-        "options": asdict(options),
+        "dataset": dataset,
+        "variants": list(named),
+        "pair_types": settings.pair_types,
+        "options": settings.as_dict(),
         "pair_generation": generation,
         "checks": checks,
         "figure_paths": figure_paths,
-        "seed": ctx.seed,
+        "seed": seed,
     }
-    return ProbeResult("path_connectivity", arrays=arrays, tables={"table2": table2_rows(pair_rows), "pairs": pair_rows}, meta=meta)
+    return PathSearchResult("path_connectivity", arrays=arrays, tables={"table2": table2_rows(pair_rows), "pairs": pair_rows}, meta=meta)
+
+
+@register("probe", "path_connectivity", options=PathOptions)
+def compute(ctx: ProbeContext) -> ProbeResult:
+    options = PathOptions.from_cfg(dict(ctx.options))
+    x, _ = load_images(ctx, options.split, options.candidate_images)
+    info = ctx.data.info
+    return path_search(ctx.models, x, None, class_names=info.class_names, dataset=info.name,
+                       **{**ctx.common(), "cache_dir": ctx.shared_dir or ctx.work_dir}, **ctx.options)
 
 
 def table2_rows(pair_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -392,64 +451,40 @@ def _num_classes(model: nn.Module, x: Tensor) -> int:
         return int(model(x[:1]).shape[1])
 
 
-def _fingerprint(model: nn.Module, options: PathOptions, seed: int, dataset: str, candidates: Tensor) -> str:
-    """Identifies the model weights, options and candidate images that saved partial results depend on."""
-    settings = {k: v for k, v in asdict(options).items() if k not in ("pair_types", "pairs_per_batch", "batch_size", "pca_points", "pca_components", "draw")}
-    return fingerprint.of_config({"weights": fingerprint.of_state(model), "options": settings, "seed": seed, "dataset": dataset,
-                                  "candidates": fingerprint.of_tensors(candidates)})
+def _identity(model: nn.Module, options: PathOptions, seed: int, dataset: str, candidates: Tensor) -> dict[str, Any]:
+    """The model weights, options and candidate images that saved pairs and paths depend on."""
+    settings = {k: v for k, v in options.as_dict().items() if k not in ("pair_types", "pairs_per_batch", "batch_size", "pca_points", "pca_components", "draw")}
+    return {"weights": fingerprint.of_state(model), "options": settings, "seed": seed, "dataset": dataset, "candidates": fingerprint.of_tensors(candidates)}
 
 
-def _load_saved(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a torn or foreign file: recompute rather than trust it
-        return None
-    return saved if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint else None
+def _load_or_make_pairs(parts: PartialResults, pair_type: str, model: nn.Module, x: Tensor, pred: Tensor, options: PathOptions, seed: int) -> Pairs:
+    def make() -> dict[str, Any]:
+        pairs = make_pairs(pair_type, model, x, pred, options, seed)
+        return {"x_start": pairs.x_start, "x_end": pairs.x_end, "label": pairs.label, "source": pairs.source, "dropped": pairs.dropped}
 
-
-def _load_or_make_pairs(
-    folder: Path, fingerprint: str, pair_type: str, model: nn.Module, x: Tensor, pred: Tensor, options: PathOptions, seed: int
-) -> Pairs:
-    path = folder / "pairs.pt"
-    saved = _load_saved(path, fingerprint)
-    if saved is not None:
-        device = x.device
-        return Pairs(saved["x_start"].to(device), saved["x_end"].to(device), saved["label"], saved["source"], saved["dropped"])
-    pairs = make_pairs(pair_type, model, x, pred, options, seed)
-    atomic_torch_save(
-        {
-            "fingerprint": fingerprint,
-            "x_start": pairs.x_start.cpu(),
-            "x_end": pairs.x_end.cpu(),
-            "label": pairs.label.cpu(),
-            "source": pairs.source,
-            "dropped": pairs.dropped,
-        },
-        path,
-    )
-    return pairs
+    saved = parts.get(f"{pair_type}/pairs", make)
+    return Pairs(saved["x_start"].to(x.device), saved["x_end"].to(x.device), saved["label"], saved["source"], saved["dropped"])
 
 
 def _search_pairs(
-    folder: Path,
-    fingerprint: str,
+    parts: PartialResults,
+    pair_type: str,
     model: nn.Module,
     pairs: Pairs,
     options: PathOptions,
     certifier: Certifier | None,
-    ctx: ProbeContext,
+    progress: Progress,
     done: int,
     total: int,
     what: str,
 ) -> list[dict[str, Any]]:
-    """Search every pair (batches of ``pairs_per_batch``), reusing and saving per-pair results."""
+    """Search every pair (batches of ``pairs_per_batch``), reusing and keeping per-pair results."""
     n = len(pairs.label)
-    records: list[dict[str, Any] | None] = [_load_saved(folder / f"pair_{i:04d}.pt", fingerprint) for i in range(n)]
+    names = [f"{pair_type}/pair_{i:04d}" for i in range(n)]
+    records: list[dict[str, Any] | None] = [parts.load(name) for name in names]
     missing = [i for i in range(n) if records[i] is None]
     for start in range(0, len(missing), options.pairs_per_batch):
-        ctx.progress(done + n - len(missing) + start, total, what)
+        progress(done + n - len(missing) + start, total, what)
         chunk = missing[start : start + options.pairs_per_batch]
         index = torch.tensor(chunk)
         began = time.perf_counter()
@@ -468,9 +503,8 @@ def _search_pairs(
         # The pairs of a chunk share their forwards; each is charged an equal share of the time.
         seconds = (time.perf_counter() - began) / len(chunk)
         for i, path in zip(chunk, found):
-            record = {
-                "fingerprint": fingerprint,
-                "vertices": path.vertices.detach().cpu(),
+            records[i] = parts.save(names[i], {
+                "vertices": path.vertices,
                 "success": path.success,
                 "certified": path.certified,
                 "pieces": path.pieces,
@@ -480,14 +514,12 @@ def _search_pairs(
                 "evaluations": path.evaluations,
                 "reason": path.reason,
                 "seconds": seconds,
-            }
-            atomic_torch_save(record, folder / f"pair_{i:04d}.pt")
-            records[i] = record
+            })
     return [r for r in records if r is not None]
 
 
 def _pair_row(
-    variant: str, pair_type: str, i: int, pairs: Pairs, record: dict[str, Any], class_names: tuple[str, ...], check: str
+    variant: str, pair_type: str, i: int, pairs: Pairs, record: dict[str, Any], class_names: Sequence[str], check: str
 ) -> dict[str, Any]:
     """One pair's row. ``success`` follows the variant's check: a certified path where paths can
     be certified, a sampled one where they cannot."""
@@ -500,7 +532,7 @@ def _pair_row(
         "pair_type": pair_type,
         "pair": i,
         "class": k,
-        "class_name": class_names[k] if 0 <= k < len(class_names) else str(k),
+        "class_name": class_name(class_names, k),
         **pairs.source[i],
         "check": check,
         "status": status,

@@ -34,8 +34,9 @@ recoloured the pepper's red, not its stalk); ``region=all`` the whole image.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -43,38 +44,49 @@ from torch import Tensor, nn
 from robustness import fingerprint
 from robustness.errors import ConfigError, InputError, NotApplicableError
 from robustness.geometry.colour import hue_rotate, region_mask
-from robustness.probes.base import ProbeContext, ProbeResult
-from robustness.tensors import inference_copy, l2_norm, predict
-from robustness.stats import mean_and_stderr
+from robustness.probes.base import (
+    Progress,
+    ProbeContext,
+    ProbeResult,
+    attack_node,
+    class_name,
+    fitted,
+    no_progress,
+    per_item_bytes,
+    prepare_inputs,
+    probe_options,
+    run_seed,
+    seeded,
+)
+from robustness.probes.memory import LONG, MemoryNeed
 from robustness.probes.min_perturbation import attack_description, minimal_perturbation
-from robustness.probes.per_image import PerImageOptions, load_images, run_in_chunks
+from robustness.probes.partial import PartialResults, run_in_chunks
+from robustness.probes.per_image import PerImageOptions, first, load_images
 from robustness.registry import build, register
+from robustness.stats import mean_and_stderr
+from robustness.tensors import inference_copy, l2_norm, predict
 
-_DEFAULT_L2_ATTACK = {"name": "deepfool", "overshoot": 0.02, "max_iter": 50, "num_candidates": 10}
 ITEMS = ("figure9", "sweep")
 
 
-@dataclass(frozen=True)
+@probe_options("perceptual")
 class PerceptualOptions(PerImageOptions):
     """See conf/probe/perceptual.yaml for the meaning of each option."""
 
-    probe: ClassVar[str] = "perceptual"
-
-    num_images: int | None = None  # None: the whole split
-    chunk_size: int = 50
-    items: tuple[str, ...] = ITEMS
-    angle_step: float = 15.0
-    region: str = "all"
-    soft_mask: bool = True
-    mask_half_width: float = 30.0
-    search_step: float = 15.0
-    search_tol: float = 0.1
-    max_angle: float = 180.0
-    l2_attack: dict[str, Any] | None = field(default_factory=lambda: dict(_DEFAULT_L2_ATTACK))
-    refine_steps: int = 20
-    figure_index: int | None = None
-    figure_angle: float | None = None
-    top_k: int = 3
+    num_images: int | None  # None: every image (the whole split)
+    items: tuple[str, ...]
+    angle_step: float
+    region: str
+    soft_mask: bool
+    mask_half_width: float
+    search_step: float
+    search_tol: float
+    max_angle: float
+    l2_attack: dict[str, Any] | None
+    refine_steps: int
+    figure_index: int | None
+    figure_angle: float | None
+    top_k: int
 
     def validate(self) -> None:
         # The shared checks, with the whole split (num_images None) standing in as a valid count.
@@ -113,13 +125,12 @@ class PerceptualOptions(PerImageOptions):
         """The smallest flipping rotation, the l2 comparison and the colour attack: for ``sweep`` only."""
         return "sweep" in self.items
 
-    @classmethod
-    def from_cfg(cls, cfg: Any) -> "PerceptualOptions":
-        options = super().from_cfg(cfg)
-        # The shared loader drops null values; here null means "skip the l2 comparison".
-        if "l2_attack" in cfg and cfg["l2_attack"] is None:
-            options = replace(options, l2_attack=None)
-        return options
+    def memory_need(self, image_shape: Sequence[int], num_classes: int, activation: int, num_images: int | None) -> MemoryNeed:
+        # Per image: the sweep's predictions and the per-image results; per chunk image: the
+        # attacks' gradients and the recoloured copies.
+        results = (len(self.angles) + 8) * LONG
+        attack = per_item_bytes(image_shape, activation * max(1, num_classes), gradients=True) + 2 * per_item_bytes(image_shape, 0, gradients=False)
+        return self.images_need(image_shape, num_images, attack, results_per_image=results)
 
     @property
     def angles(self) -> Tensor:
@@ -253,14 +264,15 @@ def _measure_chunk(model: nn.Module, x: Tensor, y: Tensor, options: PerceptualOp
     return out
 
 
-def measure_perceptual(ctx: ProbeContext, variant: str, model: nn.Module, x: Tensor, y: Tensor, options: PerceptualOptions) -> dict[str, Tensor]:
-    """:func:`_measure_chunk` over all images, resumable from ``ctx.work_dir``."""
-    attack = build("attack", ctx.attack)
+def measure_perceptual(model: nn.Module, x: Tensor, y: Tensor, options: PerceptualOptions, attack_cfg: dict[str, Any],
+                       cache_dir: Path | None, progress: Progress, what: str) -> dict[str, Tensor]:
+    """:func:`_measure_chunk` over all images, chunk by chunk, each chunk kept in ``cache_dir``."""
+    attack = build("attack", attack_cfg)
     l2_attack = None if options.l2_attack is None else build("attack", options.l2_attack)
     keys = ("angle_step", "region", "soft_mask", "mask_half_width", "search_step", "search_tol", "max_angle", "l2_attack", "refine_steps")
     identity = {
         **options.fingerprint(keys),
-        "attack": dict(ctx.attack),
+        "attack": dict(attack_cfg),
         "measures_sizes": options.measures_sizes,
         "images": fingerprint.of_tensors(x, y),
         "model": fingerprint.of_state(model),
@@ -269,10 +281,8 @@ def measure_perceptual(ctx: ProbeContext, variant: str, model: nn.Module, x: Ten
     def chunk(start: int, stop: int) -> dict[str, Tensor]:
         return _measure_chunk(model, x[start:stop], y[start:stop], options, attack, l2_attack)
 
-    return run_in_chunks(
-        ctx.work_dir, f"perceptual-{variant}", identity, len(x), int(options.chunk_size), chunk,
-        lambda done, total, what: ctx.progress(done, total, f"perceptual {variant}"),
-    )
+    parts = PartialResults(cache_dir, "perceptual", identity)
+    return run_in_chunks(parts, len(x), int(options.chunk_size), chunk, lambda done, total: progress(done, total, f"perceptual {what}"))
 
 
 def _wrapped(angle: Tensor) -> Tensor:
@@ -362,17 +372,111 @@ def _summary_row(variant: str, measured: dict[str, Tensor], flip: Tensor, accura
     }
 
 
-def _probed_images(ctx: ProbeContext, options: PerceptualOptions) -> tuple[Tensor, Tensor]:
-    """The whole split when ``num_images`` is None, else its first ``num_images`` images."""
-    if options.num_images is not None:
-        return load_images(ctx, options)
-    x, y = ctx.data.split_tensors(options.split)
-    if len(x) == 0:
-        raise ConfigError(f"the {options.split} split has no images", "pick another probe.split")
-    return x.to(ctx.device), y.to(ctx.device)
+class HueSweepResult(ProbeResult):
+    """``rows`` (table ``perceptual_summary``, with ``items`` holding ``sweep``): per model the mean
+    and largest flip rate over the hue rotations, the median smallest flipping rotation, the l2
+    size of that recolouring beside the l2 attack's smallest perturbation, the colour attack's
+    success; ``sweep_rows``: flip rate and accuracy per model and angle; ``figure_rows``: the
+    Figure 9 example's top classes before and after recolouring."""
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.tables.get("perceptual_summary", [])
+
+    @property
+    def sweep_rows(self) -> list[dict[str, Any]]:
+        return self.tables.get("perceptual_sweep", [])
+
+    @property
+    def figure_rows(self) -> list[dict[str, Any]]:
+        return self.tables.get("fig9_top_k", [])
 
 
-@register("probe", "perceptual")
+def hue_sweep(models: Any, images: Tensor, labels: Tensor, *, attack: str | dict[str, Any] | None = None,
+              class_names: Sequence[str] | None = None, dataset: str = "images", seed: int | None = None,
+              cache_dir: str | Path | None = None, progress: Progress = no_progress, **options: Any) -> HueSweepResult:
+    """Hue rotations that keep each image's shape, and what they do to each model (the report's
+    section 3 and Figure 9), on the first ``num_images`` colour images (all for None).
+
+    attack: the attack whose success the summary reports (default: ``conf/config.yaml``'s, deepfool;
+            the experiments use ``attack="colour"``, the smooth colour attack).
+    options: those of ``conf/probe/perceptual.yaml`` (its values are the defaults).
+    class_names, dataset: how rows and captions name the classes and the data.
+    """
+    settings = PerceptualOptions.from_cfg(options)
+    attack_cfg = attack_node(attack)
+    named, x, y, classes = prepare_inputs(models, images, labels)
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise NotApplicableError(
+            f"the perceptual probe recolours images, but {dataset} images have shape {tuple(x.shape[1:])}, not 3 colour channels first",
+            "use colour images (N, 3, H, W): dataset=colour_digits (embedded), cifar10, svhn or tinyimagenet",
+        )
+    x, y = first(x, y, settings.num_images)
+    settings = fitted(settings, named, x, classes)
+    seed = run_seed(seed)
+    names = list(class_names) if class_names is not None else [str(i) for i in range(classes)]
+    cache = None if cache_dir is None else Path(cache_dir)
+    angles = settings.angles
+    arrays: dict[str, Tensor] = {"angles": angles, "labels": y.cpu()}
+    sweep_rows, summary_rows = [], []
+    sweeps: dict[str, Tensor] = {}
+    with seeded(seed, x.device):
+        for variant, model in named.items():
+            measured = measure_perceptual(model, x, y, settings, attack_cfg, cache, progress, variant)
+            flip, accuracy = flip_rate_and_accuracy(measured["sweep_pred"], y.cpu(), angles)
+            sweeps[variant] = measured["sweep_pred"]
+            arrays.update({f"{variant}/{key}": value for key, value in measured.items()})
+            arrays[f"{variant}/flip_rate"], arrays[f"{variant}/accuracy"] = flip, accuracy
+            sweep_rows += [
+                {"variant": variant, "angle": float(a), "flip_rate": float(f), "accuracy": float(acc)}
+                for a, f, acc in zip(angles, flip, accuracy)
+            ]
+            if settings.measures_sizes:
+                summary_rows.append(_summary_row(variant, measured, flip, accuracy, angles, attack_cfg.get("name", "attack")))
+
+        with torch.no_grad():
+            confidence = torch.stack([
+                torch.cat([torch.softmax(model(chunk), 1) for chunk in x.split(1024)]).gather(1, y[:, None]).squeeze(1)
+                for model in named.values()
+            ]).amin(0).cpu()
+        index, angle, fooled = choose_figure(sweeps, y.cpu(), angles, settings.figure_index, settings.figure_angle, confidence)
+        image = x[index : index + 1]
+        recoloured = hue_rotate(image, angle, _mask(image, settings))
+        arrays["figure/original"], arrays["figure/recoloured"] = image[0].cpu(), recoloured[0].cpu()
+        figure_rows = []
+        for variant, model in named.items():
+            idx, prob = top_k(model, torch.cat([image, recoloured]), int(settings.top_k))
+            arrays[f"figure/{variant}/top_idx"], arrays[f"figure/{variant}/top_prob"] = idx.cpu(), prob.cpu()
+            for row, version in enumerate(("original", "recoloured")):
+                figure_rows += [
+                    {"variant": variant, "image": version, "rank": rank + 1, "class": class_name(names, int(c)), "probability": float(p)}
+                    for rank, (c, p) in enumerate(zip(idx[row], prob[row]))
+                ]
+    meta = {
+        "variants": list(named),
+        "dataset": dataset,
+        "class_names": names,
+        "split": settings.split,
+        "num_images": int(len(x)),
+        "whole_split": settings.num_images is None or int(len(x)) < int(settings.num_images),
+        "items": list(settings.items),
+        "region": settings.region,
+        "angle_step": float(settings.angle_step),
+        "search": {"step": float(settings.search_step), "tol": float(settings.search_tol), "max_angle": float(settings.max_angle)},
+        "l2_attack": None if settings.l2_attack is None else attack_description(dict(settings.l2_attack), int(settings.refine_steps)),
+        "attack": attack_description(attack_cfg, 0),
+        "figure": {"index": int(index), "angle": float(angle), "label": class_name(names, int(y[index])), "models_fooled": int(fooled)},
+        "seed": int(seed),
+    }
+    tables: dict[str, list[dict[str, Any]]] = {}
+    if "sweep" in settings.items:
+        tables.update(perceptual_summary=summary_rows, perceptual_sweep=sweep_rows)
+    if "figure9" in settings.items:
+        tables["fig9_top_k"] = figure_rows
+    return HueSweepResult("perceptual", arrays, tables, meta)
+
+
+@register("probe", "perceptual", options=PerceptualOptions)
 def compute(ctx: ProbeContext) -> ProbeResult:
     options = PerceptualOptions.from_cfg(ctx.options)
     info = ctx.data.info
@@ -381,61 +485,5 @@ def compute(ctx: ProbeContext) -> ProbeResult:
             f"the perceptual probe recolours images, but dataset '{info.name}' has {info.in_channels} channel(s)",
             "use a colour dataset: dataset=colour_digits (embedded), cifar10, svhn or tinyimagenet",
         )
-    x, y = _probed_images(ctx, options)
-    angles = options.angles
-    arrays: dict[str, Tensor] = {"angles": angles, "labels": y.cpu()}
-    sweep_rows, summary_rows = [], []
-    sweeps: dict[str, Tensor] = {}
-    for variant, model in ctx.models.items():
-        measured = measure_perceptual(ctx, variant, model, x, y, options)
-        flip, accuracy = flip_rate_and_accuracy(measured["sweep_pred"], y.cpu(), angles)
-        sweeps[variant] = measured["sweep_pred"]
-        arrays.update({f"{variant}/{key}": value for key, value in measured.items()})
-        arrays[f"{variant}/flip_rate"], arrays[f"{variant}/accuracy"] = flip, accuracy
-        sweep_rows += [
-            {"variant": variant, "angle": float(a), "flip_rate": float(f), "accuracy": float(acc)}
-            for a, f, acc in zip(angles, flip, accuracy)
-        ]
-        if options.measures_sizes:
-            summary_rows.append(_summary_row(variant, measured, flip, accuracy, angles, ctx.attack.get("name", "attack")))
-
-    with torch.no_grad():
-        confidence = torch.stack([
-            torch.cat([torch.softmax(model(chunk), 1) for chunk in x.split(1024)]).gather(1, y[:, None]).squeeze(1)
-            for model in ctx.models.values()
-        ]).amin(0).cpu()
-    index, angle, fooled = choose_figure(sweeps, y.cpu(), angles, options.figure_index, options.figure_angle, confidence)
-    image = x[index : index + 1]
-    recoloured = hue_rotate(image, angle, _mask(image, options))
-    arrays["figure/original"], arrays["figure/recoloured"] = image[0].cpu(), recoloured[0].cpu()
-    figure_rows = []
-    for variant, model in ctx.models.items():
-        idx, prob = top_k(model, torch.cat([image, recoloured]), int(options.top_k))
-        arrays[f"figure/{variant}/top_idx"], arrays[f"figure/{variant}/top_prob"] = idx.cpu(), prob.cpu()
-        for row, version in enumerate(("original", "recoloured")):
-            figure_rows += [
-                {"variant": variant, "image": version, "rank": rank + 1, "class": info.class_names[int(c)], "probability": float(p)}
-                for rank, (c, p) in enumerate(zip(idx[row], prob[row]))
-            ]
-    meta = {
-        "variants": list(ctx.models),
-        "dataset": info.name,
-        "class_names": list(info.class_names),
-        "split": options.split,
-        "num_images": int(len(x)),
-        "whole_split": options.num_images is None or int(len(x)) < int(options.num_images),
-        "items": list(options.items),
-        "region": options.region,
-        "angle_step": float(options.angle_step),
-        "search": {"step": float(options.search_step), "tol": float(options.search_tol), "max_angle": float(options.max_angle)},
-        "l2_attack": None if options.l2_attack is None else attack_description(dict(options.l2_attack), int(options.refine_steps)),
-        "attack": attack_description(dict(ctx.attack), 0),
-        "figure": {"index": int(index), "angle": float(angle), "label": info.class_names[int(y[index])], "models_fooled": int(fooled)},
-        "seed": int(ctx.seed),
-    }
-    tables: dict[str, list[dict[str, Any]]] = {}
-    if "sweep" in options.items:
-        tables.update(perceptual_summary=summary_rows, perceptual_sweep=sweep_rows)
-    if "figure9" in options.items:
-        tables["fig9_top_k"] = figure_rows
-    return ProbeResult("perceptual", arrays, tables, meta)
+    x, y = load_images(ctx, options.split, options.num_images)
+    return hue_sweep(ctx.models, x, y, attack=ctx.attack, class_names=info.class_names, dataset=info.name, **ctx.common(), **ctx.options)

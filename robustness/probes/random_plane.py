@@ -15,8 +15,8 @@ its own random plane (seeded by ``(direction_seed, image index)``, the same for 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, ClassVar
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -24,16 +24,30 @@ from torch import Tensor, nn
 from robustness import fingerprint
 from robustness.errors import ConfigError, InputError
 from robustness.geometry.planes import classify_plane, direction_pair, image_seed, region_statistics
-from robustness.probes.base import ProbeContext, ProbeOptions, ProbeResult
-from robustness.probes.per_image import require_positive_int, run_in_chunks
-from robustness.tensors import inference_copy, predict
+from robustness.probes.base import (
+    Progress,
+    ProbeContext,
+    ProbeOptions,
+    ProbeResult,
+    class_name,
+    fitted,
+    no_progress,
+    per_item_bytes,
+    prepare_inputs,
+    probe_options,
+    run_seed,
+    seeded,
+)
+from robustness.probes.memory import LONG, MemoryNeed, grid_need, image_bytes, largest_odd_grid, size_text
+from robustness.probes.partial import PartialResults, run_in_chunks
+from robustness.probes.per_image import load_images, require_positive_int
 from robustness.registry import register
+from robustness.tensors import inference_copy, predict
 
 # Per-image measurements of one chunk of images: (model, images, labels, image indices) -> tensors.
 PerImageFn = Callable[[nn.Module, Tensor, Tensor, list[int]], dict[str, Tensor]]
 
 
-@dataclass(frozen=True)
 class PlaneOptions(ProbeOptions):
     """Options shared by the plane probes (see conf/probe/random_plane.yaml for their meaning).
 
@@ -41,21 +55,19 @@ class PlaneOptions(ProbeOptions):
     the sample, so the same setting suits 8x8 digits and 64x64 colour images).
     """
 
-    probe: ClassVar[str] = "random_plane"
-
-    split: str = "test"
-    sample_index: int = 0
-    direction_seed: int = 0
-    resolution: int = 201
-    extent: float = 1.0
-    clamp: bool = False
-    batch_size: int = 256
-    num_images: int = 50
-    stats_resolution: int = 101
-    chunk_size: int = 25
+    split: str
+    sample_index: int
+    direction_seed: int
+    resolution: int
+    extent: float
+    clamp: bool
+    batch_size: int
+    num_images: int
+    stats_resolution: int
+    chunk_size: int
 
     def validate(self) -> None:
-        where = f"probe.{{}} of {self.probe}"
+        where = f"probe.{{}} of {self.defaults_from}"
         for key, hint in (("resolution", "the report's figures use 201"), ("stats_resolution", "the per-image statistics use 101")):
             value = getattr(self, key)
             if int(value) < 3:
@@ -65,8 +77,8 @@ class PlaneOptions(ProbeOptions):
                     f"{where.format(key)} must be odd, got {value}",
                     f"use {int(value) + 1}: an odd grid puts the sample exactly on a grid point",
                 )
-        require_positive_int(self.probe, "num_images", self.num_images, "the report's statistics use 50 test images")
-        require_positive_int(self.probe, "chunk_size", self.chunk_size, "e.g. 25; a finished chunk is kept when a run is interrupted")
+        require_positive_int(self.defaults_from, "num_images", self.num_images, "the report's statistics use 50 test images")
+        require_positive_int(self.defaults_from, "chunk_size", self.chunk_size, "e.g. 25; a finished chunk is kept when a run is interrupted")
         if not float(self.extent) > 0:
             raise ConfigError(f"{where.format('extent')} must be positive, got {self.extent}")
         if int(self.batch_size) <= 0:
@@ -74,19 +86,78 @@ class PlaneOptions(ProbeOptions):
         if int(self.sample_index) < 0:
             raise ConfigError(f"{where.format('sample_index')} must be >= 0, got {self.sample_index}")
 
+    def images_wanted(self) -> int:
+        """Images the probe reads from the start of a split: the per-image ones and the figure's sample."""
+        return max(int(self.num_images), int(self.sample_index) + 1)
 
-def load_sample(ctx: ProbeContext, options: PlaneOptions) -> tuple[Tensor, int]:
-    """The fixed sample (image without batch dimension, on ``ctx.device``) and its true label."""
-    x, y = ctx.data.split_tensors(options.split, indices=[int(options.sample_index)])
-    return x[0].to(ctx.device), int(y[0])
+    def memory_need(self, image_shape: Sequence[int], num_classes: int, activation: int, num_images: int | None) -> MemoryNeed:
+        # The largest grid held at once (the figure's, or one image's statistics grid), the
+        # images, then a batch of grid points through the model; the attack of the boundary
+        # plane probe works on one image or one chunk, far less.
+        largest = max(int(self.resolution), int(self.stats_resolution))
+        key = "resolution" if int(self.resolution) >= int(self.stats_resolution) else "stats_resolution"
+        held = self.images_wanted() if num_images is None else int(num_images)
+        images = held * (image_bytes(image_shape) + 4 * LONG)
+        return MemoryNeed(
+            fixed=grid_need(largest) + images,
+            per_item=per_item_bytes(image_shape, activation, gradients=False),
+            batch=int(self.batch_size),
+            batch_key="batch_size",
+            fixed_what=f"a {largest}x{largest} grid and {held} images",
+            fixed_fix=lambda usable: f"use probe.{key}={min(largest_odd_grid(usable, images), largest - 2)} or less "
+                                     f"(the report's figures use 201; {size_text(usable)} can be used)",
+        )
 
 
-def sample_meta(ctx: ProbeContext, options: PlaneOptions, true_label: int) -> dict[str, Any]:
+@probe_options("random_plane")
+class RandomPlaneOptions(PlaneOptions):
+    """The options of conf/probe/random_plane.yaml."""
+
+
+class PlaneResult(ProbeResult):
+    """What both plane probes return. ``rows``: one row per model at the figure's sample;
+    ``per_image_rows``: one row per model and image; :meth:`labels`: a model's grid of predicted
+    classes at the sample (``resolution`` x ``resolution``, rows along the first direction)."""
+
+    main_table: ClassVar[str] = ""
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.tables[self.main_table]
+
+    @property
+    def per_image_rows(self) -> list[dict[str, Any]]:
+        return self.tables["per_image"]
+
+    def labels(self, model: str = "model") -> Tensor:
+        return self.arrays[f"{model}/labels"]
+
+    def per_image(self, model: str = "model") -> dict[str, Tensor]:
+        prefix = f"{model}/per_image/"
+        return {key[len(prefix):]: value for key, value in self.arrays.items() if key.startswith(prefix)}
+
+
+class RandomPlaneResult(PlaneResult):
+    """``rows`` (table ``regions``): per model the sample's class, the number of classes on the square
+    and the share of it that keeps the sample's class; per image the same in each image's own plane."""
+
+    main_table = "regions"
+
+
+def sample_of(x: Tensor, y: Tensor, options: PlaneOptions) -> tuple[Tensor, int]:
+    """The figure's sample (image without batch dimension) and its label."""
+    index = int(options.sample_index)
+    if index >= len(x):
+        raise ConfigError(f"probe.sample_index {index} is outside the {len(x)} images given", f"pick an index below {len(x)}")
+    return x[index], int(y[index])
+
+
+def sample_meta(names: Sequence[str], options: PlaneOptions, true_label: int, class_names: Sequence[str], dataset: str) -> dict[str, Any]:
     """Metadata both plane probes record: which sample, which plane, how points were evaluated."""
     return {
-        "variants": list(ctx.models),
-        "class_names": list(ctx.data.info.class_names),
-        "dataset": ctx.data.info.name,
+        "variants": list(names),
+        "class_names": list(class_names),
+        "dataset": dataset,
         "split": options.split,
         "sample_index": int(options.sample_index),
         "true_label": true_label,
@@ -98,29 +169,27 @@ def sample_meta(ctx: ProbeContext, options: PlaneOptions, true_label: int) -> di
     }
 
 
-def measure_per_image(ctx: ProbeContext, options: PlaneOptions, measure: PerImageFn, what: str) -> tuple[Tensor, Tensor, dict[str, dict[str, Tensor]]]:
-    """``measure`` at each of the first ``num_images`` images for every model, resumable chunk by chunk.
+def measure_per_image(models: dict[str, nn.Module], x: Tensor, y: Tensor, options: PlaneOptions, measure: PerImageFn, what: str,
+                      cache_dir: Path | None, progress: Progress, depends_on: dict[str, Any] | None = None) -> tuple[Tensor, Tensor, dict[str, dict[str, Tensor]]]:
+    """``measure`` at each of the first ``num_images`` images for every model, chunk by chunk.
 
-    Returns the images' labels, their indices in the split, and per variant the measured tensors
-    (one value per image). Chunks are kept in ``ctx.work_dir`` under a fingerprint of the options,
-    the attack, the images and the model's weights.
+    Returns the images' labels, their indices, and per model the measured tensors (one value per
+    image). Chunks are kept per model in ``cache_dir`` under a fingerprint of the options, what
+    else the measurement ``depends_on`` (the attack), the images and the model's weights, so runs
+    on other lists of models reuse them.
     """
-    x, y = ctx.data.split_tensors(options.split, limit=int(options.num_images))
-    if len(x) == 0:
-        raise ConfigError(f"the {options.split} split has no images", "pick another probe.split")
-    x, y = x.to(ctx.device), y.to(ctx.device)
-    settings = {k: v for k, v in asdict(options).items() if k not in ("sample_index", "resolution", "batch_size", "chunk_size")}
+    x, y = x[: int(options.num_images)], y[: int(options.num_images)]
+    settings = {k: v for k, v in options.as_dict().items() if k not in ("sample_index", "resolution", "batch_size", "chunk_size")}
     measured: dict[str, dict[str, Tensor]] = {}
-    for variant, model in ctx.models.items():
-        identity = {"probe": options.probe, "options": settings, "attack": dict(ctx.attack), "images": fingerprint.of_tensors(x, y), "model": fingerprint.of_state(model)}
+    for variant, model in models.items():
+        identity = {"probe": options.defaults_from, "options": settings, **(depends_on or {}), "images": fingerprint.of_tensors(x, y), "model": fingerprint.of_state(model)}
 
         def chunk(start: int, stop: int, model: nn.Module = model) -> dict[str, Tensor]:
             return measure(model, x[start:stop], y[start:stop], list(range(start, stop)))
 
-        # Kept per model, not per list of variants: the identity names the model by its weights.
         measured[variant] = run_in_chunks(
-            ctx.shared_dir or ctx.work_dir, options.probe, identity, len(x), int(options.chunk_size), chunk,
-            lambda done, total, _, variant=variant: ctx.progress(done, total, f"{what} of {variant}, per image"),
+            PartialResults(cache_dir, options.defaults_from, identity), len(x), int(options.chunk_size), chunk,
+            lambda done, total, variant=variant: progress(done, total, f"{what} of {variant}, per image"),
         )
     return y.cpu(), torch.arange(len(x)), measured
 
@@ -170,46 +239,50 @@ def region_statistics_per_image(options: PlaneOptions) -> PerImageFn:
     return measure
 
 
-@register("probe", "random_plane")
-def compute(ctx: ProbeContext) -> ProbeResult:
-    options = PlaneOptions.from_cfg(ctx.options)
-    x0, true_label = load_sample(ctx, options)
+def random_plane(models: Any, images: Tensor, labels: Tensor, *, class_names: Sequence[str] | None = None, dataset: str = "images",
+                 seed: int | None = None, cache_dir: str | Path | None = None, progress: Progress = no_progress, **options: Any) -> RandomPlaneResult:
+    """Class regions in random planes: around image ``sample_index`` on a ``resolution`` grid (the
+    figure), and around each of the first ``num_images`` images on a ``stats_resolution`` grid.
+
+    options: those of ``conf/probe/random_plane.yaml`` (its values are the defaults).
+    class_names, dataset: how rows and captions name the classes and the data.
+    cache_dir: where per-image chunks are kept (None: nothing is kept).
+    """
+    settings = RandomPlaneOptions.from_cfg(options)
+    named, x, y, classes = prepare_inputs(models, images, labels, labels_are_classes=False)
+    names = list(class_names) if class_names is not None else [str(i) for i in range(classes)]
+    x0, true_label = sample_of(x, y, settings)
+    settings = fitted(settings, named, x[: settings.images_wanted()], classes)
     image_norm = float(x0.norm())
     if image_norm == 0.0:
         raise InputError(
-            f"{options.split} image #{options.sample_index} is all zeros, and the plane's extent is measured in its l2 norm",
+            f"{settings.split} image #{settings.sample_index} is all zeros, and the plane's extent is measured in its l2 norm",
             "pick another probe.sample_index",
         )
-    u, v = direction_pair(x0.shape, options.direction_seed)
+    u, v = direction_pair(x0.shape, settings.direction_seed)
     u, v = u.to(x0), v.to(x0)
-    half_width = float(options.extent) * image_norm
-    coords = torch.linspace(-half_width, half_width, int(options.resolution), device=x0.device)
+    half_width = float(settings.extent) * image_norm
+    coords = torch.linspace(-half_width, half_width, int(settings.resolution), device=x0.device)
 
-    class_names = ctx.data.info.class_names
     arrays: dict[str, Tensor] = {"x0": x0.cpu(), "u": u.cpu(), "v": v.cpu(), "coords": coords.cpu()}
     rows: list[dict[str, Any]] = []
     predicted: dict[str, int] = {}
-    for done, (variant, model) in enumerate(ctx.models.items()):
-        fast = inference_copy(model, x0.unsqueeze(0))
-        label = predicted[variant] = int(predict(fast, x0.unsqueeze(0))[0])
-        labels = classify_plane(fast, x0, u, v, coords, coords, batch_size=int(options.batch_size), clamp=bool(options.clamp))
-        stats = region_statistics(labels, label)
-        arrays[f"{variant}/labels"] = labels.cpu()
-        rows.append(
-            {
-                "variant": variant,
-                "sample_class": class_names[label],
-                "num_classes": stats.num_classes,
-                "area_fraction": stats.area_fraction,
-            }
-        )
-        ctx.progress(done + 1, len(ctx.models), f"random plane of {variant}")
+    with seeded(run_seed(seed), x.device):
+        for done, (variant, model) in enumerate(named.items()):
+            fast = inference_copy(model, x0.unsqueeze(0))
+            label = predicted[variant] = int(predict(fast, x0.unsqueeze(0))[0])
+            labels_grid = classify_plane(fast, x0, u, v, coords, coords, batch_size=int(settings.batch_size), clamp=bool(settings.clamp))
+            stats = region_statistics(labels_grid, label)
+            arrays[f"{variant}/labels"] = labels_grid.cpu()
+            rows.append({"variant": variant, "sample_class": class_name(names, label), "num_classes": stats.num_classes, "area_fraction": stats.area_fraction})
+            progress(done + 1, len(named), f"random plane of {variant}")
 
-    labels, indices, measured = measure_per_image(ctx, options, region_statistics_per_image(options), "random planes")
-    per_image_arrays, per_image_rows = per_image_outputs(labels, indices, measured, ("area_fraction", "num_classes"))
+        point_labels, indices, measured = measure_per_image(named, x, y, settings, region_statistics_per_image(settings), "random planes",
+                                                             None if cache_dir is None else Path(cache_dir), progress)
+    per_image_arrays, per_image_rows = per_image_outputs(point_labels, indices, measured, ("area_fraction", "num_classes"))
     arrays.update(per_image_arrays)
 
-    meta = sample_meta(ctx, options, true_label)
+    meta = sample_meta(list(named), settings, true_label, names, dataset)
     meta.update(
         {
             "half_width": half_width,
@@ -217,14 +290,30 @@ def compute(ctx: ProbeContext) -> ProbeResult:
             "predicted_label": predicted,
             "num_images": int(len(indices)),
             "methods": (
-                f"Two orthonormal directions are Gaussian draws from seed {int(options.direction_seed)} (Gram-Schmidt), the same "
-                f"for every model; the square of half-width {float(options.extent):g} x the image's l2 norm is classified on a "
-                f"{int(options.resolution)}x{int(options.resolution)} grid ({'points clipped to [0, 1]' if options.clamp else 'points evaluated as they are, unclipped'}). "
-                f"The per-image statistics repeat this at each of the first {int(len(indices))} {options.split} images, each in its own "
+                f"Two orthonormal directions are Gaussian draws from seed {int(settings.direction_seed)} (Gram-Schmidt), the same "
+                f"for every model; the square of half-width {float(settings.extent):g} x the image's l2 norm is classified on a "
+                f"{int(settings.resolution)}x{int(settings.resolution)} grid ({'points clipped to [0, 1]' if settings.clamp else 'points evaluated as they are, unclipped'}). "
+                f"The per-image statistics repeat this at each of the first {int(len(indices))} {settings.split} images, each in its own "
                 f"random plane (seeded by the direction seed and the image's index, the same for every model) on a "
-                f"{int(options.stats_resolution)}x{int(options.stats_resolution)} grid; the area fraction is the share of grid points "
+                f"{int(settings.stats_resolution)}x{int(settings.stats_resolution)} grid; the area fraction is the share of grid points "
                 "that keep the model's predicted class of the image."
             ),
         }
     )
-    return ProbeResult(probe="random_plane", arrays=arrays, tables={"regions": rows, "per_image": per_image_rows}, meta=meta)
+    return RandomPlaneResult(probe="random_plane", arrays=arrays, tables={"regions": rows, "per_image": per_image_rows}, meta=meta)
+
+
+def plane_images(ctx: ProbeContext, options: PlaneOptions) -> tuple[Tensor, Tensor]:
+    """What a plane probe's adapter hands its function: the split's first images, up to the figure's sample."""
+    return load_images(ctx, options.split, options.images_wanted())
+
+
+def plane_run(ctx: ProbeContext) -> dict[str, Any]:
+    """A plane probe's run settings: per-image chunks go where other lists of models find them."""
+    return {**ctx.common(), "cache_dir": ctx.shared_dir or ctx.work_dir, "class_names": ctx.data.info.class_names, "dataset": ctx.data.info.name}
+
+
+@register("probe", "random_plane", options=RandomPlaneOptions)
+def compute(ctx: ProbeContext) -> ProbeResult:
+    x, y = plane_images(ctx, RandomPlaneOptions.from_cfg(ctx.options))
+    return random_plane(ctx.models, x, y, **plane_run(ctx), **ctx.options)

@@ -14,43 +14,54 @@ Two kinds of attack are handled, told apart by type (:mod:`robustness.attacks.ba
 (RobustBench reports AutoAttack beside PGD): each row names its attack.
 
 Only correctly classified images are attacked: the others are non-robust at every eps.
-Per-variant results are kept in ``ctx.work_dir`` so an interrupted run resumes per variant.
+Each model's finished attacks are kept (:mod:`robustness.probes.partial`), so an interrupted run resumes per model and attack.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from robustness import fingerprint
 from robustness.attacks.base import Attack, AttackResult, FixedEpsilonAttack
 from robustness.errors import ConfigError
-from robustness.io import atomic_torch_save
-from robustness.probes.base import ProbeContext, ProbeOptions, ProbeResult
+from robustness.probes.base import (
+    Progress,
+    ProbeContext,
+    ProbeOptions,
+    ProbeResult,
+    attack_node,
+    fitted,
+    no_progress,
+    per_item_bytes,
+    prepare_inputs,
+    probe_options,
+    run_seed,
+    seeded,
+)
+from robustness.probes.memory import LONG, MemoryNeed, image_bytes, size_text
+from robustness.probes.partial import PartialResults
+from robustness.probes.per_image import first, load_images
+from robustness.registry import build, register
 from robustness.tensors import inference_copy, predict
-from robustness.registry import build
-from robustness import fingerprint
-from robustness.store import load_weights
-from robustness.registry import register
 
 NORMS = ("l2", "linf")
 
 
-@dataclass(frozen=True)
-class Options(ProbeOptions):
+@probe_options("robust_accuracy")
+class RobustAccuracyOptions(ProbeOptions):
     """See conf/probe/robust_accuracy.yaml for their meaning."""
 
-    probe: ClassVar[str] = "robust_accuracy"
-
-    eps: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5)
-    split: str = "test"
-    n_images: int = 500
-    batch_size: int = 256
-    norm: str = "l2"
-    relative_step: float | None = None
-    extra_attacks: tuple[dict[str, Any], ...] = ()
+    eps: tuple[float, ...]
+    split: str
+    n_images: int
+    batch_size: int
+    norm: str
+    relative_step: float | None
+    extra_attacks: tuple[dict[str, Any], ...]
 
     @classmethod
     def normalise(cls, values: dict[str, Any]) -> dict[str, Any]:
@@ -85,6 +96,31 @@ class Options(ProbeOptions):
         if self.relative_step is not None and not self.relative_step > 0:
             raise ConfigError(f"probe.relative_step must be > 0, got {self.relative_step}", "e.g. probe.relative_step=0.25, or null to keep the attack's step_size")
 
+    def memory_need(self, image_shape: Sequence[int], num_classes: int, activation: int, num_images: int | None) -> MemoryNeed:
+        held = int(self.n_images) if num_images is None else int(num_images)
+        # The images and one attacked copy of them, the masks per radius; a batch through the attack.
+        per_image = 2 * image_bytes(image_shape) + (len(self.eps) + 2) * LONG
+        return MemoryNeed(
+            fixed=held * per_image,
+            per_item=per_item_bytes(image_shape, activation * max(1, num_classes), gradients=True),
+            batch=int(self.batch_size),
+            batch_key="batch_size",
+            fixed_what=f"{held} images of shape {tuple(image_shape)}",
+            fixed_fix=lambda usable: f"attack fewer images (probe.n_images); {size_text(usable)} can hold about {usable // max(1, per_image)}",
+        )
+
+
+class RobustAccuracyResult(ProbeResult):
+    """``rows``: per model, attack and radius the clean and the robust accuracy; :meth:`curve`: a
+    model's robust accuracy per radius (``eps``) under the main attack."""
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.tables["robust_accuracy"]
+
+    def curve(self, model: str = "model") -> tuple[Tensor, Tensor]:
+        return self.arrays["eps"], self.arrays[f"{model}/robust_acc"]
+
 
 def perturbation_norm(delta: Tensor, norm: str) -> Tensor:
     """Per-image l2 or l-infinity norm of a batch of perturbations."""
@@ -102,7 +138,7 @@ def _attack_batches(attack: Attack, model: nn.Module, x: Tensor, y: Tensor, batc
     return AttackResult(*(torch.cat([getattr(p, f) for p in parts]) for f in ("x_adv", "success", "norm", "steps")))
 
 
-def robust_masks(model: nn.Module, x: Tensor, y: Tensor, attack: Attack, options: Options) -> tuple[Tensor, Tensor, Tensor]:
+def robust_masks(model: nn.Module, x: Tensor, y: Tensor, attack: Attack, options: RobustAccuracyOptions) -> tuple[Tensor, Tensor, Tensor]:
     """``(correct, robust, distance)`` for one model.
 
     correct:  (n,) clean prediction is right
@@ -133,7 +169,7 @@ def robust_masks(model: nn.Module, x: Tensor, y: Tensor, attack: Attack, options
     return correct, robust, distance
 
 
-def _build_attacks(main: dict[str, Any], options: Options) -> dict[str, tuple[dict[str, Any], Attack]]:
+def _build_attacks(main: dict[str, Any], options: RobustAccuracyOptions) -> dict[str, tuple[dict[str, Any], Attack]]:
     """Attack label -> (config, attack): the ``attack`` group's first, then ``extra_attacks``."""
     attacks: dict[str, tuple[dict[str, Any], Attack]] = {}
     for position, cfg in enumerate([main, *options.extra_attacks]):
@@ -152,54 +188,71 @@ def _build_attacks(main: dict[str, Any], options: Options) -> dict[str, tuple[di
     return attacks
 
 
-def _norm_of(attack: Attack, options: Options) -> str:
+def _norm_of(attack: Attack, options: RobustAccuracyOptions) -> str:
     return attack.norm if isinstance(attack, FixedEpsilonAttack) else options.norm
 
 
-@register("probe", "robust_accuracy")
-def compute(ctx: ProbeContext) -> ProbeResult:
-    options = Options.from_cfg(ctx.options)
-    attack_cfg = dict(ctx.attack)
-    if "name" not in attack_cfg:
-        raise ConfigError("the attack config has no 'name'", "pick one with attack=pgd_linf (or deepfool, runner_up, ...)")
-    attacks = _build_attacks(attack_cfg, options)  # every config error before any work
-    x, y = ctx.data.split_tensors(options.split, limit=int(options.n_images))
-    x, y = x.to(ctx.device), y.to(ctx.device)
+def robust_accuracy(models: Any, images: Tensor, labels: Tensor, *, attack: str | dict[str, Any] | None = None, dataset: str = "images",
+                    seed: int | None = None, cache_dir: str | Path | None = None, progress: Progress = no_progress, **options: Any) -> RobustAccuracyResult:
+    """Clean and robust accuracy of each model on the first ``n_images`` images at every radius in ``eps``.
 
+    attack: any attack of the ``attack`` group, by name or as a node (default: ``conf/config.yaml``'s,
+            deepfool; ``experiment=robust_accuracy`` uses pgd_linf). Fixed-epsilon attacks run at
+            each radius, a minimisation attack once.
+    options: those of ``conf/probe/robust_accuracy.yaml`` (its values are the defaults).
+    seed: seeds attacks with a random start (default: ``conf/config.yaml``'s seed).
+    cache_dir: where each model's finished attacks are kept (None: nothing is kept).
+    """
+    settings = RobustAccuracyOptions.from_cfg(options)
+    attack_cfg = attack_node(attack)
+    attacks = _build_attacks(attack_cfg, settings)  # every config error before any work
+    named, x, y, classes = prepare_inputs(models, images, labels)
+    x, y = first(x, y, settings.n_images)
+    settings = fitted(settings, named, x, classes)
     rows: list[dict[str, Any]] = []
-    arrays: dict[str, Tensor] = {"eps": torch.tensor(options.eps), "labels": y.cpu()}
-    for done, (variant, model) in enumerate(ctx.models.items()):
-        for label, (cfg, attack) in attacks.items():
-            key = fingerprint.of_config({"options": options.__dict__, "attack": cfg, "variant": variant, "n": len(y)})
-            partial = ctx.work_dir / f"{variant}-{label}-{key}.pt"
-            if partial.is_file():
-                saved = load_weights(partial, f"partial robust_accuracy result of '{variant}' under {label}")
-            else:
-                correct, robust, distance = robust_masks(model, x, y, attack, options)
-                saved = {"correct": correct.cpu(), "robust": robust.cpu(), "distance": distance.cpu()}
-                atomic_torch_save(saved, partial)
-            clean_acc = float(saved["correct"].float().mean())
-            robust_acc = saved["robust"].float().mean(dim=1)
-            for eps, acc in zip(options.eps, robust_acc.tolist()):
-                rows.append({"variant": variant, "attack": label, "eps": eps, "clean_acc": clean_acc, "robust_acc": acc})
-            # The main attack keeps the array names it always had; extra attacks are prefixed.
-            prefix = variant if label == attack_cfg["name"] else f"{variant}/{label}"
-            arrays[f"{prefix}/robust_acc"] = robust_acc
-            arrays[f"{prefix}/correct"] = saved["correct"]
-            arrays[f"{prefix}/distance"] = saved["distance"]
-        ctx.progress(done + 1, len(ctx.models), f"robust accuracy of {variant}")
+    arrays: dict[str, Tensor] = {"eps": torch.tensor(settings.eps), "labels": y.cpu()}
+    # The batch only splits the work: it does not name the partial results.
+    identity = {k: v for k, v in settings.as_dict().items() if k != "batch_size"}
+    with seeded(run_seed(seed), x.device):
+        for done, (variant, model) in enumerate(named.items()):
+            parts = PartialResults(None if cache_dir is None else Path(cache_dir), "robust_accuracy", {
+                "options": identity, "attacks": [cfg for cfg, _ in attacks.values()], "images": fingerprint.of_tensors(x, y), "model": fingerprint.of_state(model),
+            })
+            for label, (cfg, attack_fn) in attacks.items():
+                def measure(attack_fn: Attack = attack_fn) -> dict[str, Tensor]:
+                    correct, robust, distance = robust_masks(model, x, y, attack_fn, settings)
+                    return {"correct": correct, "robust": robust, "distance": distance}
+
+                saved = parts.get(label, measure)
+                clean_acc = float(saved["correct"].float().mean())
+                robust_acc = saved["robust"].float().mean(dim=1)
+                for eps, acc in zip(settings.eps, robust_acc.tolist()):
+                    rows.append({"variant": variant, "attack": label, "eps": eps, "clean_acc": clean_acc, "robust_acc": acc})
+                # The main attack keeps the array names it always had; extra attacks are prefixed.
+                prefix = variant if label == attack_cfg["name"] else f"{variant}/{label}"
+                arrays[f"{prefix}/robust_acc"] = robust_acc
+                arrays[f"{prefix}/correct"] = saved["correct"]
+                arrays[f"{prefix}/distance"] = saved["distance"]
+            progress(done + 1, len(named), f"robust accuracy of {variant}")
 
     main = attacks[attack_cfg["name"]][1]
     meta = {
-        "variants": list(ctx.models),
+        "variants": list(named),
         "attack": attack_cfg,
         "attack_kind": "fixed epsilon" if isinstance(main, FixedEpsilonAttack) else "minimisation",
-        "norm": _norm_of(main, options),
-        "attacks": {label: {"config": cfg, "norm": _norm_of(attack, options)} for label, (cfg, attack) in attacks.items()},
-        "eps": list(options.eps),
-        "split": options.split,
+        "norm": _norm_of(main, settings),
+        "attacks": {label: {"config": cfg, "norm": _norm_of(attack_fn, settings)} for label, (cfg, attack_fn) in attacks.items()},
+        "eps": list(settings.eps),
+        "split": settings.split,
         "n_images": len(y),
-        "relative_step": options.relative_step,
-        "dataset": ctx.data.info.name,
+        "relative_step": settings.relative_step,
+        "dataset": dataset,
     }
-    return ProbeResult(probe="robust_accuracy", arrays=arrays, tables={"robust_accuracy": rows}, meta=meta)
+    return RobustAccuracyResult(probe="robust_accuracy", arrays=arrays, tables={"robust_accuracy": rows}, meta=meta)
+
+
+@register("probe", "robust_accuracy", options=RobustAccuracyOptions)
+def compute(ctx: ProbeContext) -> ProbeResult:
+    options = RobustAccuracyOptions.from_cfg(ctx.options)
+    x, y = load_images(ctx, options.split, options.n_images)
+    return robust_accuracy(ctx.models, x, y, attack=ctx.attack, dataset=ctx.data.info.name, **ctx.common(), **ctx.options)

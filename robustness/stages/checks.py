@@ -23,8 +23,8 @@ from omegaconf.errors import OmegaConfBaseException
 from robustness.errors import ConfigError, RobustnessError
 from robustness.io import path_length_problem
 from robustness.models import zoo
-from robustness.registry import build, lookup
-from robustness.stages.common import OWN_TRAINER_KEYS, check_writable, launched_group, make_datamodule, resolve_path, to_python
+from robustness.registry import build
+from robustness.stages.common import OWN_TRAINER_KEYS, check_writable, device_for, launched_group, make_datamodule, resolve_path, to_python
 from robustness.stages.variants import check_imported_models
 
 log = logging.getLogger("robustness")
@@ -122,24 +122,20 @@ def _built(group: str, make: Any) -> Any:
 
 
 def _probe_options(cfg: DictConfig) -> Any:
-    """The probe's options object, built (and validated) the way the probe itself will."""
-    from robustness.probes.base import ProbeOptions
+    """The probe's options object, built (and validated) the way the probe itself will, and its
+    memory judged for this dataset's images before any model is loaded."""
+    from robustness.probes.base import check_memory_before_loading
+    from robustness.registry import options_of
 
     name = str(cfg.probe.name)
-    compute = lookup("probe", name)  # imports the probe module, whose options class then exists
-
-    def subclasses(cls: type) -> Iterator[type]:
-        for sub in cls.__subclasses__():
-            yield sub
-            yield from subclasses(sub)
-
-    matches = [c for c in subclasses(ProbeOptions) if getattr(c, "probe", "") == name]
-    # The probe's own options: defined beside its compute(), the most derived of those.
-    own = [c for c in matches if c.__module__ == compute.__module__] or matches
-    if not own:
+    options_class = options_of("probe", name)
+    if options_class is None:
         return None
-    options = max(own, key=lambda c: len(c.__mro__))
-    return options.from_cfg(to_python(cfg.probe))
+    options = options_class.from_cfg(to_python(cfg.probe))
+    info = getattr(make_datamodule(cfg, setup=False), "info", None)  # a dataset may know its shape only once set up
+    if info is not None:
+        check_memory_before_loading(options, info.image_shape, info.num_classes, device_for(cfg))
+    return options
 
 
 def _check_optim(optim: dict[str, Any]) -> None:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import logging
 import shutil
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from robustness import fingerprint, tracking
 from robustness.errors import ConfigError, StoreError
@@ -58,6 +62,79 @@ def training_record(v: Variant, store: Any, info: Any, device: torch.device) -> 
     return TrainingRecord(v.parent.alias if v.parent is not None else "random init", metrics, start_model, adversarial_set)
 
 
+@dataclass
+class GivenModels:
+    """Models and images handed in from Python (``robustness.report``) instead of the store's.
+
+    models:    name -> model in eval mode
+    data:      a data-module stand-in serving the given images (``split_tensors``, ``info``)
+    cache_dir: where probe results are kept, for every section of the run
+    """
+
+    models: dict[str, nn.Module]
+    data: Any
+    cache_dir: Path
+
+
+_GIVEN: ContextVar[GivenModels | None] = ContextVar("given_models", default=None)
+
+
+@contextmanager
+def given_models(given: GivenModels) -> Iterator[None]:
+    """Inside the block, the probe stage measures ``given`` instead of loading variants from the
+    store: a section runs on the given models its ``variants`` name, or on all of them where it
+    names none of them. Nothing is trained and the store is not read."""
+    token = _GIVEN.set(given)
+    try:
+        yield
+    finally:
+        _GIVEN.reset(token)
+
+
+@dataclass
+class _Sources:
+    """What one probe run measures, and where its result is kept."""
+
+    models: dict[str, nn.Module]
+    datamodule: Any
+    work_dir: Path
+    cache_root: Path | None
+    training: Any
+    styles: dict[str, dict[str, str]]
+    fingerprints: dict[str, str]
+    model_name: str
+
+
+def _from_store(cfg: DictConfig, name: str, output_dir: Path, overrides: Sequence[str], device: torch.device) -> _Sources:
+    datamodule = make_datamodule(cfg)
+    models, variants = load_models(cfg, datamodule, output_dir, device, overrides)
+    store = store_for(cfg, datamodule.info.name)
+    weights = {n: weights_digest(v, store) for n, v in variants.items()}
+    cache_root = _cache_root(cfg, store.probes_dir(), output_dir)
+    return _Sources(
+        models=models, datamodule=datamodule,
+        work_dir=(cache_root or output_dir / "probe-work") / f"{name}-{result_key(cfg, variants, weights)}", cache_root=cache_root,
+        training=lambda variant: training_record(variants[variant], store, datamodule.info, device),
+        styles={n: variant_style(v) for n, v in variants.items()}, fingerprints={n: v.key for n, v in variants.items()},
+        model_name=str(cfg.model.name),
+    )
+
+
+def _from_given(cfg: DictConfig, name: str, given: GivenModels) -> _Sources:
+    wanted = [str(v) for v in cfg.get("variants") or []]
+    chosen = [n for n in wanted if n in given.models] or list(given.models)
+    models = {n: given.models[n] for n in chosen}
+    weights = {n: fingerprint.of_state(model) for n, model in models.items()}
+    key = fingerprint.of_config({
+        "probe": to_python(cfg.probe), "attack": to_python(cfg.attack), "seed": int(cfg.seed), "models": weights,
+        "data": given.data.fingerprint(),
+    })
+    return _Sources(
+        models=models, datamodule=given.data, work_dir=given.cache_dir / f"{name}-{key}", cache_root=given.cache_dir,
+        training=lambda variant: TrainingRecord(), styles={n: {"title": n} for n in models}, fingerprints=weights, model_name="given",
+    )
+
+
 def probe(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag: str = "", wandb_run: Any = None) -> RunOutcome:
     """``task=probe``: run ``cfg.probe`` on the variants, draw its figures and tables."""
     if cfg.get("probe") is None or "name" not in cfg.probe:
@@ -67,14 +144,9 @@ def probe(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag:
     compute = lookup("probe", name)
     draw = lookup("reporter", name)
     device = device_for(cfg)
-    datamodule = make_datamodule(cfg)
-    models, variants = load_models(cfg, datamodule, output_dir, device, overrides)
-    store = store_for(cfg, datamodule.info.name)
-    weights = {n: weights_digest(v, store) for n, v in variants.items()}
-
-    styles = {n: variant_style(v) for n, v in variants.items()}
-    cache_root = _cache_root(cfg, store.probes_dir(), output_dir)
-    work_dir = (cache_root or output_dir / "probe-work") / f"{name}-{result_key(cfg, variants, weights)}"
+    given = _GIVEN.get()
+    sources = _from_given(cfg, name, given) if given is not None else _from_store(cfg, name, output_dir, overrides, device)
+    models, datamodule, styles, cache_root, work_dir = sources.models, sources.datamodule, sources.styles, sources.cache_root, sources.work_dir
     final = work_dir / "result"
     if cache_root is None:
         log.warning("probe '%s': no writable folder for its cache, so this result is computed afresh and not kept", name)
@@ -95,7 +167,7 @@ def probe(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag:
         ctx = ProbeContext(
             options=to_python(cfg.probe), models=models, data=datamodule, attack=to_python(cfg.attack), device=device,
             seed=int(cfg.seed), work_dir=work_dir / "partial", progress=progress_reporter(name),
-            training=lambda variant: training_record(variants[variant], store, datamodule.info, device),
+            training=sources.training,
             # recompute=true computes afresh: nothing shared with earlier runs is reused then.
             shared_dir=cache_root / "per-model" if cache_root is not None and not cfg.get("recompute", False) else None,
         )
@@ -105,8 +177,8 @@ def probe(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag:
         result.meta.setdefault("experiment", cfg.get("experiment_name"))
         result.meta.setdefault("variants", list(models))
         result.meta.setdefault("dataset", datamodule.info.name)
-        result.meta.setdefault("model", str(cfg.model.name))
-        result.meta.setdefault("fingerprints", {n: v.key for n, v in variants.items()})
+        result.meta.setdefault("model", sources.model_name)
+        result.meta.setdefault("fingerprints", sources.fingerprints)
         result.meta["variant_styles"] = styles
         result.save(final)
         if cache_root is None:

@@ -1,0 +1,89 @@
+"""The one cache of a probe's partial results: each finished part kept as soon as it is done.
+
+Every probe that works through items (chunks of images, image pairs, attacks) keeps each finished
+part here, so that an interrupted probe resumes where it stopped and another run that needs the
+same parts (Table 2 after Figures 5-8, Figure 4 after Figure 2) finds them. A set of parts lives
+in ``<root>/<name>-<fingerprint>/``, the fingerprint taken of everything its numbers depend on
+(options, seed, images, the model's weights), so a changed setting or a retrained model never
+meets a stale part. Parts are dicts of tensors and plain values, written atomically and read with
+``weights_only=True``; one that cannot be read is computed again.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from robustness import fingerprint
+from robustness.io import atomic_torch_save
+
+log = logging.getLogger("robustness")
+
+Part = dict[str, Any]
+
+
+class PartialResults:
+    """The parts of one computation, named by ``identity``; ``root=None`` keeps nothing."""
+
+    def __init__(self, root: str | Path | None, name: str, identity: Mapping[str, Any]) -> None:
+        self.folder = None if root is None else Path(root) / f"{name}-{fingerprint.of_config(dict(identity))}"
+
+    def path(self, part: str) -> Path | None:
+        return None if self.folder is None else self.folder / f"{part}.pt"
+
+    def load(self, part: str, valid: Callable[[Any], bool] = lambda value: isinstance(value, dict)) -> Part | None:
+        """A saved part, or None where there is none (or it cannot be read, or ``valid`` refuses it)."""
+        path = self.path(part)
+        if path is None or not path.is_file():
+            return None
+        try:
+            value = torch.load(path, map_location="cpu", weights_only=True)
+            if not valid(value):
+                raise TypeError("not the kind of part this probe saves")
+        except Exception as exc:  # noqa: BLE001 - writes are atomic, so this is a damaged or foreign file
+            log.warning("recomputing the partial result %s: it cannot be read (%s)", path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return None
+        return value
+
+    def save(self, part: str, value: Part) -> Part:
+        """Keep ``value`` (tensors moved to the CPU) and return it."""
+        kept = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in value.items()}
+        path = self.path(part)
+        if path is not None:
+            atomic_torch_save(kept, path)
+        return kept
+
+    def get(self, part: str, compute: Callable[[], Part], valid: Callable[[Any], bool] = lambda value: isinstance(value, dict)) -> Part:
+        """The saved part, or ``compute()`` saved."""
+        saved = self.load(part, valid)
+        return saved if saved is not None else self.save(part, compute())
+
+
+def _tensors_only(value: Any) -> bool:
+    return isinstance(value, dict) and all(torch.is_tensor(v) for v in value.values())
+
+
+def run_in_chunks(
+    parts: PartialResults,
+    num_items: int,
+    chunk_size: int,
+    compute_chunk: Callable[[int, int], Mapping[str, Tensor]],
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Tensor]:
+    """``compute_chunk(start, stop)`` over ``range(num_items)`` in chunks, each kept in ``parts``.
+
+    Returns every key's chunks concatenated along dimension 0 (on the CPU).
+    """
+    chunks = []
+    for start in range(0, num_items, chunk_size):
+        stop = min(start + chunk_size, num_items)
+        chunks.append(parts.get(f"{start:06d}-{stop:06d}", lambda: dict(compute_chunk(start, stop)), _tensors_only))
+        if progress is not None:
+            progress(stop, num_items)
+    if not chunks:
+        return {}
+    return {k: torch.cat([chunk[k] for chunk in chunks]) for k in chunks[0]}
