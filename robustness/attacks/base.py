@@ -15,6 +15,8 @@ target. Callers read ``AttackResult.success`` and never check again.
 
 from __future__ import annotations
 
+from typing import final
+
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -134,6 +136,7 @@ class Attack(ABC):
     #: images per forward when the base has to compute the final logits itself
     eval_batch_size: int = 1024
 
+    @final  # subclasses write perturb(): validation and the success criterion stay the base's
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor | None = None, target: Tensor | None = None) -> AttackResult:
         prepare_attack_inputs(model, x, y, target)
         x0 = x.detach()

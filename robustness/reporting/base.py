@@ -211,6 +211,20 @@ def write_table(
     return Artefact("table", name, [csv_path, md_path], caption, list(rows), methods, shown=None if shown is None else display)
 
 
+def draw_tables(result: ProbeResult, out_dir: str | Path) -> list[Artefact]:
+    """How a probe without a reporter of its own is drawn: each of its tables, as every table is
+    (CSV with every column, at most :data:`MAX_SHOWN_COLUMNS` on screen), captioned by the probe's
+    ``meta["caption"]`` where it gives one."""
+    caption = str(result.meta.get("caption") or "")
+    artefacts = []
+    for key, rows in result.tables.items():
+        columns = table_columns(rows)
+        shown = pick_columns(rows, columns[:MAX_SHOWN_COLUMNS]) if len(columns) > MAX_SHOWN_COLUMNS else None
+        name = key if key == result.probe else f"{result.probe}_{key}"
+        artefacts.append(write_table(rows, out_dir, name, caption or f"{result.probe}: {key}", str(result.meta.get("methods") or ""), shown=shown))
+    return artefacts
+
+
 def ordered_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[dict[str, Any]]:
     """Rows with ``columns`` first, in that order, then any other keys.
 

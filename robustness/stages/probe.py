@@ -20,6 +20,7 @@ from robustness.errors import ConfigError, StoreError
 from robustness.probes.base import ProbeContext, ProbeResult, TrainingRecord
 from robustness.progress import progress_reporter
 from robustness.registry import build, choices, lookup
+from robustness.reporting.base import draw_tables
 from robustness.stages.common import RunOutcome, device_for, make_datamodule, to_python, store_for, writable_problem
 from robustness.stages.variants import Variant, load_models, variant_style, weights_digest
 
@@ -142,7 +143,8 @@ def probe(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     name = str(cfg.probe.name)
     compute = lookup("probe", name)
-    draw = lookup("reporter", name)
+    # A probe without a reporter of its own has its tables written (reporting.base.draw_tables).
+    draw = lookup("reporter", name) if name in choices("reporter") else draw_tables
     device = device_for(cfg)
     given = _GIVEN.get()
     sources = _from_given(cfg, name, given) if given is not None else _from_store(cfg, name, output_dir, overrides, device)
