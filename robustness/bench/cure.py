@@ -213,11 +213,10 @@ def _throughput(step: Step, model: nn.Module, x: Tensor, y: Tensor, steps: int) 
 FLOOR = {"plain": 1.0, "cure batch": 4.0, "cure running": 5.0, "reference": 6.0, "cure batch f=0.25": 2.0}
 # Short column names for the parts the CURE step times.
 PART_COLUMNS = {
-    "forward at x": "fwd x",
-    "input gradient at x": "grad x",
+    "training forward and input gradient at x": "fwd+grad x",
+    "forward and input gradient at x": "pen fwd+grad x",
     "direction z": "z",
-    "forward at x + h z": "fwd x+hz",
-    "input gradient at x + h z": "grad x+hz",
+    "forward and input gradient at x + h z": "fwd+grad x+hz",
     "penalty from the gradients": "penalty",
     "training forward": "train fwd",
     "backward of the total": "backward",
