@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from robustness.data.digits import DigitsDataModule
 from robustness.models.smallcnn import smallcnn
+from robustness.registry import build
 from robustness.training import second_order
 from robustness.training.cure import CURE
 from robustness.training.second_order import _BatchNormTrain, _ReLU
@@ -121,6 +122,35 @@ def test_cure_step_gradients_equal_torchs_generic_double_backward(
             monkeypatch.setattr(second_order, "closed_form", second_order.generic)
         model = _relu_batch_norm_cnn(zero_weight)
         loss = cure.training_loss(model, x, y, epoch=0).loss
+        loss.backward()
+        results.append((float(loss.detach()), {name: p.grad for name, p in model.named_parameters()}, _buffers(model)))
+    (loss_ours, grads_ours, buffers_ours), (loss_generic, grads_generic, buffers_generic) = results
+    assert math.isclose(loss_ours, loss_generic, rel_tol=1e-12)
+    for name, expected in grads_generic.items():
+        assert torch.allclose(grads_ours[name], expected, rtol=1e-9, atol=1e-12), name
+    for name, expected in buffers_generic.items():
+        assert torch.equal(buffers_ours[name], expected), name
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        {"name": "grad_align", "eps": 0.1, "lam": 0.9},
+        {"name": "llr", "eps": 0.1, "steps": 3},
+        {"name": "input_gradient_norm", "lam": 2.0},
+        {"name": "jacobian", "lam": 0.5, "projections": 2},
+    ],
+    ids=lambda node: node["name"],
+)
+def test_every_double_backward_regularizer_gets_torchs_generic_gradients(monkeypatch: pytest.MonkeyPatch, node: dict) -> None:
+    x, y = _digits_batch(8, torch.float64)
+    results = []
+    for closed_forms in (True, False):
+        if not closed_forms:
+            monkeypatch.setattr(second_order, "closed_form", second_order.generic)
+        model = _relu_batch_norm_cnn(zero_weight=False)
+        torch.manual_seed(5)  # the same random draws (noise, starts, projections) both times
+        loss = build("regularizer", node).training_loss(model, x, y, epoch=0).loss
         loss.backward()
         results.append((float(loss.detach()), {name: p.grad for name, p in model.named_parameters()}, _buffers(model)))
     (loss_ours, grads_ours, buffers_ours), (loss_generic, grads_generic, buffers_generic) = results
