@@ -21,6 +21,11 @@ class ConfigError(RobustnessError, ValueError):
     """A configuration value is invalid (wrong range, wrong type, unknown name)."""
 
 
+class NotApplicableError(ConfigError):
+    """A probe does not apply to this data or model (a hue rotation of greyscale images): an
+    error when the probe is run on its own, a section marked "not run" with the reason in a report."""
+
+
 class DataError(RobustnessError):
     """A dataset is missing, incomplete or malformed on disk."""
 

@@ -127,7 +127,7 @@ def training_identity(config: Mapping[str, Any], init_fingerprint: str | None) -
         "format": IDENTITY_FORMAT,
         "dataset": dataset_identity(config["dataset"], config["seed"]),
         "model": dict(config["model"]),
-        "regularizer": dict(config["regularizer"]),
+        "regularizer": {k: v for k, v in dict(config["regularizer"]).items() if k != "display"},
         "init_from": init_fingerprint,
         "optim": dict(config["optim"]),
         "trainer": trainer,

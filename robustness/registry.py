@@ -104,6 +104,8 @@ def split_name(node: DictConfig | Mapping[str, Any], group: str) -> tuple[str, d
     if "name" not in data:
         raise ConfigError(f"the {group} config has no 'name' key", f"add 'name: <one of the {group} options>'")
     name = data.pop("name")
+    # How reports name and draw a component (a regularizer's variant): not an option of it.
+    data.pop("display", None)
     return str(name), data  # type: ignore[return-value]
 
 

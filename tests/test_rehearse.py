@@ -20,11 +20,9 @@ import pytest
 from robustness import rehearse
 
 REPO = Path(__file__).resolve().parents[1]
-IN_TESTS = [
-    "report_digits", "report_cifar10", "report_tinyimagenet",
-    "base_cifar10", "adv_finetune_cifar10", "cure_cifar10", "pgd_cifar10",
-    "base_tinyimagenet", "adv_finetune_tinyimagenet", "cure_tinyimagenet", "pgd_tinyimagenet",
-]
+# The reports train every variant of their recipe (CIFAR-10's and Tiny-ImageNet's at their real
+# architecture and image size), so they rehearse the real-setting trainings too.
+IN_TESTS = ["report_digits", "report_cifar10", "report_tinyimagenet"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +36,7 @@ def _env() -> dict[str, str]:
 
 def test_every_experiment_file_is_rehearsed_by_make_rehearse() -> None:
     names = rehearse.experiment_names()
-    assert names == sorted(p.stem for p in (REPO / "experiments").glob("*.yaml")) and len(names) >= 25
+    assert names == sorted(p.stem for p in (REPO / "experiments").glob("*.yaml")) and len(names) >= 18
     assert set(IN_TESTS) <= set(names)
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"^rehearse:.*\n\t\$\(PYTHON\) -m robustness\.rehearse\s*$", makefile, re.M)

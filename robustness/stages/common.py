@@ -23,7 +23,7 @@ log = logging.getLogger("robustness")
 # Overrides that say *where* and *on what* a run happens; a variant that a run needs is composed
 # with them, so that `dataset=cifar10 model.activation=tanh` reaches every model it loads or
 # trains. Everything else on the command line (optim.lr, probe.*, variants) stays with the run.
-INHERITED_OVERRIDES = ("dataset", "model", "seed", "paths", "logger", "store", "debug", "trainer.accelerator", "trainer.precision")
+INHERITED_OVERRIDES = ("recipe", "dataset", "model", "seed", "paths", "logger", "store", "debug", "trainer.accelerator", "trainer.precision")
 # Group choices inherited as a whole, though keys under them are not (``trainer=cpu``, not ``trainer.max_epochs``).
 INHERITED_CHOICES = ("trainer",)
 
@@ -137,16 +137,26 @@ def check_writable(directory: Path, what: str, hint: str) -> None:
 
 
 def apply_debug(cfg: DictConfig) -> None:
-    """Shrink the run's probe, regularizer and attack by ``debug.shrink`` (``debug=rehearsal``),
-    for the keys those components have; nothing else changes."""
+    """Apply ``debug`` (``debug=rehearsal``): merge its ``settings`` over the run's config, and
+    shrink the run's probe, regularizer and attack by ``debug.shrink`` for the keys those
+    components have; nothing else changes.
+
+    Runs after composition, because a variant's training overrides (its recipe's) come after
+    every config file, the debug one included."""
     debug = cfg.get("debug")
-    shrink = debug.get("shrink") if isinstance(debug, DictConfig) else None
-    if not shrink:
+    if not isinstance(debug, DictConfig):
         return
+    settings, shrink = debug.get("settings"), debug.get("shrink")
     with open_dict(cfg):
+        if settings:
+            for key, value in settings.items():
+                if isinstance(cfg.get(key), DictConfig):
+                    cfg[key].merge_with(value)
+                else:
+                    cfg[key] = value
         for group in ("probe", "regularizer", "attack"):
             node = cfg.get(group)
-            if isinstance(node, DictConfig) and group in shrink:
+            if shrink and isinstance(node, DictConfig) and group in shrink:
                 _set_existing(node, shrink[group])
 
 

@@ -30,8 +30,9 @@ _OWN_TRAINER_KEYS = ("max_bad_steps",)
 
 
 def train(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag: str = "", wandb_run: Any = None) -> RunOutcome:
-    """``task=train``: the run's own config is the variant to train."""
-    v = variant_lookup.of_training_config(cfg, overrides)
+    """``task=train``: train the variant the run's regularizer names, with the run's recipe."""
+    # The recipe's overrides for this variant come first, then the whole command line.
+    v = variant_lookup.resolve(cfg, str(cfg.regularizer.variant), overrides, own_overrides=overrides)
     if tag:
         v.alias = f"{v.variant}@{tag}"
     return train_variant(v, output_dir, overrides)

@@ -1,8 +1,9 @@
 """Variants: from a name a run asks for (``base``, ``cure@regularizer.lam=8``) to a model in the store.
 
 A variant name is an alias. Its model is found by the fingerprint of the training config that
-produces it: the variant's experiment (``store.variant_experiments``) composed for this run's
-dataset, model and seed, plus the overrides after ``@``. So a probe never loads weights that
+produces it: experiment ``train`` with the overrides the run's recipe lists for the variant
+(``recipe.variants``, conf/recipe/), composed for this run's dataset, model and seed, plus the
+overrides after ``@``. So a probe never loads weights that
 were trained with other options, and two trainings with different configs never share an entry.
 """
 
@@ -20,7 +21,7 @@ from robustness import fingerprint
 from robustness.data.base import ImageDataModule
 from robustness.errors import ConfigError, StoreError
 from robustness.models import zoo
-from robustness.registry import build
+from robustness.registry import build, choices
 from robustness.stages.common import apply_debug, compose_experiment, inherited, to_python, store_for
 from robustness.store import ModelStore
 
@@ -43,18 +44,35 @@ class Variant:
     parent: "Variant | None"
 
 
-def training_config(cfg: DictConfig, name: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """The composed training config of variant ``name`` for the run ``cfg``."""
+def recipe_settings(cfg: DictConfig, variant: str) -> list[str]:
+    """The overrides that train ``variant`` in the run's recipe (``recipe.variants``); a variant the
+    recipe does not list trains with ``regularizer=<variant>`` and that regularizer's defaults."""
+    recipe = cfg.get("recipe") or {}
+    listed = recipe.get("variants") or {}
+    if variant in listed:
+        return [str(o) for o in listed[variant]]
+    if variant in choices("regularizer"):
+        return [f"regularizer={variant}"]
+    raise ConfigError(
+        f"no recipe trains variant '{variant}': recipe {recipe.get('name')} lists {', '.join(listed) or 'none'}, "
+        f"and there is no regularizer={variant}",
+        f"pick variants among those, or add `{variant}: [regularizer=..., ...]` under recipe.variants (conf/recipe/{recipe.get('name')}.yaml)",
+    )
+
+
+def training_config(cfg: DictConfig, name: str, overrides: Sequence[str] = (), own_overrides: Sequence[str] | None = None) -> DictConfig:
+    """The composed training config of variant ``name`` for the run ``cfg``: experiment ``train``
+    with the run's recipe, dataset and model, the recipe's overrides for the variant, then
+
+    - ``own_overrides`` (a ``task=train`` run's whole command line), or else
+    - the overrides of ``overrides`` a variant inherits, ``store.train_overrides`` and the
+      overrides after ``@`` in ``name`` (a variant another run needs).
+    """
     variant, _, extra = name.partition("@")
-    experiments = cfg.store.variant_experiments
-    experiment = experiments.get(variant)
-    if experiment is None:
-        raise ConfigError(
-            f"no experiment trains variant '{variant}' (store.variant_experiments has: {', '.join(experiments)})",
-            f"add one with store.variant_experiments.{variant}=EXPERIMENT, or pick variants among those",
-        )
-    choice = [f"dataset={cfg.dataset.name}", f"model={cfg.model.name}"]
-    child = compose_experiment(str(experiment), [*choice, *inherited(overrides), *cfg.store.train_overrides, *(extra.split(",") if extra else [])])
+    choice = [f"recipe={cfg.recipe.name}", f"dataset={cfg.dataset.name}", f"model={cfg.model.name}"]
+    after = list(own_overrides) if own_overrides is not None else \
+        [*inherited(overrides), *cfg.store.train_overrides, *(extra.split(",") if extra else [])]
+    child = compose_experiment("train", [*choice, *recipe_settings(cfg, variant), *after])
     with open_dict(child):
         for key in _TAKEN_FROM_RUN:
             if key in cfg:
@@ -64,17 +82,18 @@ def training_config(cfg: DictConfig, name: str, overrides: Sequence[str] = ()) -
     apply_debug(child)
     if child.regularizer.variant != variant:
         raise ConfigError(
-            f"store.variant_experiments maps '{variant}' to experiment '{experiment}', which trains variant '{child.regularizer.variant}'",
-            f"point store.variant_experiments.{variant} at an experiment that trains '{variant}'",
+            f"recipe {cfg.recipe.name} trains variant '{variant}' with regularizer={child.regularizer.name}, which trains variant '{child.regularizer.variant}'",
+            f"make recipe.variants.{variant} start with a regularizer that trains '{variant}'",
         )
     return child
 
 
-def resolve(cfg: DictConfig, name: str, overrides: Sequence[str] = (), _seen: tuple[str, ...] = ()) -> Variant:
+def resolve(cfg: DictConfig, name: str, overrides: Sequence[str] = (), _seen: tuple[str, ...] = (),
+            own_overrides: Sequence[str] | None = None) -> Variant:
     """Variant ``name`` for run ``cfg``: its training config, identity and fingerprint (parents first)."""
     if name in _seen:
         raise ConfigError(f"variants start from each other in a circle: {' -> '.join([*_seen, name])}", "fix the regularizers' init_from")
-    child = training_config(cfg, name, overrides)
+    child = training_config(cfg, name, overrides, own_overrides)
     return of_training_config(child, overrides, name, _seen)
 
 
@@ -90,6 +109,20 @@ def of_training_config(child: DictConfig, overrides: Sequence[str] = (), name: s
         parent.key if parent else None,
     )
     return Variant(name or variant, variant, child, identity, fingerprint.of_config(identity), parent)
+
+
+def variant_style(v: Variant) -> dict[str, str]:
+    """How reports name and draw ``v``: its regularizer's ``display`` title and colour, the
+    overrides after ``@`` added to the title (and no fixed colour, so that siblings differ); a
+    published model by its own name."""
+    if "external" in v.identity:
+        return {"title": v.alias}
+    display = to_python(v.config.regularizer.get("display")) or {}
+    title = str(display.get("title") or v.variant)
+    extra = v.alias.partition("@")[2]
+    if extra:
+        return {"title": f"{title} ({extra})"}
+    return {"title": title, **({"colour": str(display["colour"])} if display.get("colour") else {})}
 
 
 def missing_model_error(store: ModelStore, wanted: Variant, train_command: str) -> StoreError:
@@ -116,7 +149,8 @@ def train_command(v: Variant) -> str:
     cfg = v.config
     extra = v.alias.partition("@")[2]
     return " ".join(filter(None, [
-        "python -m robustness", f"experiment={cfg.experiment_name}", f"dataset={cfg.dataset.name}", f"model={cfg.model.name}",
+        "python -m robustness", "experiment=train", f"recipe={cfg.recipe.name}", f"regularizer={cfg.regularizer.name}",
+        f"dataset={cfg.dataset.name}", f"model={cfg.model.name}",
         f"seed={cfg.seed}", f"paths.artifacts_dir={cfg.paths.artifacts_dir}", " ".join(extra.split(",")) if extra else "",
     ]))
 

@@ -23,6 +23,7 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+from helpers import make_fake_tiny
 import scipy.io
 import torch
 from omegaconf import OmegaConf
@@ -343,10 +344,6 @@ GREY_WNID = WNIDS[-1]  # layouts writes its first training image as a greyscale 
 def _jpeg(path: Path, colour: tuple[int, int, int], size: int = 64) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (size, size), colour).save(path, format="JPEG", quality=95)
-
-
-def make_fake_tiny(data_dir: Path, train_per_class: int = 4, val_per_class: int = 2) -> Path:
-    return layouts.write_tinyimagenet(data_dir, train_per_class, seed=0, val_per_class=val_per_class, num_classes=3)
 
 
 def _val_labels(root: Path) -> dict[str, str]:
