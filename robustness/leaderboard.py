@@ -215,8 +215,10 @@ def compute_leaderboard(
         row["notes"] = "; ".join(dict.fromkeys(notes))
         rows.append(row)
     claim = curvature_claim_rows(results, variants, seed, eps=eps)
+    styles = {name: style for result in results.values() for name, style in (result.meta.get("variant_styles") or {}).items() if name in variants}
     meta = {
         "variants": list(variants),
+        "variant_styles": styles,
         "seed": int(seed),
         "eps": eps,
         "columns": {c.key: {"title": c.title, "statistic": c.statistic} for c in COLUMNS},

@@ -204,3 +204,38 @@ def test_the_reporter_writes_the_table_the_figure_and_the_claim(tmp_path: Path) 
     assert [row["variant"] for row in table][0] == "Base model" and len(table) == len(VARIANTS)
     assert table[1]["clean accuracy"].count("[") == 1 and table[1]["cost per step (x plain)"] == "n/a"
     assert artefacts[2].rows[0]["verdict (mean)"] == "holds"
+
+
+def test_a_reduced_leaderboard_digits_runs_end_to_end(tmp_path: Path) -> None:
+    """experiment=leaderboard_digits under debug=rehearsal, three variants (a rank correlation's
+    least): every variant trained, every section probed, the leaderboard first in the report."""
+    import csv
+
+    from omegaconf import open_dict
+
+    from helpers import compose, hydra_initialized
+    from robustness.stages import run
+
+    overrides = ["debug=rehearsal", "logger=csv", f"paths.artifacts_dir={tmp_path / 'store'}", f"paths.data_dir={tmp_path / 'data'}",
+                 "variants=[base,trades,input_gradient_norm]"]
+    cfg = compose("leaderboard_digits", overrides)
+    with open_dict(cfg):
+        cfg.report.leaderboard.cost_rounds = 2
+        # AutoAttack's reference ensemble spends minutes on a barely trained model's few robust
+        # images (FAB and Square run to their budgets): its first component only, here.
+        cfg.report.sections.robust_accuracy.overrides = ["probe.eps=[0.0,0.1]", "probe.extra_attacks=[{name: autoattack, version: custom, attacks: [apgd-ce]}]"]
+    with hydra_initialized():
+        outcome = run(cfg, tmp_path / "board", overrides=overrides)
+    board = tmp_path / "board"
+    report = (board / "report.md").read_text()
+    assert report.index("## Leaderboard") < report.index("## Robust accuracy at the recipe's budget")
+    with open(board / "leaderboard.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["variant"] for row in rows] == ["Base model", "TRADES", "Input-gradient norm"]
+    for row in rows:
+        for column in ("clean accuracy", "PGD robust accuracy", "AutoAttack robust accuracy", "||H||_F^2 mean", "cost per step (x plain)"):
+            assert row[column] != "n/a", (row["variant"], column)
+    assert (board / "leaderboard_curvature_vs_robustness.png").stat().st_size > 0
+    claim = next(a for a in outcome.artefacts if a.name == "leaderboard_claim").rows[0]
+    assert claim["claim"] == "lower curvature goes with higher robustness across defences"
+    assert claim["verdict (mean)"] in ("holds", "does not hold", "inconclusive")

@@ -22,12 +22,20 @@ def _cell(row: dict[str, Any], key: str) -> str:
     return f"{format_cell(float(value))} {interval_text(low, high)}" if math.isfinite(low) and math.isfinite(high) else format_cell(float(value))
 
 
+def _title(result: ProbeResult, variant: str) -> str:
+    return str((result.meta.get("variant_styles") or {}).get(variant, {}).get("title") or variant_title(variant))
+
+
+def _colour(result: ProbeResult, variant: str, variants: list[str]) -> str:
+    return str((result.meta.get("variant_styles") or {}).get(variant, {}).get("colour") or variant_colour(variant, variants))
+
+
 def table_rows(result: ProbeResult) -> list[dict[str, Any]]:
     """The rows as the report shows them: each statistic with its interval in one cell."""
     columns = result.meta["columns"]
     out = []
     for row in result.tables["leaderboard"]:
-        shown: dict[str, Any] = {"variant": variant_title(row["variant"])}
+        shown: dict[str, Any] = {"variant": _title(result, row["variant"])}
         shown.update({columns[key]["title"]: _cell(row, key) for key in columns})
         shown["notes"] = row.get("notes", "")
         out.append(shown)
@@ -64,8 +72,8 @@ def _figure(result: ProbeResult, out_dir: Path) -> Artefact:
             continue
         xerr = [[max(x - row["fro2_median_low"], 0.0)], [max(row["fro2_median_high"] - x, 0.0)]] if math.isfinite(row["fro2_median_low"]) else None
         yerr = [[max(y - row[f"{robust_key}_low"], 0.0)], [max(row[f"{robust_key}_high"] - y, 0.0)]] if math.isfinite(row[f"{robust_key}_low"]) else None
-        colour = variant_colour(row["variant"], variants)
-        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", color=colour, ecolor=colour, capsize=3, label=variant_title(row["variant"]))
+        colour = _colour(result, row["variant"], variants)
+        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", color=colour, ecolor=colour, capsize=3, label=_title(result, row["variant"]))
         drawn += 1
     if drawn and all(row["fro2_median"] > 0 for row in rows if math.isfinite(row["fro2_median"])):
         ax.set_xscale("log")
