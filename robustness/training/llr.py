@@ -37,6 +37,7 @@ from robustness.training.adversarial import EvalView, sign_ascent
 from robustness.training.penalty import (
     check_double_backward_precision,
     check_number,
+    FULL_PRECISIONS,
     check_steps,
     finite_on_every_rank,
     penalty_forward,
@@ -101,7 +102,9 @@ class LLR(Regularizer):
         self._view = EvalView()
 
     def check_precision(self, precision: str | int) -> None:
-        check_double_backward_precision("llr", precision)
+        # g is a difference of losses a few hundredths apart: bfloat16 logits (8 significant
+        # bits) move each loss by about as much.
+        check_double_backward_precision("llr", precision, FULL_PRECISIONS, " (its local linearity is a small difference of losses, which bfloat16 rounding swamps)")
 
     def penalty_at(self, model: nn.Module, x: Tensor, y: Tensor, x_shifted: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The step's terms at a given ``x + delta``: ``(logits, clean losses, per-example

@@ -28,8 +28,10 @@ from robustness.training import second_order
 Forward = Callable[[Tensor], Tensor]
 
 BN_MODES = ("batch", "running")
+#: Lightning precisions in full float32 or float64.
+FULL_PRECISIONS = frozenset({"64-true", "64", "32-true", "32"})
 #: Lightning precisions a double-backward step is checked under (see :func:`check_double_backward_precision`).
-SUPPORTED_PRECISIONS = frozenset({"64-true", "64", "32-true", "32", "bf16-mixed"})
+SUPPORTED_PRECISIONS = FULL_PRECISIONS | {"bf16-mixed"}
 
 # Layers that compute something else in training mode than in evaluation mode.
 _MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
@@ -148,18 +150,20 @@ def check_steps(name: str, value: Any, example: str = "10") -> int:
     return int(value)
 
 
-def check_double_backward_precision(regularizer: str, precision: str | int) -> None:
-    """Refuse a Lightning ``trainer.precision`` a double-backward step has not been checked under.
+def check_double_backward_precision(regularizer: str, precision: str | int, checked: frozenset[str] = SUPPORTED_PRECISIONS, why: str = "") -> None:
+    """Refuse a Lightning ``trainer.precision`` a double-backward step has not been checked under
+    (``checked``: full precision, and bf16-mixed where a test compared it with float32).
 
     Float16 (``16-mixed``) scales only the outer loss, not the input gradients a penalty is made
     of, and half-precision weights have not been compared with float32.
     """
     name = str(precision)
-    if name not in SUPPORTED_PRECISIONS:
+    if name not in checked:
+        under = "full precision and under bf16-mixed" if "bf16-mixed" in checked else "full precision"
         raise ConfigError(
             f"the {regularizer} regularizer does not support trainer.precision={name}: its penalty differentiates an input "
-            "gradient again, which has been checked only in full precision and under bf16-mixed",
-            f"use trainer.precision=bf16-mixed or one of {', '.join(sorted(SUPPORTED_PRECISIONS - {'bf16-mixed'}))}",
+            f"gradient again, which has been checked only in {under}{why}",
+            f"use trainer.precision={' or '.join(sorted(checked))}",
         )
 
 
