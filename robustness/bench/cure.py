@@ -155,7 +155,7 @@ def _native_stderr_silenced() -> Iterator[None]:
             os.close(saved)
 
 
-def _measure_once(step: Step, model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
+def measure_once(step: Step, model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
     """(seconds, peak bytes above the memory allocated before the step) of one step."""
     model.zero_grad(set_to_none=True)
     clock = _clock(x.device)
@@ -181,7 +181,7 @@ def _measure_once(step: Step, model: nn.Module, x: Tensor, y: Tensor) -> tuple[f
     return seconds, float(peak)
 
 
-def _median_times(steps: dict[str, Step], model: nn.Module, x: Tensor, y: Tensor, repeat: int) -> dict[str, float]:
+def median_times(steps: dict[str, Step], model: nn.Module, x: Tensor, y: Tensor, repeat: int) -> dict[str, float]:
     """Median seconds per step; repeats interleave the steps so that drift hits them alike."""
     clock = _clock(x.device)
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -213,11 +213,10 @@ def _throughput(step: Step, model: nn.Module, x: Tensor, y: Tensor, steps: int) 
 FLOOR = {"plain": 1.0, "cure batch": 4.0, "cure running": 5.0, "reference": 6.0, "cure batch f=0.25": 2.0}
 # Short column names for the parts the CURE step times.
 PART_COLUMNS = {
-    "forward at x": "fwd x",
-    "input gradient at x": "grad x",
+    "training forward and input gradient at x": "fwd+grad x",
+    "forward and input gradient at x": "pen fwd+grad x",
     "direction z": "z",
-    "forward at x + h z": "fwd x+hz",
-    "input gradient at x + h z": "grad x+hz",
+    "forward and input gradient at x + h z": "fwd+grad x+hz",
     "penalty from the gradients": "penalty",
     "training forward": "train fwd",
     "backward of the total": "backward",
@@ -251,17 +250,17 @@ def _model_rows(name: str, model: nn.Module, x: Tensor, y: Tensor, repeat: int, 
         steps["cure batch f=0.25"] = cure_step(CURE(lam=LAM, h=H, bn_mode="batch", fraction=0.25), parts["cure batch f=0.25"])
     if repeat > 1:
         # The memory pass doubles as every step's warm-up; the times come from the repeats.
-        peaks = {step_name: _measure_once(step, model, x, y)[1] for step_name, step in steps.items()}
+        peaks = {step_name: measure_once(step, model, x, y)[1] for step_name, step in steps.items()}
         for clock in parts.values():
             clock.reset()
-        seconds = _median_times(steps, model, x, y, repeat)
+        seconds = median_times(steps, model, x, y, repeat)
     else:
         # The plain and CURE steps between them use every kernel shape the others use.
         steps["plain"](model, x, y)
         steps["cure batch"](model, x, y)
         for clock in parts.values():
             clock.reset()
-        measured = {step_name: _measure_once(step, model, x, y) for step_name, step in steps.items()}
+        measured = {step_name: measure_once(step, model, x, y) for step_name, step in steps.items()}
         seconds = {step_name: value[0] for step_name, value in measured.items()}
         peaks = {step_name: value[1] for step_name, value in measured.items()}
     rows = []

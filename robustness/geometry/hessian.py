@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustness.geometry.gradients import input_gradient
 from robustness.tensors import check_images
 from robustness.errors import InputError
 
@@ -41,25 +42,6 @@ ESTIMATORS = ("exact", "finite_difference")
 # half a GiB in float32).
 _FACTOR_MAX_CLASSES = 64
 _FACTOR_MAX_ENTRIES = 2**27
-
-
-def per_example_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """Cross-entropy of each image under its label, shape (N,)."""
-    return F.cross_entropy(model(x), y, reduction="none")
-
-
-def input_gradient(model: nn.Module, x: Tensor, y: Tensor, create_graph: bool = False) -> Tensor:
-    """Gradient of each image's own loss with respect to that image, shape of ``x``.
-
-    The gradient of the summed loss equals the per-image gradients because an eval-mode model
-    treats images independently.
-    """
-    _check_grad_mode()
-    with torch.enable_grad():
-        x = x.detach().clone().requires_grad_(True)
-        loss = per_example_loss(model, x, y).sum()
-        (grad,) = torch.autograd.grad(loss, x, create_graph=create_graph)
-    return grad if create_graph else grad.detach()
 
 
 class InputHessian:

@@ -6,6 +6,7 @@ from robustness.reporting import (  # noqa: F401
     boundary_plane,
     curvature_profile,
     hessian_norm,
+    leaderboard,
     min_perturbation,
     path_connectivity,
     perceptual,

@@ -115,6 +115,28 @@ def _scorecard_section(results: dict[str, Any], seed: int, output_dir: Path, wan
                    command="(computed from the sections below)", artefacts=artefacts)
 
 
+def _leaderboard_section(cfg: DictConfig, results: dict[str, Any], output_dir: Path, wandb_run: Any, overrides: Sequence[str]) -> Section:
+    """The geometry leaderboard (``report.leaderboard``) from every section's results, with each
+    variant's training cost per step measured here, side by side with a plain step."""
+    from robustness.leaderboard import compute_leaderboard
+    from robustness.registry import build, lookup
+    from robustness.stages.common import make_datamodule
+    from robustness.stages.variants import resolve
+    from robustness.training.cost import step_costs
+
+    board = to_python(cfg.report.leaderboard)
+    names = [str(name) for name in board["variants"]]
+    datamodule = make_datamodule(cfg)
+    x, y = datamodule.split_tensors("train", limit=int(cfg.dataset.batch_size))
+    regularizers = {name: build("regularizer", resolve(cfg, name, overrides).config.regularizer) for name in names}
+    costs = step_costs(regularizers, build("model", cfg.model, info=datamodule.info), x, y, rounds=int(board.get("cost_rounds", 7)), seed=int(cfg.seed))
+    leaderboard = compute_leaderboard(results, names, int(cfg.seed), eps=board.get("eps"), costs=costs)
+    leaderboard.save(output_dir / "results" / "leaderboard")
+    artefacts = lookup("reporter", "leaderboard")(leaderboard, output_dir)
+    tracking.log_artefacts(wandb_run, artefacts)
+    return Section(title="Leaderboard - the defences side by side", command="(computed from the sections below; costs measured here)", artefacts=artefacts)
+
+
 def report(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag: str = "", wandb_run: Any = None, _depth: int = 0) -> RunOutcome:
     """``task=report``: every section in order, then the documents."""
     from robustness.stages import run_stage
@@ -153,6 +175,8 @@ def report(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag
             results[f"{index:02d}_{experiment}/{key}" if key in results else key] = result
     if _depth == 0:
         log.info("[report] all %d sections done in %.0f s", len(sections), time.monotonic() - started)
+        if cfg.report.get("leaderboard") and results:
+            entries.insert(0, _leaderboard_section(cfg, results, output_dir, wandb_run, overrides))
         if cfg.report.get("scorecard", True) and results:
             entries.insert(0, _scorecard_section(results, int(cfg.seed), output_dir, wandb_run))
 

@@ -2,4 +2,13 @@
 ``@register("regularizer", NAME)``. Every regularizer module is imported here, so looking up any
 regularizer finds them all."""
 
-from robustness.training import adversarial, cure, distillation, regularizer  # noqa: F401
+from robustness.training import (  # noqa: F401
+    adversarial,
+    cure,
+    distillation,
+    gradient_penalties,
+    llr,
+    regularizer,
+    single_step,
+    trades,
+)

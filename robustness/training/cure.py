@@ -42,7 +42,7 @@ its start, when all of them are alive): a plain step keeps 2 per convolution/bat
 layer (the batch-norm's input and the ReLU's output, which is also the next convolution's
 input); this step keeps those 2 and the batch-norm's input gradient ``dx`` (the convolution's
 second-order backward needs it) per layer and point, 6 in all, 3x a plain step. Batch-norm's
-closed form below needs no more (it recovers what it needs of its incoming gradient from
+closed form (``training/second_order.py``) needs no more (it recovers what it needs of its incoming gradient from
 ``dx``); torch's generic one also keeps the incoming gradient, 4x.
 
 The step reaches the floor's counts:
@@ -57,14 +57,10 @@ The step reaches the floor's counts:
   parameters in exactly one backward, so every rank all-reduces them once;
 * the forwards run on the model's own modules (no functional copy, no buffer copies in 'batch'
   mode; in 'running' mode one copy of the running statistics a step);
-* in the forwards whose gradient is differentiated again, batch-norm with batch statistics runs
-  through :class:`_BatchNormTrain`, whose second-order backward is a closed form (one native
-  batch-norm backward, one fused per-channel dot product, three multiply-adds; with the forward
-  and the input gradient 2.7-4.5x cheaper than torch's generic ones on a CPU, over three layer
-  shapes) that keeps no tensor beyond the memory count below, and ReLU through :class:`_ReLU`,
-  whose second-order backward sends no all-zero gradient back into the forward graph (torch's
-  allocates and adds one per layer); in the backward of the total, where nothing is
-  differentiated again, both call torch's first-order kernels directly.
+* the forwards whose gradient is differentiated again run inside
+  :func:`robustness.training.second_order.closed_form`: batch-norm with batch statistics and ReLU
+  with closed-form second-order backwards, the same gradients as torch's generic double backward
+  for less time and, for batch norm, no tensor beyond the memory count above.
 
 The two evaluation points cannot share one forward over the concatenated batch: ``z`` is the
 sign of the gradient at ``x``, which needs the backward at ``x`` first (and in 'batch' mode each
@@ -82,42 +78,40 @@ loss bends along ``z``, and clipping would change the direction per pixel.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from robustness.errors import ConfigError, InputError
-from robustness.tensors import eval_mode
-from robustness.training.regularizer import Regularizer, StepOutput
+from robustness.geometry.gradients import LossFn, input_gradient, loss_and_input_gradient, per_example_cross_entropy
 from robustness.registry import register
+from robustness.training.penalty import (
+    BN_MODES,
+    SUPPORTED_PRECISIONS,
+    Forward,
+    check_double_backward_precision,
+    finite_on_every_rank,
+    has_mode_dependent_layers,
+    penalty_forward,
+    refuse_compiled,
+    training_forward,
+)
+from robustness.training.regularizer import Regularizer, StepOutput
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
-Forward = Callable[[Tensor], Tensor]
+__all__ = [
+    "BN_MODES", "CURE", "PenaltyTerms", "SUPPORTED_PRECISIONS", "curvature_penalty", "has_mode_dependent_layers",
+    "mean_curvature_penalty", "penalty_forward", "per_example_cross_entropy", "sign_direction",
+]
+
 #: ``timer(part)`` wraps one part of a step; the benchmark passes one that measures each part.
 PhaseTimer = Callable[[str], ContextManager[Any]]
 
 
 def _untimed(part: str) -> ContextManager[Any]:
     return nullcontext()
-
-BN_MODES = ("batch", "running")
-#: Lightning precisions the CURE step is checked under (see :meth:`CURE.check_precision`).
-SUPPORTED_PRECISIONS = frozenset({"64-true", "64", "32-true", "32", "bf16-mixed"})
-
-# Layers that compute something else in training mode than in evaluation mode.
-_MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
-
-
-def per_example_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
-    """Cross-entropy of each example, shape (N,)."""
-    return F.cross_entropy(logits, y, reduction="none")
 
 
 @dataclass
@@ -138,31 +132,6 @@ def sign_direction(grad: Tensor) -> Tensor:
     signs = torch.sign(grad)
     norms = signs.flatten(1).norm(dim=1).clamp_min(1.0)
     return signs / norms.view(-1, *([1] * (grad.dim() - 1)))
-
-
-def _input_gradient(
-    forward: Forward, x: Tensor, y: Tensor, loss_fn: LossFn, create_graph: bool, timer: PhaseTimer = _untimed, point: str = "x"
-) -> Tensor:
-    """The gradient of the summed per-example losses at ``x`` w.r.t. the pixels.
-
-    Unlike :func:`robustness.geometry.hessian.input_gradient` this takes any forward (a model run
-    in a chosen batch-norm mode) and any per-example loss, and keeps the graph on request.
-
-    For a forward that treats examples independently the gradient's row ``i`` is
-    ``grad l_i(x_i)``; with batch statistics it also carries the terms through the statistics.
-    """
-    with torch.enable_grad():
-        with timer(f"forward at {point}"):
-            x_leaf = x.detach().requires_grad_(True)
-            losses = loss_fn(forward(x_leaf), y)
-        if losses.shape != (len(x),):
-            raise InputError(
-                f"the loss function must return one loss per example, shape ({len(x)},), got {tuple(losses.shape)}",
-                "use a per-example loss (reduction='none')",
-            )
-        with timer(f"input gradient at {point}"):
-            (grad,) = torch.autograd.grad(losses.sum(), x_leaf, create_graph=create_graph)
-    return grad
 
 
 def curvature_penalty(
@@ -191,13 +160,15 @@ def curvature_penalty(
     if not (math.isfinite(h) and h > 0):
         raise InputError(f"the finite-difference step h must be a positive number, got {h}", "e.g. h=1.0")
     if clean_grad is None:
-        clean_grad = _input_gradient(forward, x, y, loss_fn, create_graph, timer)
+        with timer("forward and input gradient at x"):
+            clean_grad = input_gradient(forward, x, y, create_graph, loss_fn=loss_fn)
     elif clean_grad.shape != x.shape:
         raise InputError(f"clean_grad has shape {tuple(clean_grad.shape)}, the images {tuple(x.shape)}")
     with timer("direction z"):
         direction = sign_direction(clean_grad.detach())
         shifted = x.detach() + h * direction
-    shifted_grad = _input_gradient(forward, shifted, y, loss_fn, create_graph, timer, point="x + h z")
+    with timer("forward and input gradient at x + h z"):
+        shifted_grad = input_gradient(forward, shifted, y, create_graph, loss_fn=loss_fn)
     with timer("penalty from the gradients"):
         difference = (shifted_grad - clean_grad).flatten(1)
         # vector_norm has the zero subgradient at 0, where sqrt(sum of squares) would give NaN.
@@ -216,317 +187,6 @@ def mean_curvature_penalty(
         terms = curvature_penalty(model, x[start : start + batch_size], y[start : start + batch_size], h, squared=squared)
         total += float(terms.penalty.sum())
     return total / len(x)
-
-
-# ---------------------------------------------------------------------------------------------
-# Batch-norm with batch statistics, with a closed-form second-order backward
-
-
-def _per_channel(values: Tensor, like: Tensor) -> Tensor:
-    return values.view(1, -1, *([1] * (like.dim() - 2)))
-
-
-_native_batch_norm_backward = torch.ops.aten.native_batch_norm_backward
-
-
-def _channel_dot(a: Tensor, b: Tensor, stats: Tensor) -> Tensor:
-    """``sum a * b`` per channel (``stats``: a per-channel tensor of the statistics' dtype).
-
-    Batch-norm's weight gradient with mean 0 and inverse deviation 1 is exactly that sum; the
-    native kernel takes it in one pass over both tensors, without writing their product.
-    """
-    zeros, ones = stats.new_zeros(a.shape[1]), stats.new_ones(a.shape[1])
-    return _native_batch_norm_backward(a, b, None, None, None, zeros, ones, True, 0.0, [False, True, False])[1]
-
-
-class _BatchNormInputGradient(torch.autograd.Function):
-    """Batch-norm's backward (batch statistics) as a function of its incoming gradient and input.
-
-    With ``x_hat = (x - mean) r``, ``r = 1 / sqrt(var + eps)`` and per-channel means <.> over the
-    ``m`` values of a channel, the backward of ``y = gamma x_hat + beta`` for an incoming
-    gradient ``g`` is ``dx = gamma d`` with ``d = r (g - <g> - x_hat <g x_hat>)``,
-    ``dgamma = S_gx = sum g x_hat`` and ``dbeta = sum g``. Its own backward, for gradients ``u``,
-    ``u_gamma``, ``u_beta`` of those three, is
-
-        w.r.t. g:     a + u_gamma x_hat + u_beta,  a = gamma r (u - <u> - x_hat <u x_hat>)
-        w.r.t. x:     d (u_gamma - gamma r S_ux / m) - x_hat gamma r P / m - a r S_gx / m
-        w.r.t. gamma: P = sum u d
-
-    with ``S_ux = sum u x_hat`` (``a`` is batch-norm's own backward of ``u``: one native call
-    gives it and ``S_ux``). The x-terms come from differentiating ``r`` and the centring, with
-    ``g - <g>`` written as ``d / r + x_hat S_gx / m``.
-
-    So the backward needs ``d`` and the per-channel ``S_gx``, not ``g``: it saves the output
-    ``dx = gamma d``, which the layer before (a convolution's second-order backward needs its
-    incoming gradient) saves anyway, instead of ``g``, one activation-sized tensor less per
-    layer and evaluation point. Where ``gamma`` has an entry too close to zero for ``dx / gamma``
-    to give ``d`` back (``keep_grad_out``), ``g`` is saved and ``d`` recomputed from it.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, eps: float, keep_grad_out: bool
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        # Unused outputs (the weight gradients, in an input-gradient pass) then reach the
-        # backward as None instead of zero tensors that it would multiply through.
-        ctx.set_materialize_grads(False)
-        grad_x, grad_weight, grad_bias = _native_batch_norm_backward(grad_out, x, weight, None, None, mean, invstd, True, eps, [True, True, True])
-        ctx.eps, ctx.keep_grad_out = eps, keep_grad_out
-        ctx.save_for_backward(grad_out if keep_grad_out else grad_x, x, weight, mean, invstd, grad_weight)
-        return grad_x, grad_weight, grad_bias
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, u: Tensor | None, u_weight: Tensor | None, u_bias: Tensor | None) -> tuple[Tensor | None, ...]:
-        stored, x, weight, mean, invstd, sum_gx = ctx.saved_tensors
-        r_over_m = invstd * (x.shape[1] / x.numel())
-        # scaled_d = scale d and gamma = scale factor, per channel (None standing for 1), so that
-        # no coefficient divides by gamma unless gamma was checked to be far from zero.
-        if ctx.keep_grad_out:
-            scaled_d = _native_batch_norm_backward(stored, x, None, None, None, mean, invstd, True, ctx.eps, [True, False, False])[0]
-            scale, factor = None, weight
-        else:
-            scaled_d, scale, factor = stored, weight, None
-        grad_g = grad_x = grad_weight = None
-        coef_d = None if u_weight is None else (u_weight if scale is None else u_weight / scale)
-        if u is not None:
-            grad_g, sum_ux, _ = _native_batch_norm_backward(u, x, weight, None, None, mean, invstd, True, ctx.eps, [True, True, False])
-            scaled_p = _channel_dot(u, scaled_d, mean)
-            grad_weight = scaled_p if scale is None else scaled_p / scale
-            # -x_hat gamma r P / m, as -(x - mean) coef_x.
-            coef_x = r_over_m * invstd * scaled_p
-            coef_x = coef_x if factor is None else coef_x * factor
-            grad_x = torch.addcmul(_per_channel(mean * coef_x, x), x, _per_channel(coef_x, x), value=-1)
-            grad_x.addcmul_(grad_g, _per_channel(r_over_m * sum_gx, x), value=-1)
-            coef_u = r_over_m * sum_ux if factor is None else r_over_m * sum_ux * factor
-            coef_d = -coef_u if coef_d is None else coef_d - coef_u
-        if coef_d is not None:
-            grad_x = scaled_d * _per_channel(coef_d, x) if grad_x is None else grad_x.addcmul_(scaled_d, _per_channel(coef_d, x))
-        if u_weight is not None or u_bias is not None:
-            # grad_g += u_gamma x_hat + u_beta, x_hat = x r - mean r.
-            slope = torch.zeros_like(invstd) if u_weight is None else u_weight * invstd
-            offset = -mean * slope if u_bias is None else u_bias - mean * slope
-            extra = torch.addcmul(_per_channel(offset, x), x, _per_channel(slope, x))
-            grad_g = extra if grad_g is None else grad_g.add_(extra)
-        return grad_g, grad_x, grad_weight, None, None, None, None
-
-
-class _BatchNormTrain(torch.autograd.Function):
-    """``F.batch_norm`` with batch statistics (running ones updated as torch does), whose
-    backward is :class:`_BatchNormInputGradient` when it is to be differentiated again."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        momentum: float,
-        eps: float,
-        keep_grad_out: bool,
-    ) -> Tensor:
-        out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.eps, ctx.keep_grad_out = eps, keep_grad_out
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, mean, invstd = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: this backward is differentiated again
-            grads = _BatchNormInputGradient.apply(grad_out, x, weight, mean, invstd, ctx.eps, ctx.keep_grad_out)
-        else:
-            grads = _native_batch_norm_backward(grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, [True, True, True])
-        return (*grads, None, None, None, None, None)
-
-
-def _batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, x: Tensor, keep_grad_out: bool = True) -> Tensor:
-    """What ``_BatchNorm.forward`` does, with :class:`_BatchNormTrain` for batch statistics."""
-    if not module.training:
-        return type(module).forward(module, x)
-    module._check_input_dim(x)
-    momentum = 0.0 if module.momentum is None else module.momentum
-    if module.track_running_stats and module.num_batches_tracked is not None:
-        module.num_batches_tracked.add_(1)
-        if module.momentum is None:
-            momentum = 1.0 / float(module.num_batches_tracked)
-    tracked = module.track_running_stats
-    return _BatchNormTrain.apply(
-        x,
-        module.weight,
-        module.bias,
-        module.running_mean if tracked else None,
-        module.running_var if tracked else None,
-        momentum,
-        module.eps,
-        keep_grad_out,
-    )
-
-
-def _weights_near_zero(norms: Sequence[nn.modules.batchnorm._BatchNorm]) -> list[bool]:
-    """Per layer, whether a ``gamma`` entry is too small for ``dx / gamma`` to return ``d`` to
-    float round-off (see :class:`_BatchNormInputGradient`): exactly zero, as after a zero
-    initialisation, or below the square root of the smallest normal number. One check for all
-    layers, so that a GPU waits for it once per forward, not once per layer."""
-    if not norms:
-        return []
-    flags = [module.weight.detach().abs().amin() < torch.finfo(module.weight.dtype).tiny ** 0.5 for module in norms]
-    return torch.stack(flags).tolist()
-
-
-class _ReLUInputGradient(torch.autograd.Function):
-    """ReLU's backward ``g 1[out > 0]`` as a function of ``g``; its own backward is the same mask.
-
-    torch's second-order ReLU backward also returns a gradient for the output the mask came
-    from, which is zero almost everywhere: a zero tensor per layer that the backward then
-    allocates and adds into the forward graph. This one returns none.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, grad_out: Tensor, out: Tensor) -> Tensor:
-        ctx.save_for_backward(out)
-        return torch.ops.aten.threshold_backward(grad_out, out, 0)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, u: Tensor) -> tuple[Tensor | None, ...]:
-        (out,) = ctx.saved_tensors
-        return torch.ops.aten.threshold_backward(u, out, 0), None
-
-
-class _ReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        out = torch.relu(x)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> Tensor:
-        (out,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: this backward is differentiated again
-            return _ReLUInputGradient.apply(grad_out, out)
-        return torch.ops.aten.threshold_backward(grad_out, out, 0)
-
-
-def _relu_forward(module: nn.ReLU, x: Tensor) -> Tensor:
-    return _ReLU.apply(x)
-
-
-# Exactly these types: subclasses such as SyncBatchNorm compute their statistics otherwise.
-_PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-@contextmanager
-def _closed_form_second_order(model: nn.Module) -> Iterator[None]:
-    """Inside, the model's affine batch-norm layers (in training mode; in evaluation mode they are
-    affine maps, whose second-order backward is already cheap) and ReLU layers run through the
-    functions above, whose second-order backwards are closed forms. A batch-norm layer with a
-    weight entry near zero keeps its incoming gradient for that backward (:func:`_weights_near_zero`)."""
-    patched = [
-        module
-        for module in model.modules()
-        if (type(module) in _PLAIN_BATCH_NORMS or type(module) is nn.ReLU)
-        and getattr(module, "affine", True)
-        and "forward" not in vars(module)
-    ]
-    norms = [module for module in patched if type(module) in _PLAIN_BATCH_NORMS and module.training]
-    keep_grad_out = dict(zip(norms, _weights_near_zero(norms)))
-    for module in patched:
-        if type(module) is nn.ReLU:
-            module.forward = partial(_relu_forward, module)
-        else:
-            module.forward = partial(_batch_norm_forward, module, keep_grad_out=keep_grad_out.get(module, True))
-    try:
-        yield
-    finally:
-        for module in patched:
-            del module.forward
-
-
-def has_mode_dependent_layers(model: nn.Module) -> bool:
-    """Whether the model computes a different function in training and evaluation mode."""
-    return any(isinstance(module, _MODE_DEPENDENT) for module in model.modules())
-
-
-@contextmanager
-def _running_statistics_untouched(norms: Sequence[nn.modules.batchnorm._NormBase]) -> Iterator[None]:
-    """Normalisation layers in training mode use their batch's statistics without updating the
-    running ones: a layer that does not track statistics passes none to ``batch_norm``."""
-    flags = [(module, module.track_running_stats) for module in norms]
-    for module in norms:
-        module.track_running_stats = False
-    try:
-        yield
-    finally:
-        for module, tracking in flags:
-            module.track_running_stats = tracking
-
-
-@contextmanager
-def _statistics_swapped(snapshots: Sequence[tuple[nn.Module, Tensor, Tensor]]) -> Iterator[None]:
-    originals = [(module, module.running_mean, module.running_var) for module, _, _ in snapshots]
-    for module, mean, var in snapshots:
-        module.running_mean, module.running_var = mean, var
-    try:
-        yield
-    finally:
-        for module, mean, var in originals:
-            module.running_mean, module.running_var = mean, var
-
-
-def penalty_forward(model: nn.Module, bn_mode: str) -> Forward:
-    """The forward the penalty uses.
-
-    ``running``: evaluation mode (batch-norm with its running statistics, dropout off), as the
-    public CURE code does. ``batch``: training mode, batch-norm normalising with the statistics of
-    the penalty's own batch.
-
-    Either way the running statistics stay as they are. In 'batch' mode the layers skip their
-    update, so that each step updates them once, from the clean batch. In 'running' mode the
-    forward uses copies of the statistics as they are when it is made, taken once for all its
-    calls: the penalty's graph saves the statistics for its backward, and the training forward
-    later updates the real ones in place (autograd does not notice that change, and the
-    penalty's gradient would silently use the new statistics).
-    """
-    if bn_mode not in BN_MODES:
-        raise ConfigError(f"unknown bn_mode '{bn_mode}'", f"choose one of: {', '.join(BN_MODES)}")
-    norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._NormBase)]
-
-    if bn_mode == "batch":
-
-        def forward(x: Tensor) -> Tensor:
-            with _running_statistics_untouched(norms), _closed_form_second_order(model):
-                return model(x)
-
-        return forward
-
-    snapshots = [
-        (module, module.running_mean.clone(), module.running_var.clone())
-        for module in norms
-        if module.running_mean is not None and module.running_var is not None
-    ]
-
-    def forward(x: Tensor) -> Tensor:
-        with eval_mode(model), _statistics_swapped(snapshots), _closed_form_second_order(model):
-            return model(x)
-
-    return forward
-
-
-def _finite_on_every_rank(loss: Tensor) -> Tensor:
-    """``loss``, or NaN when any DDP rank's loss is not finite.
-
-    The training module skips a step with a non-finite loss; under DDP every rank must skip
-    the same steps, or the ranks that do run a backward wait forever for the others.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return loss
-    bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return loss + float("nan") if bool(bad.item()) else loss
 
 
 def _check_h(h: float | Sequence[float]) -> tuple[float, ...]:
@@ -590,13 +250,7 @@ class CURE(Regularizer):
         covered: float16's loss scaling scales only the outer loss, not the input gradients the
         penalty differences, and neither has been checked against float32.
         """
-        name = str(precision)
-        if name not in SUPPORTED_PRECISIONS:
-            raise ConfigError(
-                f"the cure regularizer does not support trainer.precision={name}: its penalty differentiates a difference "
-                "of input gradients again, which has been checked only in full precision and under bf16-mixed",
-                f"use trainer.precision=bf16-mixed or one of {', '.join(sorted(SUPPORTED_PRECISIONS - {'bf16-mixed'}))}",
-            )
+        check_double_backward_precision("cure", precision)
 
     def h_at(self, epoch: int) -> float:
         """The step ``h`` of an epoch (0-based); past the schedule its last value repeats."""
@@ -617,11 +271,7 @@ class CURE(Regularizer):
         return self.bn_mode == "batch" or not has_mode_dependent_layers(model)
 
     def training_loss(self, model: nn.Module, x: Tensor, y: Tensor, epoch: int) -> StepOutput:
-        if hasattr(model, "_orig_mod"):
-            raise ConfigError(
-                "CURE differentiates through a gradient (double backward), which torch.compile'd models do not support",
-                "train the cure variant on the uncompiled model",
-            )
+        refuse_compiled(model, "cure")
         h = self.h_at(epoch)
         # Without a penalty weight the penalty is only logged: no graph for its gradient.
         keep_graph = self.lam > 0 and torch.is_grad_enabled()
@@ -630,13 +280,9 @@ class CURE(Regularizer):
 
         timer = self.phase_timer
         if self.shares_clean_forward(model, len(x)):
-            with timer("forward at x"), _closed_form_second_order(model):
-                x_leaf = x.detach().requires_grad_(True)
-                logits = model(x_leaf)
-                ce_each = per_example_cross_entropy(logits, y)
-            with timer("input gradient at x"):
+            with timer("training forward and input gradient at x"):
                 # retain_graph: the cross-entropy's own backward still has to run through this graph.
-                (clean_grad,) = torch.autograd.grad(ce_each.sum(), x_leaf, create_graph=keep_graph, retain_graph=True)
+                logits, ce_each, clean_grad = loss_and_input_gradient(training_forward(model), x, y, create_graph=keep_graph, retain_graph=True)
             terms = curvature_penalty(forward, x, y, h, squared=self.squared, create_graph=keep_graph, clean_grad=clean_grad, timer=timer)
         else:
             # Penalty first: with bn_mode='running' it then uses the running statistics as they
@@ -651,7 +297,7 @@ class CURE(Regularizer):
         penalty = terms.penalty.mean()
         # With lam = 0 the product still carries a non-finite penalty into the loss (0 * inf is
         # NaN), so such a step is skipped like any other bad one.
-        loss = _finite_on_every_rank(ce + self.lam * penalty)
+        loss = finite_on_every_rank(ce + self.lam * penalty)
         logs: dict[str, Tensor | float] = {
             "ce": ce.detach(),
             "cure_penalty": penalty.detach(),

@@ -1,0 +1,103 @@
+"""The geometry leaderboard (``robustness/leaderboard.py`` computes it): one table, one row per
+variant with every statistic and its 95% interval, and one figure, curvature against robust
+accuracy with interval bars, one point per variant; the claim's row beside them."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+
+from robustness.probes.base import ProbeResult
+from robustness.registry import register
+from robustness.reporting.base import Artefact, format_cell, interval_text, save_figure, variant_colour, variant_title, write_table
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    value, low, high = row.get(key, math.nan), row.get(f"{key}_low", math.nan), row.get(f"{key}_high", math.nan)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "n/a"
+    return f"{format_cell(float(value))} {interval_text(low, high)}" if math.isfinite(low) and math.isfinite(high) else format_cell(float(value))
+
+
+def _title(result: ProbeResult, variant: str) -> str:
+    return str((result.meta.get("variant_styles") or {}).get(variant, {}).get("title") or variant_title(variant))
+
+
+def _colour(result: ProbeResult, variant: str, variants: list[str]) -> str:
+    return str((result.meta.get("variant_styles") or {}).get(variant, {}).get("colour") or variant_colour(variant, variants))
+
+
+def table_rows(result: ProbeResult) -> list[dict[str, Any]]:
+    """The rows as the report shows them: each statistic with its interval in one cell."""
+    columns = result.meta["columns"]
+    out = []
+    for row in result.tables["leaderboard"]:
+        shown: dict[str, Any] = {"variant": _title(result, row["variant"])}
+        shown.update({columns[key]["title"]: _cell(row, key) for key in columns})
+        shown["notes"] = row.get("notes", "")
+        out.append(shown)
+    return out
+
+
+def _claim_rows(result: ProbeResult) -> list[dict[str, Any]]:
+    rows = []
+    for row in result.tables.get("claims", []):
+        shown = {"claim": row["claim"], "measure": row["measure"], "expected": row["expected"]}
+        for statistic in ("mean", "median"):
+            rho = row.get(f"effect_{statistic}")
+            shown[f"rho ({statistic} ||H||_F^2)"] = "" if rho is None else _cell({"v": rho, "v_low": row[f"low_{statistic}"], "v_high": row[f"high_{statistic}"]}, "v")
+            shown[f"verdict ({statistic})"] = row[f"verdict_{statistic}"]
+        shown["note"] = row.get("note", "")
+        rows.append(shown)
+    return rows
+
+
+def _robust_key(result: ProbeResult) -> tuple[str, str]:
+    claims = result.tables.get("claims") or [{}]
+    return ("autoattack_acc", "AutoAttack") if str(claims[0].get("b", "")).startswith("AutoAttack") else ("pgd_acc", "PGD")
+
+
+def _figure(result: ProbeResult, out_dir: Path) -> Artefact:
+    robust_key, attack = _robust_key(result)
+    rows = result.tables["leaderboard"]
+    variants = [row["variant"] for row in rows]
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    drawn = 0
+    for row in rows:
+        x, y = row["fro2_median"], row[robust_key]
+        if not (math.isfinite(x) and math.isfinite(y)):
+            continue
+        xerr = [[max(x - row["fro2_median_low"], 0.0)], [max(row["fro2_median_high"] - x, 0.0)]] if math.isfinite(row["fro2_median_low"]) else None
+        yerr = [[max(y - row[f"{robust_key}_low"], 0.0)], [max(row[f"{robust_key}_high"] - y, 0.0)]] if math.isfinite(row[f"{robust_key}_low"]) else None
+        colour = _colour(result, row["variant"], variants)
+        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", color=colour, ecolor=colour, capsize=3, label=_title(result, row["variant"]))
+        drawn += 1
+    if drawn and all(row["fro2_median"] > 0 for row in rows if math.isfinite(row["fro2_median"])):
+        ax.set_xscale("log")
+    ax.set_xlabel("median ||H||_F^2 over images (input Hessian of the loss)")
+    ax.set_ylabel(f"{attack} robust accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize="x-small", loc="best")
+    eps = result.meta.get("eps")
+    ax.set_title(f"curvature against robustness{'' if eps is None else f' at eps {eps:g}'}", fontsize="small")
+    caption = (
+        f"Curvature (median ||H||_F^2) against {attack} robust accuracy, one point per variant, each at its own clean accuracy; "
+        "bars are 95% bootstrap intervals over images."
+    )
+    return save_figure(fig, out_dir, "leaderboard_curvature_vs_robustness", caption)
+
+
+@register("reporter", "leaderboard")
+def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
+    meta = result.meta
+    caption = (
+        f"Geometry leaderboard: every variant's statistics with 95% bootstrap intervals (robust accuracy at eps {meta.get('eps')}); "
+        "each variant at its own clean accuracy, the hue flip rate on the colour version of the data."
+    )
+    table = write_table(table_rows(result), out_dir, "leaderboard", caption, meta.get("methods", ""))
+    claims = write_table(_claim_rows(result), out_dir, "leaderboard_claim", "Does lower curvature go with higher robustness across the defences? "
+                         "Spearman's rho across variants with a bootstrap 95% interval over images.")
+    return [table, _figure(result, out_dir), claims]
