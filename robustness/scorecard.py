@@ -362,6 +362,7 @@ def compute_scorecard(results: Mapping[str, ProbeResult], seed: int) -> ProbeRes
     path_models = sorted({row["model"] for result in path_results for row in result.tables.get("pairs", [])}, key=_variant_order) or ["base"]
     rows = [_row(claim, (claim.extract(found, claim.a, claim.b) if (found := _results_for(results, family)) else f"no {' or '.join(_SOURCES[family])} result"), int(seed)) for family, claim in claims(path_models)]
     rows += _ordering_rows(rows, results)
+    rows += _leaderboard_rows(results)
     meta = {
         "seed": int(seed),
         "probes": sorted({result.probe for result in results.values()}),
@@ -382,6 +383,23 @@ def compute_scorecard(results: Mapping[str, ProbeResult], seed: int) -> ProbeRes
         ),
     }
     return ProbeResult("scorecard", arrays={}, tables={"scorecard": rows}, meta=meta)
+
+
+def _leaderboard_rows(results: Mapping[str, ProbeResult]) -> list[dict[str, Any]]:
+    """The leaderboard's claim across defences (``robustness.leaderboard``), as a scorecard row.
+
+    Its effect is Spearman's rho, already free of units, so the forest plot shows rho itself on
+    its standardised axis; it predicts rho < 0."""
+    rows = []
+    for result in results.values():
+        if result.probe != "leaderboard":
+            continue
+        for claim in result.tables.get("claims", []):
+            row = {**claim, "expected_sign": -1, "verdict": claim[f"verdict_{HEADLINE}"]}
+            if isinstance(claim.get("effect_mean"), float):
+                row.update({"d": claim["effect_mean"], "d_low": claim["low_mean"], "d_high": claim["high_mean"]})
+            rows.append(row)
+    return rows
 
 
 def _variant_styles(results: Mapping[str, ProbeResult]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The geometry leaderboard (``robustness/leaderboard.py`` computes it): one table, one row per
 variant with every statistic and its 95% interval, and one figure, curvature against robust
-accuracy with interval bars, one point per variant; the claim's row beside them."""
+accuracy with interval bars, one point per variant. The claim across defences is the scorecard's."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 
 from robustness.probes.base import ProbeResult
 from robustness.registry import register
-from robustness.reporting.base import Artefact, format_cell, interval_text, save_figure, variant_colour, variant_title, write_table
+from robustness.reporting.base import Artefact, format_cell, interval_text, pick_columns, save_figure, variant_colour, variant_title, write_table
 
 
 def _cell(row: dict[str, Any], key: str) -> str:
@@ -40,19 +40,6 @@ def table_rows(result: ProbeResult) -> list[dict[str, Any]]:
         shown["notes"] = row.get("notes", "")
         out.append(shown)
     return out
-
-
-def _claim_rows(result: ProbeResult) -> list[dict[str, Any]]:
-    rows = []
-    for row in result.tables.get("claims", []):
-        shown = {"claim": row["claim"], "measure": row["measure"], "expected": row["expected"]}
-        for statistic in ("mean", "median"):
-            rho = row.get(f"effect_{statistic}")
-            shown[f"rho ({statistic} ||H||_F^2)"] = "" if rho is None else _cell({"v": rho, "v_low": row[f"low_{statistic}"], "v_high": row[f"high_{statistic}"]}, "v")
-            shown[f"verdict ({statistic})"] = row[f"verdict_{statistic}"]
-        shown["note"] = row.get("note", "")
-        rows.append(shown)
-    return rows
 
 
 def _robust_key(result: ProbeResult) -> tuple[str, str]:
@@ -97,7 +84,14 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
         f"Geometry leaderboard: every variant's statistics with 95% bootstrap intervals (robust accuracy at eps {meta.get('eps')}); "
         "each variant at its own clean accuracy, the hue flip rate on the colour version of the data."
     )
-    table = write_table(table_rows(result), out_dir, "leaderboard", caption, meta.get("methods", ""))
-    claims = write_table(_claim_rows(result), out_dir, "leaderboard_claim", "Does lower curvature go with higher robustness across the defences? "
-                         "Spearman's rho across variants with a bootstrap 95% interval over images.")
-    return [table, _figure(result, out_dir), claims]
+    rows = table_rows(result)
+    # Twelve statistics do not fit one screen: robustness and cost in one table, geometry in the
+    # other, each at most eight columns (leaderboard.csv keeps every column).
+    titles = result.meta["columns"]
+    first = ["variant", *(titles[k]["title"] for k in ("clean_acc", "pgd_acc", "autoattack_acc", "deepfool_median", "cost") if k in titles)]
+    second = ["variant", *(titles[k]["title"] for k in ("fro2_mean", "fro2_median", "curvature", "area_fraction", "path_points", "hue_flip_rate") if k in titles)]
+    table = write_table(rows, out_dir, "leaderboard", caption, meta.get("methods", ""), shown=pick_columns(rows, first))
+    geometry = write_table(pick_columns(rows, [*second, "notes"]), out_dir, "leaderboard_geometry",
+                           "The same variants' geometry: curvature of the loss and of the boundary, regions, paths and hue flips, with 95% intervals.",
+                           shown=pick_columns(rows, second))
+    return [table, geometry, _figure(result, out_dir)]

@@ -115,9 +115,11 @@ def _scorecard_section(results: dict[str, Any], seed: int, output_dir: Path, wan
                    command="(computed from the sections below)", artefacts=artefacts)
 
 
-def _leaderboard_section(cfg: DictConfig, results: dict[str, Any], output_dir: Path, wandb_run: Any, overrides: Sequence[str]) -> Section:
+def _leaderboard_section(cfg: DictConfig, results: dict[str, Any], output_dir: Path, wandb_run: Any,
+                         overrides: Sequence[str]) -> tuple[Section, Any]:
     """The geometry leaderboard (``report.leaderboard``) from every section's results, with each
-    variant's training cost per step measured here, side by side with a plain step."""
+    variant's training cost per step measured here, side by side with a plain step; and the
+    leaderboard's result, whose claim across defences the scorecard states."""
     from robustness.leaderboard import compute_leaderboard
     from robustness.registry import build, lookup
     from robustness.stages.common import make_datamodule
@@ -134,7 +136,8 @@ def _leaderboard_section(cfg: DictConfig, results: dict[str, Any], output_dir: P
     leaderboard.save(output_dir / "results" / "leaderboard")
     artefacts = lookup("reporter", "leaderboard")(leaderboard, output_dir)
     tracking.log_artefacts(wandb_run, artefacts)
-    return Section(title="Leaderboard - the defences side by side", command="(computed from the sections below; costs measured here)", artefacts=artefacts)
+    section = Section(title="Leaderboard - the defences side by side", command="(computed from the sections below; costs measured here)", artefacts=artefacts)
+    return section, leaderboard
 
 
 def report(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag: str = "", wandb_run: Any = None, _depth: int = 0) -> RunOutcome:
@@ -176,7 +179,8 @@ def report(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag
     if _depth == 0:
         log.info("[report] all %d sections done in %.0f s", len(sections), time.monotonic() - started)
         if cfg.report.get("leaderboard") and results:
-            entries.insert(0, _leaderboard_section(cfg, results, output_dir, wandb_run, overrides))
+            section, results["leaderboard"] = _leaderboard_section(cfg, results, output_dir, wandb_run, overrides)
+            entries.insert(0, section)
         if cfg.report.get("scorecard", True) and results:
             entries.insert(0, _scorecard_section(results, int(cfg.seed), output_dir, wandb_run))
 
