@@ -144,7 +144,8 @@ def render_markdown(title: str, sections: list[Section], base: Path, header: Rep
                     folded = ", ".join(c for c in table_columns(artefact.details) if c not in table_columns(artefact.display))
                     lines += [f"More per row ({folded}): {_links_markdown(artefact.csvs, base)}.", ""]
         # After the evidence: a reader looks first, then reruns.
-        lines += [f"Reproduce: `{section.command}`", ""]
+        if section.command:
+            lines += [f"Reproduce: `{section.command}`", ""]
     methods = _methods(sections)
     if methods:
         lines += ["## Appendix: methods", ""]
