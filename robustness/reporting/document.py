@@ -138,11 +138,14 @@ def render_markdown(title: str, sections: list[Section], base: Path, header: Rep
                 lines += [f"{artefact.caption or artefact.name}{link}", ""]
                 if artefact.summary:
                     lines += [f"**{artefact.summary}**", ""]
-                lines += [markdown_table(artefact.display), ""]
+                lines += [markdown_table(artefact.display)]
                 if artefact.details:
-                    lines += ["<details><summary>Details</summary>", "", markdown_table(artefact.details), "</details>", ""]
+                    # report.md stays short: what the page folds under the table, it names and links.
+                    folded = ", ".join(c for c in table_columns(artefact.details) if c not in table_columns(artefact.display))
+                    lines += [f"More per row ({folded}): {_links_markdown(artefact.csvs, base)}.", ""]
         # After the evidence: a reader looks first, then reruns.
-        lines += [f"Reproduce: `{section.command}`", ""]
+        if section.command:
+            lines += [f"Reproduce: `{section.command}`", ""]
     methods = _methods(sections)
     if methods:
         lines += ["## Appendix: methods", ""]

@@ -128,7 +128,7 @@ def summary_line(rows: list[dict[str, Any]], statistic: str, other: str) -> str:
         parts.append(f"{counts[NOT_MEASURED]} {'was' if counts[NOT_MEASURED] == 1 else 'were'} not measured")
     line = ", ".join(parts[:-1]) + " and " + parts[-1] + f" (by the {statistic})"
     differ = sum(row["verdict"] != row[f"verdict_{other}"] for row in rows)
-    return line + (f"; by the {other}, {_count(differ, 'verdict differs', 'verdicts differ')} (details below)." if differ else f"; the {other} gives the same verdicts.")
+    return line + (f"; by the {other}, {_count(differ, 'verdict differs', 'verdicts differ')}." if differ else f"; the {other} gives the same verdicts.")
 
 
 @register("reporter", "scorecard")

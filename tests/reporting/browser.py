@@ -65,7 +65,18 @@ window.addEventListener("load", () => {
     return {text: el.textContent.trim(), left: box.left, right: box.right, width: box.width, height: box.height,
             visible: style.visibility === "visible" && style.display !== "none" && parseFloat(style.opacity) > 0};
   });
-  const images = [...document.images].map((img) => ({alt: img.alt, complete: img.complete, naturalWidth: img.naturalWidth, shownWidth: img.getBoundingClientRect().width}));
+  // How much of each image is painted: a PNG cut short still reports its size, but decodes transparent.
+  const painted = (img) => {
+    if (!img.complete || img.naturalWidth === 0) return 0;
+    const canvas = document.createElement("canvas");
+    canvas.width = 64; canvas.height = 64;
+    const context = canvas.getContext("2d");
+    context.drawImage(img, 0, 0, 64, 64);
+    const alpha = context.getImageData(0, 0, 64, 64).data.filter((_, i) => i % 4 === 3);
+    return alpha.filter((a) => a > 0).length / alpha.length;
+  };
+  const images = [...document.images].map((img) => ({alt: img.alt, complete: img.complete, naturalWidth: img.naturalWidth,
+                                                    shownWidth: img.getBoundingClientRect().width, painted: painted(img)}));
   const out = document.createElement("script");
   out.type = "application/json";
   out.id = "__report_check";
@@ -140,6 +151,9 @@ def problems(found: dict[str, Any]) -> list[str]:
         if not (badge["visible"] and badge["width"] > 0 and badge["height"] > 0 and badge["left"] >= 0 and badge["right"] <= found["viewport"]):
             out.append(f"verdict badge '{badge['text']}' is not visible within the viewport ({badge['left']:.0f}..{badge['right']:.0f} px)")
     out += [f"image '{image['alt']}' did not load" for image in found["images"] if not (image["complete"] and image["naturalWidth"] > 0)]
+    # The report's figures have an opaque (white) background: every pixel is painted once decoded.
+    out += [f"image '{image['alt']}' is only {image['painted']:.0%} painted" for image in found["images"]
+            if image["complete"] and image["naturalWidth"] > 0 and image["painted"] < 0.99]
     out += [f"console: {error}" for error in found["errors"]]
     return out
 

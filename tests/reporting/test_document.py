@@ -51,6 +51,9 @@ def test_documents_work_without_a_header_and_with_an_empty_section(tmp_path: Pat
     html = render_html("Title", sections, tmp_path)
     assert md.startswith("# Title\n\n## Only - a section with nothing in it") and "Reproduce: `python -m robustness experiment=x`" in md
     assert "<dl" not in html and '<section id="only">' in html and short_title(sections[0].title) == "Only"
+    # A section with no command of its own (the scorecard's) prints no Reproduce line.
+    quiet = [Section("Scorecard", "")]
+    assert "Reproduce" not in render_markdown("T", quiet, tmp_path) and "Reproduce" not in render_html("T", quiet, tmp_path)
 
 
 def test_figures_are_shown_at_one_scale(synthetic_report: dict[str, Any]) -> None:

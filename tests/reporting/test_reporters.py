@@ -96,8 +96,10 @@ def test_the_reduced_report_runs_every_reporter_and_shows_readable_tables(synthe
             assert md.count(artefact.caption) == sum(a.caption == artefact.caption for a in artefacts), artefact.name
     assert html.count("data:image/png;base64,") == sum(a.kind == "figure" for a in artefacts)
     assert html.count('class="verdict ') == 2 * len(artefacts[0].display)  # the table's and the details' badges
-    # Verdicts first: the scorecard's table comes before any other section.
+    # Verdicts first: the scorecard's table comes before any other section. report.md names what the page folds, and links it.
     assert md.index("| Claim | Measure | Models |") < md.index(f"## {sections[1].title}")
+    assert "More per row (Items, b − a (median), median 95% CI, Verdict (median), Seed report, Note): [scorecard.csv](scorecard.csv)." in md
+    assert "<details>" in html and "<details>" not in md
 
 
 @pytest.mark.parametrize("statistic", ["mean", "median"])
