@@ -17,7 +17,7 @@ from robustness.errors import InputError
 from robustness.leaderboard import COUNTS_ONLY, compute_leaderboard, curvature_claim_rows, curvature_robustness, item_values, spearman
 from robustness.probes.base import ProbeResult
 from robustness.registry import lookup
-from robustness.reporting.scorecard import _display
+from robustness.reporting.scorecard import _full
 from robustness.stats import Interval, bootstrap_statistic
 
 VARIANTS = ["base", "pgd", "cure", "trades", "llr"]
@@ -133,9 +133,14 @@ def test_the_claim_holds_does_not_hold_or_is_inconclusive_by_its_interval() -> N
     flat = {v: 1.0 for v in VARIANTS}  # every variant alike: the ranks are noise
     noise = curvature_claim_rows(_results(flat, {v: 0.4 for v in VARIANTS}), VARIANTS, seed=0)[0]
     assert noise["verdict_mean"] == "inconclusive" and noise["low_mean"] < 0 < noise["high_mean"]
-    # The row renders in the scorecard's table.
-    shown = _display(holds)
+    # The row renders in the scorecard's table, and a report's scorecard states it.
+    shown = _full(holds)
     assert shown["Verdict (mean)"] == "holds" and shown["Items"] == "5 variants"
+    from robustness.scorecard import compute_scorecard
+
+    board = compute_leaderboard(results, VARIANTS, seed=0)
+    (stated,) = [row for row in compute_scorecard({"leaderboard": board}, 0).tables["scorecard"] if row["source"] == "Leaderboard"]
+    assert stated["verdict"] == "holds" and stated["expected_sign"] == -1 and stated["d"] == pytest.approx(-1.0)
     missing = curvature_claim_rows({}, VARIANTS, seed=0)[0]
     assert missing["verdict_mean"] == "not measured" and "no robust_accuracy" in missing["note"]
 
@@ -195,15 +200,19 @@ def test_missing_probes_leave_nan_with_the_reason_and_bad_input_is_refused() -> 
         compute_leaderboard(results, [], seed=0)
 
 
-def test_the_reporter_writes_the_table_the_figure_and_the_claim(tmp_path: Path) -> None:
+def test_the_reporter_writes_the_tables_and_the_figure(tmp_path: Path) -> None:
     board = compute_leaderboard(_results(ANTI, ANTI_ACC), VARIANTS, seed=0, eps=0.1)
+    board.meta["variant_styles"] = {"base": {"title": "Base model", "colour": "#1f77b4"}}  # as the probe stage records them
     artefacts = lookup("reporter", "leaderboard")(board, tmp_path)
-    assert [a.kind for a in artefacts] == ["table", "figure", "table"]
+    assert [a.kind for a in artefacts] == ["table", "table", "figure"]
     assert all(path.is_file() for artefact in artefacts for path in artefact.paths)
     table = artefacts[0].rows
     assert [row["variant"] for row in table][0] == "Base model" and len(table) == len(VARIANTS)
     assert table[1]["clean accuracy"].count("[") == 1 and table[1]["cost per step (x plain)"] == "n/a"
-    assert artefacts[2].rows[0]["verdict (mean)"] == "holds"
+    # Every statistic on screen, in two tables of at most eight columns.
+    shown = {column for artefact in artefacts[:2] for column in artefact.display[0]}
+    assert {c["title"] for c in board.meta["columns"].values()} <= shown
+    assert all(len(artefact.display[0]) <= 8 for artefact in artefacts[:2])
 
 
 def test_a_reduced_leaderboard_digits_runs_end_to_end(tmp_path: Path) -> None:
@@ -236,6 +245,9 @@ def test_a_reduced_leaderboard_digits_runs_end_to_end(tmp_path: Path) -> None:
         for column in ("clean accuracy", "PGD robust accuracy", "AutoAttack robust accuracy", "||H||_F^2 mean", "cost per step (x plain)"):
             assert row[column] != "n/a", (row["variant"], column)
     assert (board / "leaderboard_curvature_vs_robustness.png").stat().st_size > 0
-    claim = next(a for a in outcome.artefacts if a.name == "leaderboard_claim").rows[0]
-    assert claim["claim"] == "lower curvature goes with higher robustness across defences"
-    assert claim["verdict (mean)"] in ("holds", "does not hold", "inconclusive")
+    # The claim across defences is a row of the report's scorecard.
+    claim = next(row for row in outcome.results["leaderboard"].tables["claims"])
+    scorecard = next(a for a in outcome.artefacts if a.name == "scorecard").rows
+    stated = next(row for row in scorecard if row["Source"] == "Leaderboard")
+    assert stated["Claim"] == claim["claim"] == "lower curvature goes with higher robustness across defences"
+    assert stated["Verdict (mean)"] == claim["verdict_mean"] in ("holds", "does not hold", "inconclusive")

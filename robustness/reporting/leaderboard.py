@@ -23,11 +23,11 @@ def _cell(row: dict[str, Any], key: str) -> str:
 
 
 def _title(result: ProbeResult, variant: str) -> str:
-    return str((result.meta.get("variant_styles") or {}).get(variant, {}).get("title") or variant_title(variant))
+    return variant_title(result.meta, variant)
 
 
 def _colour(result: ProbeResult, variant: str, variants: list[str]) -> str:
-    return str((result.meta.get("variant_styles") or {}).get(variant, {}).get("colour") or variant_colour(variant, variants))
+    return variant_colour(result.meta, variant)
 
 
 def table_rows(result: ProbeResult) -> list[dict[str, Any]]:

@@ -112,7 +112,7 @@ def _scorecard_section(results: dict[str, Any], seed: int, output_dir: Path, wan
     artefacts = lookup("reporter", "scorecard")(scorecard, output_dir)
     tracking.log_artefacts(wandb_run, artefacts)
     return Section(title="Scorecard - which of the seed report's claims hold on these models",
-                   command="(computed from the sections below)", artefacts=artefacts)
+                   command="", artefacts=artefacts)
 
 
 def _leaderboard_section(cfg: DictConfig, results: dict[str, Any], output_dir: Path, wandb_run: Any,
@@ -136,7 +136,7 @@ def _leaderboard_section(cfg: DictConfig, results: dict[str, Any], output_dir: P
     leaderboard.save(output_dir / "results" / "leaderboard")
     artefacts = lookup("reporter", "leaderboard")(leaderboard, output_dir)
     tracking.log_artefacts(wandb_run, artefacts)
-    section = Section(title="Leaderboard - the defences side by side", command="(computed from the sections below; costs measured here)", artefacts=artefacts)
+    section = Section(title="Leaderboard - the defences side by side", command="", artefacts=artefacts)
     return section, leaderboard
 
 

@@ -152,6 +152,8 @@ def test_table1_numbers_equal_the_underlying_estimators_and_the_single_probes(di
         torch.testing.assert_close(single.arrays[f"{variant}/fro2"], result.arrays[f"{variant}/fro2"])
         torch.testing.assert_close(perturbation.arrays[f"{variant}/norm"], result.arrays[f"{variant}/norm"], equal_nan=True)
 
+    # Titles come from the regularizers' display settings, which the probe stage records.
+    result.meta["variant_styles"] = {"base": {"title": "Base model"}, "cure": {"title": "CURE training"}}
     artefacts = table1_report.draw(result, tmp_path / "out")
     artefacts += hessian_norm_report.draw(single, tmp_path / "out")
     artefacts += min_perturbation_report.draw(perturbation, tmp_path / "out")

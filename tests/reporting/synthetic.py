@@ -21,8 +21,9 @@ from robustness.probes.path_connectivity import table2_rows
 from robustness.probes.table1 import intervals
 from robustness.registry import lookup
 from robustness.reporting.document import ReportHeader, Section, render_html, render_markdown
+from robustness.leaderboard import compute_leaderboard
 from robustness.scorecard import compute_scorecard
-from robustness.stats import ordering
+from robustness.stats import Interval, ordering
 
 VARIANTS = ["base", "adversarial", "pgd", "cure"]
 # As the probe stage records them from each regularizer's config; "tv" stands for a published model (no colour).
@@ -279,8 +280,13 @@ def build_report(out_dir: Path, seed: int = 0, header: ReportHeader | None = HEA
             used.add(result.probe)
             results[f"{index:02d}/{n}/{result.probe}"] = result
         sections.append(Section(title=title, command=f"python -m robustness experiment=section_{index:02d}", artefacts=artefacts))
+    # The leaderboard, as a leaderboard report computes it from its sections (its claim joins the scorecard).
+    board = compute_leaderboard(results, VARIANTS, seed, eps=0.1, costs={v: Interval("median", 1.0 + i, 0.9 + i, 1.1 + i, 7, 0, False, 0.95) for i, v in enumerate(VARIANTS)})
+    sections.insert(0, Section("Leaderboard - the defences side by side", "", artefacts=lookup("reporter", "leaderboard")(board, out_dir / "leaderboard")))
+    results["leaderboard"] = board
+    used.add("leaderboard")
     scorecard = compute_scorecard(results, seed)
-    sections.insert(0, Section("Scorecard - which of the seed report's claims hold on these models", "(computed from the sections below)",
+    sections.insert(0, Section("Scorecard - which of the seed report's claims hold on these models", "",
                                artefacts=lookup("reporter", "scorecard")(scorecard, out_dir)))
     used.add("scorecard")
     md = out_dir / "report.md"
