@@ -42,7 +42,12 @@ def _main(cfg: DictConfig) -> float | None:
     try:
         outcome = run(cfg, hydra_cfg.runtime.output_dir, overrides=overrides, tag=tag)
     except RobustnessError as exc:
-        _fail(exc)
+        # One job of a sweep: its error in its log and folder, and the other jobs and the summary go on (robustness/sweep.py).
+        _fail(exc, exit_code=None if multirun else 2)
+        from robustness.sweep import job_error
+
+        job_error(Path(hydra_cfg.runtime.output_dir), exc)
+        return None
     except KeyboardInterrupt as exc:
         # 130 for Ctrl-C, 128 + N for another signal (143 for SIGTERM), as a shell reports them.
         code = 128 + int(getattr(exc, "signum", signal.SIGINT))
@@ -69,14 +74,16 @@ def user_message(exc: RobustnessError) -> str:
     return text.strip()
 
 
-def _fail(exc: RobustnessError, to_log: bool = True) -> NoReturn:
+def _fail(exc: RobustnessError, to_log: bool = True, exit_code: int | None = 2) -> None:
+    """Print our error (and put it in the run's log file); exit with ``exit_code`` unless None."""
     message = user_message(exc)
     if to_log:  # into the run's log file only: the console gets the message once, below
         for handler in logging.getLogger().handlers:
             if isinstance(handler, logging.FileHandler):
                 handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (message,), None))
     print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2) from None
+    if exit_code is not None:
+        raise SystemExit(exit_code) from None
 
 
 def quiet_third_party_noise() -> None:
@@ -100,8 +107,9 @@ def _drop_tips(record: logging.LogRecord) -> bool:
 _NO_OUTPUT_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion", "-p", "--package", "--version"}
 
 
-def _requested_output_dir(argv: list[str]) -> str | None:
-    """The output folder the command line asks for (where Hydra will create the run directory).
+def _requested_output_dir(argv: list[str]) -> tuple[str, str] | None:
+    """The output folder the command line asks for (where Hydra will create the run directory),
+    and the key (or environment variable) that asks for it.
 
     Hydra creates that directory, and writes into it, before any of our code runs, so an
     unwritable place would surface as a traceback from inside Hydra. Only plain paths are
@@ -116,18 +124,26 @@ def _requested_output_dir(argv: list[str]) -> str | None:
         key, sep, value = arg.lstrip("+~").partition("=")
         if sep and key in ("paths.output_dir", "hydra.run.dir", "hydra.sweep.dir"):
             values[key] = value.strip("'\"")
-    value = values.get("hydra.sweep.dir" if multirun else "hydra.run.dir") or values.get("paths.output_dir") \
-        or os.environ.get("ROBUSTNESS_OUTPUT_DIR") or "outputs"
+    if os.environ.get("ROBUSTNESS_OUTPUT_DIR"):
+        values.setdefault("ROBUSTNESS_OUTPUT_DIR", os.environ["ROBUSTNESS_OUTPUT_DIR"])
+    key = next((k for k in ("hydra.sweep.dir" if multirun else "hydra.run.dir", "paths.output_dir", "ROBUSTNESS_OUTPUT_DIR") if values.get(k)), None)
+    value = values[key] if key else "outputs"
     if "${" in value or "," in value:
         return None
-    return value
+    return key or "paths.output_dir", value
 
 
 def _check_output_dir(argv: list[str]) -> None:
     requested = _requested_output_dir(argv)
     if requested is None:
         return
-    target = Path(requested).expanduser().absolute()
+    from robustness.io import path_length_problem
+
+    key, value = requested
+    target = Path(value).expanduser().absolute()
+    long = path_length_problem(target)
+    if long:
+        _fail(ConfigError(f"{key} cannot be used as the output folder: {long}", f"choose a shorter {key}"), to_log=False)
     existing = target
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -161,7 +177,38 @@ def _check_launcher(argv: list[str]) -> None:
                 ), to_log=False)
 
 
+def _follow_ddp(job: str) -> NoReturn:
+    """A DDP rank Lightning started by running this command again: join rank 0's training, nothing else.
+
+    Its command line is the user's (with Hydra's run directory added), which could name a sweep
+    or a launcher: it is not run. Logs go to the console, prefixed with the rank, and beside rank 0's.
+    """
+    from robustness.stages.train import follow
+
+    rank = os.environ.get("LOCAL_RANK", "?")
+    quiet_third_party_noise()
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    try:
+        from robustness.io import read_json
+
+        handlers.append(logging.FileHandler(Path(read_json(job)["output_dir"]) / f"train_ddp_rank{rank}.log", encoding="utf-8"))
+    except (OSError, ValueError, KeyError):
+        pass
+    logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] - %(message)s", handlers=handlers, force=True)
+    try:
+        follow(Path(job), CONFIG_DIR)
+    except RobustnessError as exc:
+        _fail(exc)
+    raise SystemExit(0)
+
+
 def main() -> None:
+    if os.environ.get("LOCAL_RANK", "0") != "0":  # perhaps a DDP rank that the training stage had Lightning start
+        from robustness.stages.common import FOLLOWER_JOB_ENV
+
+        job = os.environ.get(FOLLOWER_JOB_ENV)
+        if job:
+            _follow_ddp(job)
     _check_launcher(sys.argv[1:])
     _check_output_dir(sys.argv[1:])
     _main()

@@ -21,6 +21,11 @@ class ConfigError(RobustnessError, ValueError):
     """A configuration value is invalid (wrong range, wrong type, unknown name)."""
 
 
+class NotApplicableError(ConfigError):
+    """A probe does not apply to this data or model (a hue rotation of greyscale images): an
+    error when the probe is run on its own, a section marked "not run" with the reason in a report."""
+
+
 class DataError(RobustnessError):
     """A dataset is missing, incomplete or malformed on disk."""
 
@@ -31,6 +36,10 @@ class StoreError(RobustnessError):
 
 class InputError(RobustnessError, ValueError):
     """Tensors handed to an attack, estimator or probe are not valid inputs."""
+
+
+class WriteError(RobustnessError):
+    """A file could not be written: the disk is full, a size limit was reached, permission was lost."""
 
 
 class TrainingError(RobustnessError):

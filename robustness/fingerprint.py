@@ -20,6 +20,8 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from robustness.registry import METADATA_KEYS
+
 
 def canonical_json(obj: Any) -> str:
     """``obj`` as JSON with sorted keys and no whitespace: equal configs give equal text."""
@@ -91,7 +93,8 @@ def of_parts(parts: Iterable[str]) -> str:
 
 # ---- what identifies a trained model, and a probe result -----------------------------------
 
-IDENTITY_FORMAT = 1
+# 2: the data's content and the model's files joined the identity.
+IDENTITY_FORMAT = 2
 # Dataset options that change where or how fast images are read, never which images or labels
 # a model is trained on.
 DATASET_KEYS_OUTSIDE_IDENTITY = frozenset({"eval_batch_size", "num_workers", "download"})
@@ -116,18 +119,24 @@ def split_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
     return {"options": options, "split_seed": identity.get("split_seed")}
 
 
-def training_identity(config: Mapping[str, Any], init_fingerprint: str | None) -> dict[str, Any]:
+def training_identity(config: Mapping[str, Any], init_fingerprint: str | None, data: Mapping[str, Any] | None = None,
+                      model_files: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Everything that determines a trained model's weights, from a resolved training config.
 
     ``init_fingerprint`` is the fingerprint of the model the training starts from (the
     regularizer's ``init_from``), so a fine-tuned model changes identity with its parent.
+    ``data`` names the data by content (``ImageDataModule.data_identity()``) and ``model_files``
+    the files the model is built from beyond its config (``models.identity_of``: a weights file's
+    digest), so that other bytes under the same config never share a fingerprint.
     """
     trainer = {k: v for k, v in dict(config.get("trainer") or {}).items() if k not in TRAINER_KEYS_OUTSIDE_IDENTITY}
     return {
         "format": IDENTITY_FORMAT,
         "dataset": dataset_identity(config["dataset"], config["seed"]),
+        "data": dict(data or {}),
         "model": dict(config["model"]),
-        "regularizer": dict(config["regularizer"]),
+        "model_files": dict(model_files or {}),
+        "regularizer": {k: v for k, v in dict(config["regularizer"]).items() if k not in METADATA_KEYS},
         "init_from": init_fingerprint,
         "optim": dict(config["optim"]),
         "trainer": trainer,

@@ -39,6 +39,11 @@ GROUP_PACKAGES = {
     "reporter": "robustness.reporting",
 }
 
+# Keys of a component's config node that are about the component, not options of it:
+# `display` (how reports name and draw a regularizer's variant: {title, colour}) and `rehearsal`
+# (the values debug=rehearsal sets on the node, beside the shared ones in conf/debug/rehearsal.yaml).
+METADATA_KEYS = ("display", "rehearsal")
+
 _TABLES: dict[str, dict[str, Any]] = {group: {} for group in GROUP_PACKAGES}
 _OPTIONS: dict[str, dict[str, type]] = {group: {} for group in GROUP_PACKAGES}
 
@@ -104,6 +109,8 @@ def split_name(node: DictConfig | Mapping[str, Any], group: str) -> tuple[str, d
     if "name" not in data:
         raise ConfigError(f"the {group} config has no 'name' key", f"add 'name: <one of the {group} options>'")
     name = data.pop("name")
+    for key in METADATA_KEYS:
+        data.pop(key, None)
     return str(name), data  # type: ignore[return-value]
 
 

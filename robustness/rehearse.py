@@ -89,6 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no experiment named {', '.join(unknown)} in {EXPERIMENTS}\n  fix: choose among: {', '.join(available)}", file=sys.stderr)
         return 2
     names = order(args.names or available)
+    if args.work_dir is not None:
+        from robustness.io import path_length_problem
+        from robustness.stages.common import writable_problem
+
+        work_dir = args.work_dir.expanduser().absolute()
+        problem = path_length_problem(work_dir) or writable_problem(work_dir)
+        if problem:
+            print(f"error: cannot use --work-dir {work_dir} ({problem})\n  fix: give a folder that exists or can be created, "
+                  "and that this user can write to", file=sys.stderr)
+            return 2
     with tempfile.TemporaryDirectory(prefix="robustness-rehearsal-") as tmp:
         work = (args.work_dir or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,8 @@ weights (see :func:`robustness.stages.identity.training_identity`). Layout::
 
 Saving writes a new version folder completely, then switches ``current`` to it with one
 ``os.replace``: a reader sees the old complete model or the new complete one, and a save killed
-half-way leaves the old one live. ``meta.json`` holds the weights' digest, so a version whose
+half-way leaves the old one live. A save the machine refuses (full disk, file-size limit, a
+read-only mount) removes its version folder and raises ``WriteError``; the old one stays live. ``meta.json`` holds the weights' digest, so a version whose
 files disagree (copied by hand, say) is refused on load.
 
 Aliases are for people and for error messages: a probe finds its models by fingerprint, computed
@@ -43,7 +44,7 @@ from torch import Tensor, nn
 from robustness import fingerprint
 from robustness.data.base import DatasetInfo
 from robustness.errors import StoreError
-from robustness.io import atomic_torch_save, atomic_write_json, atomic_write_text, read_json
+from robustness.io import atomic_torch_save, atomic_write_json, atomic_write_text, read_json, write_error
 
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
@@ -111,10 +112,21 @@ def fit_state(model: nn.Module, state: Mapping[str, Tensor], what: str) -> None:
 class ModelStore:
     """The store's entries for one (dataset, model) pair."""
 
-    def __init__(self, root: str | Path, dataset: str, model: str) -> None:
+    def __init__(self, root: str | Path, dataset: str, model: str, writer: bool = True) -> None:
         self.root = Path(root).expanduser().resolve()
         self.dataset = dataset
         self.model = model
+        # False for the ranks of a DDP training other than rank 0: they read, rank 0 writes.
+        self.writer = writer
+
+    def reader(self) -> "ModelStore":
+        """The same store, for a process that must never write to it."""
+        return ModelStore(self.root, self.dataset, self.model, writer=False)
+
+    def _check_writer(self, what: str) -> None:
+        if not self.writer:
+            raise StoreError(f"a process that only reads the store tried to {what} (DDP ranks other than 0 never write)",
+                             "report this: only rank 0 of a training saves")
 
     # ---- paths -------------------------------------------------------------------------
     @property
@@ -176,6 +188,7 @@ class ModelStore:
         return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
     def set_alias(self, name: str, key: str) -> None:
+        self._check_writer(f"name '{name}'")
         self.folder.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.folder / f".{ALIASES_FILE}.lock")):
             aliases = self.aliases()
@@ -201,14 +214,17 @@ class ModelStore:
         ``identity`` is what the fingerprint ``key`` was computed from (kept for diffs in error
         messages), ``source`` where weights not trained here came from.
         """
+        self._check_writer(f"save '{variant or key}'")
         raw = model.state_dict() if isinstance(model, nn.Module) else model
         state = {k: v.detach().cpu().clone() for k, v in raw.items()}
         check_finite_state(state, f"the weights of '{variant or key}'")
         entry = self.entry_dir(key)
-        entry.mkdir(parents=True, exist_ok=True)
         name = f"v-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}-{os.getpid()}"
         version = entry / name
-        version.mkdir()
+        try:
+            version.mkdir(parents=True)
+        except OSError as exc:
+            raise (write_error(exc, version) or exc) from None
         try:
             atomic_torch_save(state, version / MODEL_FILE)
             if config_yaml is not None:
@@ -329,6 +345,7 @@ class ModelStore:
 
     def record_external(self, key: str, variant: str, source: Mapping[str, Any]) -> Path:
         """Record a published model a run used (its source and weights digest); its weights stay in their own file."""
+        self._check_writer(f"record '{variant}'")
         path = self.entry_dir(key) / "external.json"
         atomic_write_json(path, {"format": FORMAT_VERSION, "variant": variant, "fingerprint": key, "source": dict(source)})
         self.set_alias(variant, key)
@@ -339,7 +356,9 @@ class ModelStore:
         return self.entry_dir(key) / "cache" / f"{name}.pt"
 
     def save_tensors(self, key: str, name: str, tensors: Mapping[str, Tensor]) -> Path:
-        """Cache a dict of tensors beside an entry (atomically)."""
+        """Cache a dict of tensors beside an entry (atomically); a reader keeps them to itself."""
+        if not self.writer:
+            return self.tensors_path(key, name)
         return atomic_torch_save({k: v.detach().cpu() for k, v in tensors.items()}, self.tensors_path(key, name))
 
     def load_tensors(self, key: str, name: str) -> dict[str, Tensor] | None:

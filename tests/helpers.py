@@ -83,3 +83,10 @@ def stored_model(artifacts_dir: str | Path, alias: str, dataset: str = "digits",
 def resume_checkpoints(artifacts_dir: str | Path, dataset: str = "digits", model: str = "smallcnn") -> list[Path]:
     """Every ``last.ckpt`` of an unfinished training run in the store."""
     return sorted(Path(artifacts_dir).glob(f"{dataset}/{model}/entries/*/resume/last.ckpt"))
+
+
+def make_fake_tiny(data_dir: Path, train_per_class: int = 4, val_per_class: int = 2) -> Path:
+    """A three-class Tiny-ImageNet tree in its real layout (JPEGs, val_annotations.txt)."""
+    from robustness.data import layouts
+
+    return layouts.write_tinyimagenet(data_dir, train_per_class, seed=0, val_per_class=val_per_class, num_classes=3)

@@ -7,6 +7,7 @@ knows fails here rather than an hour into a GPU run.
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def test_every_option_of_every_group_builds(group: str, tmp_path: Path) -> None:
     assert names and set(names) <= set(choices(group)) | {"table1"}
     for name in names:
         with hydra_initialized():
-            cfg = compose_experiment("base_digits", [f"{group}={name}", f"paths.artifacts_dir={tmp_path}"])
+            cfg = compose_experiment("train", [f"{group}={name}", f"paths.artifacts_dir={tmp_path}"])
         if group == "dataset":
             component = build("dataset", cfg.dataset, data_dir=str(tmp_path), seed=0)
         elif group == "probe":
@@ -58,7 +59,7 @@ def test_every_option_of_every_group_builds(group: str, tmp_path: Path) -> None:
 
 def test_every_model_builds_for_each_image_shape() -> None:
     for name in choices("model"):
-        if name in ("robustbench", "torchvision"):  # published models need their weights file (tests/test_zoo.py)
+        if name in ("robustbench", "torchvision", "import"):  # published models need their weights file (tests/models/test_zoo.py), model=import its target (tests/models/test_imported.py)
             continue
         node = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
         for shape, classes in (((1, 8, 8), 10), ((3, 32, 32), 10), ((3, 64, 64), 200)):
@@ -73,7 +74,7 @@ def test_every_model_builds_for_each_image_shape() -> None:
 def test_probe_yaml_files_set_every_option_so_python_holds_no_second_default() -> None:
     for name in _options("probe"):
         with hydra_initialized():
-            cfg = compose_experiment("base_digits", [f"probe={name}"])
+            cfg = compose_experiment("train", [f"probe={name}"])
         options = _probe_options(cfg)
         missing = [f.name for f in fields(options) if f.name not in cfg.probe]
         assert not missing, f"conf/probe/{name}.yaml does not set {missing}: their only default is in Python"
@@ -87,17 +88,35 @@ def test_a_composed_experiment_is_reused_as_a_copy_until_hydra_reads_another_con
     from hydra.core.global_hydra import GlobalHydra
 
     with hydra_initialized():
-        first = compose_experiment("base_digits", ["seed=3"])
+        first = compose_experiment("train", ["seed=3"])
         first.seed = 99  # the caller's own copy
-        again = compose_experiment("base_digits", ["seed=3"])
+        again = compose_experiment("train", ["seed=3"])
         assert again.seed == 3 and again is not first
-        assert compose_experiment("base_digits", ["seed=4"]).seed == 4  # other overrides, another config
+        assert compose_experiment("train", ["seed=4"]).seed == 4  # other overrides, another config
     # The same experiment name in another config folder, with other contents: composed afresh.
     conf = tmp_path / "conf"
     shutil.copytree(REPO / "conf", conf, symlinks=False)
-    (conf / "experiment" / "base_digits.yaml").write_text("# @package _global_\ntask: train\nseed: 11\n")
+    (conf / "experiment" / "train.yaml").write_text("# @package _global_\ntask: train\nseed: 11\n")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        assert compose_experiment("base_digits").seed == 11
+        assert compose_experiment("train").seed == 11
     with hydra_initialized():
-        assert compose_experiment("base_digits").seed == 0
+        assert compose_experiment("train").seed == 0
+
+
+def test_every_regularizer_names_and_colours_its_variant_for_the_reports() -> None:
+    # Reports take a variant's title and colour from its regularizer's `display` node, never from
+    # a table in reporting/; the display never reaches the regularizer or the fingerprint.
+    from robustness import fingerprint
+
+    colours = set()
+    for path in sorted((REPO / "conf" / "regularizer").glob("*.yaml")):
+        node = OmegaConf.to_container(OmegaConf.load(path))
+        display = node.get("display") or {}
+        assert isinstance(display.get("title"), str) and display["title"], path.name
+        assert re.fullmatch(r"#[0-9a-f]{6}", str(display.get("colour", ""))), path.name
+        colours.add(display["colour"])
+        plain = {k: v for k, v in node.items() if k != "display"}
+        config = {"dataset": {}, "model": {}, "regularizer": node, "optim": {}, "trainer": {}, "seed": 0}
+        assert fingerprint.training_identity(config, None)["regularizer"] == plain
+    assert len(colours) == len(list((REPO / "conf" / "regularizer").glob("*.yaml")))

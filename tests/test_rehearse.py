@@ -20,11 +20,9 @@ import pytest
 from robustness import rehearse
 
 REPO = Path(__file__).resolve().parents[1]
-IN_TESTS = [
-    "report_digits", "report_cifar10", "report_tinyimagenet",
-    "base_cifar10", "adv_finetune_cifar10", "cure_cifar10", "pgd_cifar10",
-    "base_tinyimagenet", "adv_finetune_tinyimagenet", "cure_tinyimagenet", "pgd_tinyimagenet",
-]
+# The reports train every variant of their recipe (CIFAR-10's and Tiny-ImageNet's at their real
+# architecture and image size), so they rehearse the real-setting trainings too.
+IN_TESTS = ["report_digits", "report_cifar10", "report_tinyimagenet"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +36,7 @@ def _env() -> dict[str, str]:
 
 def test_every_experiment_file_is_rehearsed_by_make_rehearse() -> None:
     names = rehearse.experiment_names()
-    assert names == sorted(p.stem for p in (REPO / "experiments").glob("*.yaml")) and len(names) >= 25
+    assert names == sorted(p.stem for p in (REPO / "experiments").glob("*.yaml")) and len(names) >= 18
     assert set(IN_TESTS) <= set(names)
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"^rehearse:.*\n\t\$\(PYTHON\) -m robustness\.rehearse\s*$", makefile, re.M)
@@ -96,3 +94,14 @@ def test_every_readme_command_runs_as_written(work: Path) -> None:
         if out.returncode != 0:
             failures.append(f"{command}\n{out.stderr[-1500:]}")
     assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.parametrize("where", ["a-file", "a-file/below"])
+def test_a_work_dir_that_is_a_file_is_our_error(tmp_path: Path, where: str) -> None:
+    (tmp_path / "a-file").write_text("")
+    out = subprocess.run([sys.executable, "-m", "robustness.rehearse", "train", "--work-dir", str(tmp_path / where)],
+                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.startswith(f"error: cannot use --work-dir {tmp_path / where} ({tmp_path / 'a-file'} is a file, not a folder)")
+    assert "\n  fix: " in out.stderr and "Traceback" not in out.stderr
+    assert out.stdout == ""  # refused before any data was written

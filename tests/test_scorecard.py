@@ -148,6 +148,7 @@ def test_ordering_names_variants_from_smallest_to_largest() -> None:
 
 import csv  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -228,7 +229,7 @@ def test_table1_ordering_can_hold_under_the_median_and_fail_under_the_mean() -> 
     (norm_order,) = [r for r in result.tables["scorecard"] if r["claim"] == "ordering base < adversarial < cure"]
     assert norm_order["verdict_mean"] == norm_order["verdict_median"] == "holds"
     seeds = {r["claim"]: r["seed_report"] for r in result.tables["scorecard"] if r["source"] == "Table 1"}
-    assert seeds["adversarial training lowers ||H||_F^2"] == "5.5 -> 1.1"
+    assert seeds["adversarial training lowers ‖H‖_F²"] == "5.5 → 1.1"
 
 
 def test_results_of_one_probe_from_two_sections_are_paired_only_on_the_same_images() -> None:
@@ -245,9 +246,9 @@ def test_results_of_one_probe_from_two_sections_are_paired_only_on_the_same_imag
 
 
 def test_path_claims_compare_independent_natural_and_adversarial_pairs() -> None:
-    pairs = [{"model": "base", "pair_type": "natural", "success": True, "points": p, "deviation": 0.1 * p} for p in (3, 3, 4, 3, 5, 4)]
-    pairs += [{"model": "base", "pair_type": "adversarial", "success": True, "points": p, "deviation": 0.1 * p} for p in (6, 8, 7, 9, 6, 7, 8)]
-    pairs += [{"model": "base", "pair_type": "adversarial", "success": False, "points": float("nan"), "deviation": float("nan")}]
+    pairs = [{"model": "base", "pair_type": "natural", "pair": i, "success": True, "points": p, "deviation": 0.1 * p} for i, p in enumerate((3, 3, 4, 3, 5, 4))]
+    pairs += [{"model": "base", "pair_type": "adversarial", "pair": i, "success": True, "points": p, "deviation": 0.1 * p} for i, p in enumerate((6, 8, 7, 9, 6, 7, 8))]
+    pairs += [{"model": "base", "pair_type": "adversarial", "pair": 7, "success": False, "points": float("nan"), "deviation": float("nan")}]
     arrays = {"base/natural/explained_variance_ratio": torch.tensor([0.9, 0.1]), "base/adversarial/explained_variance_ratio": torch.tensor([0.6, 0.3])}
     paths = ProbeResult("path_connectivity", arrays, {"pairs": pairs}, {"variants": ["base"]})
     rows = _rows(compute_scorecard({"path_connectivity": paths}, seed=0))
@@ -301,7 +302,8 @@ def test_scorecard_table_keeps_its_columns_through_a_saved_result(tmp_path: Path
     area = _plane("random_plane", "area_fraction", {"base": rng.uniform(0, 0.5, N), "adversarial": rng.uniform(0.5, 1, N)})
     result = compute_scorecard({"random_plane": area}, seed=0)
     result.save(tmp_path / "saved")
-    (artefact,) = scorecard_report.draw(ProbeResult.load(tmp_path / "saved"), tmp_path / "out")
+    artefact, forest = scorecard_report.draw(ProbeResult.load(tmp_path / "saved"), tmp_path / "out")
+    assert artefact.kind == "table" and forest.kind == "figure"
     with open(tmp_path / "out" / "scorecard.csv", encoding="utf-8") as handle:
         table = list(csv.DictReader(handle))
     assert list(table[0])[:6] == ["Source", "Claim", "Measure", "a → b", "Expected", "Items"]
@@ -313,3 +315,77 @@ def test_scorecard_table_keeps_its_columns_through_a_saved_result(tmp_path: Path
     lines = [line for line in (tmp_path / "out" / "scorecard.md").read_text(encoding="utf-8").splitlines() if line.startswith("|")]
     cells = {len(line.replace("\\|", "").split("|")) for line in lines}
     assert len(cells) == 1 and len(lines) == len(table) + 2
+
+
+def _pair_rows(pair_type: str, values: Sequence[float], start: int = 0, model: str = "base") -> list[dict]:
+    """Rows as path_connectivity writes them: pair index, endpoints (image indices and classes), outcome."""
+    rows = []
+    for i, points in enumerate(values):
+        ok = np.isfinite(points)
+        rows.append({"model": model, "pair_type": pair_type, "pair": i, "class": i % 10, "start_index": start + 2 * i, "end_index": start + 2 * i + 1,
+                     "start_class": i % 10, "end_class": i % 10, "success": bool(ok), "points": points, "deviation": 0.01 * points if ok else float("nan")})
+    return rows
+
+
+def _paths_result(natural: Sequence[float], adversarial: Sequence[float], ratios: dict[str, np.ndarray]) -> ProbeResult:
+    arrays = {f"base/{t}/pair_explained_variance_ratio": torch.as_tensor(r) for t, r in ratios.items()}
+    return ProbeResult("path_connectivity", arrays, {"pairs": _pair_rows("natural", natural) + _pair_rows("adversarial", adversarial, start=1000)}, {"variants": ["base"]})
+
+
+def test_path_pairs_that_several_sections_searched_count_once() -> None:
+    """Figures 5-6 and 7-8 search Table 2's first pairs again: the scorecard must not count them twice."""
+    rng = np.random.default_rng(7)
+    natural = rng.integers(2, 6, 18).astype(float)
+    adversarial = rng.integers(5, 12, 30).astype(float)
+    adversarial[4] = np.nan  # one failed path: 29 successes, as in the default report
+    ratio_natural = np.column_stack([rng.uniform(0.8, 1.0, 18), rng.uniform(0.0, 0.1, 18)])
+    ratio_adversarial = np.column_stack([rng.uniform(0.4, 0.7, 29), rng.uniform(0.1, 0.3, 29)])
+    table2 = _paths_result(natural, adversarial, {"natural": ratio_natural, "adversarial": ratio_adversarial})
+    fig5_6 = _paths_result(natural[:3], [], {"natural": ratio_natural[:3]})
+    fig7_8 = _paths_result([], adversarial[:3], {"adversarial": ratio_adversarial[:3]})
+    # The sections come in report order: the figures' before Table 2's.
+    rows = compute_scorecard({"path_connectivity": fig5_6, "07_fig7_8/path_connectivity": fig7_8, "08_table2/path_connectivity": table2}, seed=2).tables["scorecard"]
+    points = next(r for r in rows if r["measure"] == "points on the path")
+    assert (points["n_a"], points["n_b"]) == (18, 29)
+    alone = bootstrap_difference(natural, adversarial, "mean", paired=False, seed=2)
+    assert (points["effect_mean"], points["low_mean"], points["high_mean"]) == pytest.approx((alone.estimate, alone.low, alone.high), abs=1e-12)
+    share = next(r for r in rows if r["source"] == "Figures 6/8")
+    assert (share["n_a"], share["n_b"]) == (18, 29)
+    assert share["effect_mean"] == pytest.approx(ratio_adversarial[:, 0].mean() - ratio_natural[:, 0].mean(), abs=1e-12)
+    # A pair with the same index but other endpoints is another pair, and counts.
+    other = _paths_result([3.0], [], {"natural": ratio_natural[:1]})
+    other.tables["pairs"][0]["end_index"] = 999
+    rows = compute_scorecard({"a": table2, "b": other}, seed=2).tables["scorecard"]
+    assert next(r for r in rows if r["measure"] == "points on the path")["n_a"] == 19
+
+
+def test_standardised_effect_is_the_mean_effect_over_the_pooled_standard_deviation() -> None:
+    from robustness.scorecard import pooled_sd, standardised_effect
+
+    # Closed form: s_a^2 = 2 (n 2), s_b^2 = 4 (n 3), pooled (1 * 2 + 2 * 4) / 3.
+    assert pooled_sd(np.array([0.0, 2.0]), np.array([1.0, 3.0, 5.0])) == pytest.approx(math.sqrt(10 / 3), abs=1e-15)
+    assert math.isnan(pooled_sd(np.array([1.0]), np.array([2.0])))
+    assert math.isnan(standardised_effect(np.full(5, 1.0), np.full(5, 1.0), 0.0, 0.0, 0.0)["d"])
+
+    rng = np.random.default_rng(8)
+    base, adversarial = rng.uniform(0.2, 0.6, N), rng.uniform(0.3, 0.9, N)
+    area = _plane("random_plane", "area_fraction", {"base": base, "adversarial": adversarial})
+    row = _rows(compute_scorecard({"random_plane": area}, seed=0))[("Figure 3", "base", "adversarial")]
+    literal = math.sqrt(((N - 1) * base.var(ddof=1) + (N - 1) * adversarial.var(ddof=1)) / (2 * N - 2))
+    assert row["pooled_sd"] == pytest.approx(literal, rel=1e-12)
+    assert (row["d"], row["d_low"], row["d_high"]) == pytest.approx((row["effect_mean"] / literal, row["low_mean"] / literal, row["high_mean"] / literal), rel=1e-12)
+    assert row["d_low"] > 0 and row["verdict"] == row["verdict_mean"] == "holds" and math.isnan(row["d_margin"])
+
+
+def test_equivalence_claims_carry_their_margin_on_the_standardised_scale_and_the_mean_decides() -> None:
+    correct = torch.ones(N, dtype=torch.bool)
+    flips = np.where(np.arange(N) % 3 == 0, 10.0, np.nan)
+    arrays = {f"{v}/correct": correct for v in ("base", "adversarial", "cure")}
+    arrays |= {"base/min_angle": torch.as_tensor(flips), "adversarial/min_angle": torch.as_tensor(np.roll(flips, 1)), "cure/min_angle": torch.as_tensor(flips)}
+    result = compute_scorecard({"perceptual": ProbeResult("perceptual", arrays, {}, {"items": ["sweep"]})}, seed=0)
+    row = _rows(result)[("Figure 9", "base", "adversarial")]
+    flipped_a, flipped_b = np.isfinite(flips).astype(float), np.isfinite(np.roll(flips, 1)).astype(float)
+    literal = math.sqrt((flipped_a.var(ddof=1) + flipped_b.var(ddof=1)) / 2)
+    assert row["d_margin"] == pytest.approx(FLIP_RATE_MARGIN / literal, rel=1e-12)
+    assert row["expected_sign"] == 0 and row["verdict"] == row["verdict_mean"]
+    assert result.meta["headline"]["statistic"] == "mean" and "mean" in result.meta["headline"]["rule"]

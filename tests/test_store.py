@@ -42,27 +42,27 @@ def _model(seed: int) -> torch.nn.Module:
 
 def test_two_configs_never_share_an_entry_and_the_same_config_is_reused(tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
-    first = run_outcome("base_digits", [*QUICK, "optim.lr=1e-2"], tmp_path / "a", artifacts_dir=store_dir)
-    other = run_outcome("base_digits", [*QUICK, "optim.lr=1e-3"], tmp_path / "b", artifacts_dir=store_dir)
-    seed1 = run_outcome("base_digits", [*QUICK, "optim.lr=1e-2", "seed=1"], tmp_path / "c", artifacts_dir=store_dir)
+    first = run_outcome("train", [*QUICK, "optim.lr=1e-2"], tmp_path / "a", artifacts_dir=store_dir)
+    other = run_outcome("train", [*QUICK, "optim.lr=1e-3"], tmp_path / "b", artifacts_dir=store_dir)
+    seed1 = run_outcome("train", [*QUICK, "optim.lr=1e-2", "seed=1"], tmp_path / "c", artifacts_dir=store_dir)
     keys = {first.metrics["fingerprint"], other.metrics["fingerprint"], seed1.metrics["fingerprint"]}
     assert len(keys) == 3 and all(len(k) == 64 for k in keys)  # full sha256, never cut short
     store = ModelStore(store_dir, "digits", "smallcnn")
     assert set(store.entries()) == keys
-    again = run_outcome("base_digits", [*QUICK, "optim.lr=1e-2"], tmp_path / "d", artifacts_dir=store_dir)
+    again = run_outcome("train", [*QUICK, "optim.lr=1e-2"], tmp_path / "d", artifacts_dir=store_dir)
     assert again.metrics == first.metrics  # reused, not retrained
     assert set(store.entries()) == keys
 
 
 def test_identity_covers_every_option_that_changes_the_weights() -> None:
-    base = compose("base_digits", QUICK)
+    base = compose("train", QUICK)
     key = variants.of_training_config(base).key
     for override in ("seed=3", "dataset.train_fraction=0.5", "dataset.batch_size=32", "model.activation=tanh", "optim.gamma=0.9",
                      "optim.weight_decay=0", "trainer.max_epochs=2", "trainer.precision=bf16-mixed", "regularizer=cure"):
-        assert variants.of_training_config(compose("base_digits", [*QUICK, override])).key != key, override
+        assert variants.of_training_config(compose("train", [*QUICK, override])).key != key, override
     for cosmetic in ("trainer.enable_progress_bar=false", "trainer.log_every_n_steps=3", "dataset.num_workers=1", "dataset.eval_batch_size=7",
                      "logger=csv"):
-        assert variants.of_training_config(compose("base_digits", [*QUICK, cosmetic])).key == key, cosmetic
+        assert variants.of_training_config(compose("train", [*QUICK, cosmetic])).key == key, cosmetic
 
 
 def test_a_fine_tuned_model_changes_identity_with_its_parent() -> None:
@@ -77,7 +77,7 @@ def test_a_fine_tuned_model_changes_identity_with_its_parent() -> None:
 
 def test_a_probe_never_loads_weights_trained_with_other_options(tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
-    run_outcome("base_digits", QUICK, tmp_path, artifacts_dir=store_dir)
+    run_outcome("train", QUICK, tmp_path, artifacts_dir=store_dir)
     overrides = [*fast_overrides(store_dir), f"paths.data_dir={tmp_path / 'data'}", *QUICK, "store.train_missing=false",
                  "variants=[base]", "probe.resolution=5", "model.activation=tanh"]
     with hydra_initialized():
@@ -209,7 +209,7 @@ def test_probes_run_on_a_read_only_store(tmp_path: Path, monkeypatch: pytest.Mon
 
     store_dir = tmp_path / "store"
     overrides = [*QUICK, "variants=[base]", "probe.resolution=5"]
-    run_outcome("base_digits", [*QUICK, "trainer.max_epochs=3"], tmp_path, artifacts_dir=store_dir)  # as the probe would train it
+    run_outcome("train", [*QUICK, "trainer.max_epochs=3"], tmp_path, artifacts_dir=store_dir)  # as the probe would train it
     real = probe_stage.writable_problem
     monkeypatch.setattr(probe_stage, "writable_problem", lambda d: "read-only file system" if str(d).startswith(str(store_dir)) else real(d))
     with caplog.at_level(logging.WARNING, logger="robustness"):
@@ -235,7 +235,7 @@ def test_probes_run_on_a_read_only_store(tmp_path: Path, monkeypatch: pytest.Mon
     ],
 )
 def test_bad_training_values_are_refused_before_work(tmp_path: Path, override: str, message: str) -> None:
-    out = _cli(["experiment=base_digits", override, "logger=csv", f"paths.artifacts_dir={tmp_path / 'store'}", f"paths.output_dir={tmp_path / 'out'}"], tmp_path)
+    out = _cli(["experiment=train", override, "logger=csv", f"paths.artifacts_dir={tmp_path / 'store'}", f"paths.output_dir={tmp_path / 'out'}"], tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.startswith(f"error: {message}"), out.stderr[-2000:]
     assert "fix: " in out.stderr and "Traceback" not in out.stderr
@@ -262,7 +262,7 @@ def test_an_unwritable_store_is_refused_before_training(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     for place in (blocker, Path("/proc/robustness-store")):
-        out = _cli(["experiment=base_digits", "logger=csv", f"paths.artifacts_dir={place}", f"paths.output_dir={tmp_path / 'out'}"], tmp_path)
+        out = _cli(["experiment=train", "logger=csv", f"paths.artifacts_dir={place}", f"paths.output_dir={tmp_path / 'out'}"], tmp_path)
         assert out.returncode == 2, out.stderr[-2000:]
         assert out.stderr.startswith("error: cannot write to the model store"), out.stderr[-2000:]
         assert "fix: choose a writable store with paths.artifacts_dir=" in out.stderr
@@ -271,7 +271,7 @@ def test_an_unwritable_store_is_refused_before_training(tmp_path: Path) -> None:
 def test_a_submitit_launcher_without_its_package_is_a_clear_error(tmp_path: Path) -> None:
     script = (
         "import sys\nsys.modules['hydra_plugins.hydra_submitit_launcher'] = None\n"
-        "sys.argv = ['robustness', '-m', 'hydra/launcher=submitit_local', 'experiment=base_digits']\n"
+        "sys.argv = ['robustness', '-m', 'hydra/launcher=submitit_local', 'experiment=train']\n"
         "from robustness.cli import main\nmain()\n"
     )
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -281,7 +281,7 @@ def test_a_submitit_launcher_without_its_package_is_a_clear_error(tmp_path: Path
 
 
 def test_stored_metadata_keeps_identity_and_source(tmp_path: Path) -> None:
-    outcome = run_outcome("base_digits", QUICK, tmp_path, artifacts_dir=tmp_path / "store")
+    outcome = run_outcome("train", QUICK, tmp_path, artifacts_dir=tmp_path / "store")
     meta = json.loads((stored_model(tmp_path / "store", "base") / "meta.json").read_text())
     assert meta["fingerprint"] == outcome.metrics["fingerprint"]
     assert meta["identity"]["optim"]["lr"] == 1e-2 and meta["identity"]["seed"] == 0
@@ -291,21 +291,25 @@ def test_stored_metadata_keeps_identity_and_source(tmp_path: Path) -> None:
 def test_a_published_model_is_probed_not_trained(tmp_path: Path) -> None:
     overrides = [*fast_overrides(tmp_path / "store"), "model=torchvision"]
     with hydra_initialized():
-        cfg = compose_experiment("base_digits", overrides)
+        cfg = compose_experiment("train", overrides)
         with pytest.raises(ConfigError, match="model=torchvision is a published model: it is probed, not trained"):
             run(cfg, tmp_path / "out", overrides=overrides)
 
 
-@pytest.mark.parametrize(("report", "variant", "experiment"), [
-    ("report_cifar10", "adversarial", "adv_finetune_cifar10"), ("report_cifar10", "cure", "cure_cifar10"),
-    ("report_tinyimagenet", "adversarial", "adv_finetune_tinyimagenet"), ("report_tinyimagenet", "pgd", "pgd_tinyimagenet"),
-    ("report_fashion_mnist", "pgd", "pgd_fashion_mnist"), ("report_fashion_mnist", "cure", "cure_fashion_mnist"),
+@pytest.mark.parametrize(("report", "recipe", "variant"), [
+    ("report_cifar10", "cifar10", "adversarial"), ("report_cifar10", "cifar10", "cure"),
+    ("report_tinyimagenet", "tinyimagenet", "adversarial"), ("report_tinyimagenet", "tinyimagenet", "pgd"),
+    ("report_fashion_mnist", "fashion_mnist", "pgd"), ("report_fashion_mnist", "fashion_mnist", "cure"),
 ])
-def test_a_training_experiment_trains_the_model_its_report_loads(report: str, variant: str, experiment: str, tmp_path: Path) -> None:
-    """Run on its own, a fine-tuning experiment starts from its own setting's base, not the digits recipe."""
-    common = ["logger=csv", f"paths.artifacts_dir={tmp_path}"]
+def test_a_training_command_trains_the_model_its_report_loads(report: str, recipe: str, variant: str, tmp_path: Path) -> None:
+    """Run on its own, a fine-tuning variant starts from its own recipe's base, not the digits one."""
+    from robustness.data import layouts
+
+    getattr(layouts, f"write_{recipe}")(tmp_path / "data", per_class=1)  # a fingerprint names the data's content
+    common = ["logger=csv", f"paths.artifacts_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}"]
     with hydra_initialized():
-        direct = variants.of_training_config(compose_experiment(experiment, common), common)
+        own = [f"recipe={recipe}", *common]
+        direct = variants.resolve(compose_experiment("train", own), variant, own, own_overrides=own)
         extra = [*compose_experiment(report, common).report.overrides, *common]
         from_report = variants.resolve(compose_experiment("fig2_boundary", extra), variant, extra)
     assert direct.key == from_report.key, variants.fingerprint.identity_differences(direct.identity, from_report.identity)

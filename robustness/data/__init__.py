@@ -7,4 +7,4 @@ from robustness.data.base import DatasetInfo, ImageDataModule
 __all__ = ["DatasetInfo", "ImageDataModule"]
 
 # Each dataset registers itself when its module is imported; every one is imported here.
-from robustness.data import cifar, colour_digits, digits, fashion_mnist, svhn, tinyimagenet  # noqa: E402,F401
+from robustness.data import arrays, cifar, colour_digits, digits, fashion_mnist, imagefolder, svhn, tinyimagenet  # noqa: E402,F401

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from robustness import fingerprint
 from robustness.errors import ConfigError, DataError
 
 
@@ -65,9 +67,25 @@ class ImageDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self._data_identity: dict[str, Any] | None = None
 
     # Subclasses implement this; it must be idempotent.
     def setup(self, stage: str | None = None) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def data_identity(self) -> dict[str, Any]:
+        """The data this module serves, named by its content (digests of the files or the decoded
+        cache it reads), so that two different copies under the same config never share a model
+        fingerprint. The config says which options were chosen; this says which bytes they chose.
+
+        Computed once per module (and each file's digest once per process while the file is
+        unchanged); it may read the data, set-up included, so call it where the data is needed anyway.
+        """
+        if self._data_identity is None:
+            self._data_identity = self._content_identity()
+        return self._data_identity
+
+    def _content_identity(self) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _subsample_train(self, dataset: Dataset, labels: Sequence[int] | Tensor | None = None) -> Dataset:
@@ -193,6 +211,84 @@ def random_crop_flip_batch(images: Tensor, padding: int = 4) -> Tensor:
     return torch.stack([
         (mirrored if flip else padded)[i, :, top : top + h, left : left + w] for i, ((top, left), flip) in enumerate(zip(offsets, flips))
     ])
+
+
+class UInt8ImageDataset(TensorImageDataset):
+    """Images kept as uint8 (a quarter of the memory of float32), scaled to [0, 1] per item."""
+
+    def __init__(self, images: Tensor, labels: Tensor, augment: bool = False, padding: int = 4) -> None:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"UInt8ImageDataset needs uint8 images, got {images.dtype}")
+        super().__init__(images, labels, augment=augment)
+        self.padding = padding
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image = self.images[index].float().div_(255.0)
+        if self.augment:
+            image = _random_crop_flip(image, padding=self.padding)
+        return image, self.labels[index]
+
+
+def check_val_fraction(val_fraction: float) -> float:
+    """``val_fraction`` as a float, or a ConfigError when it leaves no training or no validation data."""
+    if not 0.0 < float(val_fraction) < 1.0:
+        raise ConfigError(
+            f"dataset.val_fraction must lie in (0, 1), got {val_fraction}",
+            "e.g. dataset.val_fraction=0.1 holds out 10% of the official training set for validation",
+        )
+    return float(val_fraction)
+
+
+def stratified_holdout(labels: Sequence[int] | Tensor, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split indices into (keep, held out), holding out ``fraction`` of every class, chosen by ``seed``.
+
+    Every class with at least two members gives at least one image to each side, so a tiny
+    dataset still has each class in validation.
+    """
+    labels = torch.as_tensor(labels)
+    generator = torch.Generator().manual_seed(int(seed))
+    keep: list[int] = []
+    held: list[int] = []
+    for cls in labels.unique().tolist():
+        idx = (labels == cls).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        n_held = min(max(1, int(round(len(idx) * fraction))), len(idx) - 1) if len(idx) > 1 else 0
+        held.extend(idx[:n_held].tolist())
+        keep.extend(idx[n_held:].tolist())
+    return sorted(keep), sorted(held)
+
+
+def hold_out_validation(module: ImageDataModule, images: Tensor, labels: Tensor, test_images: Tensor, test_labels: Tensor, padding: int = 4) -> None:
+    """Fill ``module``'s splits from uint8 images: validation is a seeded stratified
+    ``module.val_fraction`` of the official training images, test the official test images."""
+    keep, held = stratified_holdout(labels, module.val_fraction, module.seed)
+    train = UInt8ImageDataset(images[keep], labels[keep], augment=module.augment, padding=padding)
+    module.train_set = module._subsample_train(train, labels[keep])
+    module.val_set = UInt8ImageDataset(images[held], labels[held])
+    module.test_set = UInt8ImageDataset(test_images, test_labels)
+
+
+# File digests of this process, by what identifies a file's state: a file that keeps its device,
+# inode, size, modification and change times keeps its bytes (the change time cannot be set back
+# by a user, unlike the modification time).
+_DIGESTS: dict[tuple[int, int, int, int, int], str] = {}
+
+
+def content_digest(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read once per process while the file stays unchanged."""
+    try:
+        stat = os.stat(path)
+        key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        if key not in _DIGESTS:
+            _DIGESTS[key] = fingerprint.of_file(path)
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}", "check that the file exists and is readable") from None
+    return _DIGESTS[key]
+
+
+def content_identity(files: Mapping[str, Path]) -> dict[str, Any]:
+    """A data identity from the files a dataset reads: each one's SHA-256, by a name of its role."""
+    return {"sha256": {name: content_digest(path) for name, path in sorted(files.items())}}
 
 
 def missing_data_error(dataset: str, looked_in: Path, what: str) -> DataError:

@@ -13,15 +13,15 @@ import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torchvision.datasets.utils import download_url, extract_archive
 
-from robustness.data.base import DatasetInfo, ImageDataModule, TensorImageDataset, _random_crop_flip, missing_data_error
-from robustness.errors import ConfigError, DataError
+from robustness.data.base import DatasetInfo, ImageDataModule, check_val_fraction, content_identity, hold_out_validation, missing_data_error
+from robustness.errors import DataError
 from robustness.registry import register
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -33,61 +33,6 @@ _META = "batches.meta"
 
 
 # --------------------------------------------------------------------------- shared helpers
-
-
-class UInt8ImageDataset(TensorImageDataset):
-    """Images kept as uint8 (a quarter of the memory of float32), scaled to [0, 1] per item."""
-
-    def __init__(self, images: Tensor, labels: Tensor, augment: bool = False, padding: int = 4) -> None:
-        if images.dtype != torch.uint8:
-            raise TypeError(f"UInt8ImageDataset needs uint8 images, got {images.dtype}")
-        super().__init__(images, labels, augment=augment)
-        self.padding = padding
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        image = self.images[index].float().div_(255.0)
-        if self.augment:
-            image = _random_crop_flip(image, padding=self.padding)
-        return image, self.labels[index]
-
-
-def check_val_fraction(val_fraction: float) -> float:
-    """``val_fraction`` as a float, or a ConfigError when it leaves no training or no validation data."""
-    if not 0.0 < float(val_fraction) < 1.0:
-        raise ConfigError(
-            f"dataset.val_fraction must lie in (0, 1), got {val_fraction}",
-            "e.g. dataset.val_fraction=0.1 holds out 10% of the official training set for validation",
-        )
-    return float(val_fraction)
-
-
-def stratified_holdout(labels: Sequence[int] | Tensor, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Split indices into (keep, held out), holding out ``fraction`` of every class, chosen by ``seed``.
-
-    Every class with at least two members gives at least one image to each side, so a tiny
-    dataset still has each class in validation.
-    """
-    labels = torch.as_tensor(labels)
-    generator = torch.Generator().manual_seed(int(seed))
-    keep: list[int] = []
-    held: list[int] = []
-    for cls in labels.unique().tolist():
-        idx = (labels == cls).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=generator)]
-        n_held = min(max(1, int(round(len(idx) * fraction))), len(idx) - 1) if len(idx) > 1 else 0
-        held.extend(idx[:n_held].tolist())
-        keep.extend(idx[n_held:].tolist())
-    return sorted(keep), sorted(held)
-
-
-def hold_out_validation(module: ImageDataModule, images: Tensor, labels: Tensor, test_images: Tensor, test_labels: Tensor, padding: int = 4) -> None:
-    """Fill ``module``'s splits from uint8 images: validation is a seeded stratified
-    ``module.val_fraction`` of the official training images, test the official test images."""
-    keep, held = stratified_holdout(labels, module.val_fraction, module.seed)
-    train = UInt8ImageDataset(images[keep], labels[keep], augment=module.augment, padding=padding)
-    module.train_set = module._subsample_train(train, labels[keep])
-    module.val_set = UInt8ImageDataset(images[held], labels[held])
-    module.test_set = UInt8ImageDataset(test_images, test_labels)
 
 
 def _manual_hint(url: str, target: Path) -> str:
@@ -289,3 +234,7 @@ class CIFAR10DataModule(ImageDataModule):
 
         self.info = replace(self.info, class_names=class_names)
         hold_out_validation(self, images, labels, test_images, test_labels)
+
+    def _content_identity(self) -> dict[str, Any]:
+        self.prepare_data()
+        return content_identity({name: self.root / name for name in (*_TRAIN_BATCHES, _TEST_BATCH, _META)})

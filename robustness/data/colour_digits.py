@@ -29,11 +29,13 @@ from a generator seeded by ``seed``, so a seed fixes images, split and colours.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from robustness.data.base import DatasetInfo, ImageDataModule, TensorImageDataset
-from robustness.data.digits import load_digit_splits
+from robustness.data.digits import digits_identity, load_digit_splits
 from robustness.errors import ConfigError
 from robustness.geometry.colour import equal_luma_colours
 from robustness.registry import register
@@ -115,3 +117,7 @@ class ColourDigitsDataModule(ImageDataModule):
         self.train_set = self._subsample_train(train, coloured["train"][1])
         self.val_set = TensorImageDataset(*coloured["val"])
         self.test_set = TensorImageDataset(*coloured["test"])
+
+    def _content_identity(self) -> dict[str, Any]:
+        # The colours are a function of the digits, the options and the seed, which the config names.
+        return digits_identity()

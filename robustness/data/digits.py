@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from robustness import fingerprint
 from robustness.data.base import DatasetInfo, ImageDataModule, TensorImageDataset
 from robustness.registry import register
 
 # The bundled images hold integers 0..16.
 _DIGITS_MAX = 16.0
+
+
+@functools.cache
+def _digits_digest() -> str:
+    bunch = load_digits()
+    return fingerprint.of_tensors(torch.as_tensor(bunch.images), torch.as_tensor(bunch.target))
+
+
+def digits_identity() -> dict[str, Any]:
+    """The data identity of the bundled digits: the digest of all 1797 images and labels as loaded."""
+    return {"sha256": _digits_digest()}
 
 
 def load_digit_splits(seed: int, val_fraction: float = 0.15, test_fraction: float = 0.25) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -51,3 +66,6 @@ class DigitsDataModule(ImageDataModule):
         self.train_set = self._subsample_train(train, splits["train"][1])
         self.val_set = TensorImageDataset(*splits["val"])
         self.test_set = TensorImageDataset(*splits["test"])
+
+    def _content_identity(self) -> dict[str, Any]:
+        return digits_identity()

@@ -23,8 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from robustness.data.base import DatasetInfo, ImageDataModule
-from robustness.data.cifar import check_val_fraction, hold_out_validation
+from robustness.data.base import DatasetInfo, ImageDataModule, check_val_fraction, content_identity, hold_out_validation
 from robustness.data.layouts import FASHION_FILES, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC
 from robustness.errors import DataError
 from robustness.registry import register
@@ -106,16 +105,40 @@ class FashionMNISTDataModule(ImageDataModule):
 
     @property
     def folders(self) -> tuple[Path, ...]:
-        """Where the files are looked for, first match wins."""
+        """Where the files are looked for: the user's folder, then the Debian package's."""
         return (self.data_dir / TORCHVISION_FOLDER, DEBIAN_FOLDER)
 
+    @staticmethod
+    def _in(folder: Path) -> dict[str, tuple[Path | None, Path | None]]:
+        return {split: tuple(_in_folder(folder, name) for name in names) for split, names in FASHION_FILES.items()}  # type: ignore[misc]
+
     def _find(self) -> dict[str, tuple[Path, Path]] | None:
-        """``split -> (images file, labels file)`` from the first folder that holds all four files."""
+        """``split -> (images file, labels file)``: the user's folder when it holds any of the four
+        files (then it must hold all of them), else the Debian package's folder when it holds all four.
+
+        A user's folder that lacks a file is never silently replaced by another copy: that copy
+        could hold other images under the same config (see :meth:`_check_own_folder`).
+        """
         for folder in self.folders:
-            found = {split: tuple(_in_folder(folder, name) for name in names) for split, names in FASHION_FILES.items()}
-            if all(path is not None for pair in found.values() for path in pair):
+            found = self._in(folder)
+            present = [path for pair in found.values() for path in pair if path is not None]
+            if len(present) == 4:
                 return found  # type: ignore[return-value]
+            if present:
+                return None  # a partial copy: prepare_data names what it lacks
         return None
+
+    def _check_own_folder(self) -> None:
+        own = self.data_dir / TORCHVISION_FOLDER
+        found = self._in(own)
+        missing = [name for split, names in FASHION_FILES.items() for name, path in zip(names, found[split]) if path is None]
+        if 0 < len(missing) < 4:
+            raise DataError(
+                f"the Fashion-MNIST folder {own} lacks {', '.join(f'{name}[.gz]' for name in missing)}; it holds the other "
+                "idx files, so it is the copy in use and no other copy stands in for it",
+                f"restore the missing file(s) in {own}, or rerun with dataset.download=true to fill them in, "
+                f"or remove {own} to use the Debian package's copy in {DEBIAN_FOLDER}",
+            )
 
     def _download(self) -> None:
         from torchvision.datasets import FashionMNIST
@@ -132,10 +155,12 @@ class FashionMNISTDataModule(ImageDataModule):
         if self._find() is not None:
             return
         if not self.download:
+            self._check_own_folder()
             looked = " and ".join(str(folder) for folder in self.folders)
             names = ", ".join(f"{name}[.gz]" for names in FASHION_FILES.values() for name in names)
             raise DataError(f"Fashion-MNIST not found: looked for {names} in {looked}", _GET_HINT)
         self._download()
+        self._check_own_folder()
         if self._find() is None:
             raise DataError(
                 f"torchvision's download did not leave the four idx files in {self.data_dir / TORCHVISION_FOLDER}",
@@ -152,3 +177,9 @@ class FashionMNISTDataModule(ImageDataModule):
         test_images, test_labels = read_split(*files["test"])
         # 2-pixel padding, not CIFAR's 4: the items nearly fill the 28x28 frame, and a larger shift crops them.
         hold_out_validation(self, images, labels, test_images, test_labels, padding=2)
+
+    def _content_identity(self) -> dict[str, Any]:
+        self.prepare_data()
+        files = self._find()
+        assert files is not None  # prepare_data raised otherwise
+        return content_identity({Path(path.name).stem if path.suffix == ".gz" else path.name: path for pair in files.values() for path in pair})

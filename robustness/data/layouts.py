@@ -2,9 +2,11 @@
 
 Every writer produces the real file formats at the real image size (and, by default, the real
 class count), so the loaders read them exactly as they read the official downloads; only the
-number of images differs. Images carry a learnable class signal: each class has its own colour
-(Fashion-MNIST, being grey, a bright block in its own place), with per-pixel Gaussian noise on
-top, so a model trained for a few steps beats chance while no two images are alike.
+number of images differs. A user's own data gets the two forms it may come in: PNG class
+folders (``dataset=imagefolder``) and an ``.npz`` of arrays (``dataset=arrays``). Images carry a
+learnable class signal: each class has its own colour (Fashion-MNIST, being grey, a bright block
+in its own place), with per-pixel Gaussian noise on top, so a model trained for a few steps beats
+chance while no two images are alike.
 
 ``python -m robustness.data.layouts DATA_DIR [--per-class N]`` writes all of them.
 """
@@ -217,6 +219,56 @@ def write_fashion_mnist(data_dir: Path, per_class: int, seed: int = 0, test_per_
     return raw
 
 
+# --------------------------------------------------------------------------- a user's own images
+
+IMAGEFOLDER = "imagefolder"
+ARRAYS_FILE = "arrays.npz"
+
+
+def write_imagefolder(
+    data_dir: Path, per_class: int, seed: int = 0, test_per_class: int | None = None, val_per_class: int = 0,
+    class_names: Sequence[str] = CIFAR10_NAMES, size: int = 32,
+) -> Path:
+    """``data_dir/imagefolder/{train,test}/<class name>/<k>.png`` (and ``val/`` with ``val_per_class``),
+    the layout ``dataset=imagefolder`` reads; RGB PNGs of ``size`` x ``size``; returns the folder."""
+    rng = np.random.default_rng(seed)
+    root = Path(data_dir) / IMAGEFOLDER
+    counts = {"train": per_class, "test": per_class if test_per_class is None else test_per_class, "val": val_per_class}
+    for split, count in counts.items():
+        if count == 0:
+            continue
+        labels = np.repeat(np.arange(len(class_names)), count)
+        for k, (label, pixels) in enumerate(zip(labels, colour_images(labels, len(class_names), size, rng))):
+            folder = root / split / class_names[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels, "RGB").save(folder / f"{k:05d}.png")
+    return root
+
+
+def write_arrays(
+    data_dir: Path, per_class: int, seed: int = 0, test_per_class: int | None = None,
+    class_names: Sequence[str] | None = CIFAR10_NAMES, size: int = 32, layout: str = "NHWC", floating: bool = False,
+) -> Path:
+    """``data_dir/arrays.npz`` with x_train, y_train, x_test, y_test (and class_names unless None),
+    the file ``dataset=arrays`` reads: uint8 images (float in [0, 1] with ``floating``) in ``layout``."""
+    rng = np.random.default_rng(seed)
+    num_classes = 10 if class_names is None else len(class_names)
+    arrays: dict[str, np.ndarray] = {}
+    for split, count in (("train", per_class), ("test", per_class if test_per_class is None else test_per_class)):
+        labels = _shuffled_labels(num_classes, count, rng)
+        images = colour_images(labels, num_classes, size, rng)
+        if layout == "NCHW":
+            images = images.transpose(0, 3, 1, 2)
+        arrays[f"x_{split}"] = images.astype(np.float32) / 255.0 if floating else np.ascontiguousarray(images)
+        arrays[f"y_{split}"] = labels.astype(np.int64)
+    if class_names is not None:
+        arrays["class_names"] = np.array(list(class_names))
+    path = Path(data_dir) / ARRAYS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
 # --------------------------------------------------------------------------- all of them
 
 
@@ -228,6 +280,8 @@ def write_all(data_dir: Path, per_class: int, seed: int = 0) -> dict[str, Path]:
         "svhn": write_svhn(data_dir, per_class, seed),
         "tinyimagenet": write_tinyimagenet(data_dir, per_class, seed),
         "fashion_mnist": write_fashion_mnist(data_dir, per_class, seed),
+        "imagefolder": write_imagefolder(data_dir, per_class, seed),
+        "arrays": write_arrays(data_dir, per_class, seed),
     }
 
 

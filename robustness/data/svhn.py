@@ -10,8 +10,8 @@ import scipy.io
 import torch
 from torch import Tensor
 
-from robustness.data.base import DatasetInfo, ImageDataModule, missing_data_error
-from robustness.data.cifar import check_val_fraction, fetch_file, hold_out_validation
+from robustness.data.base import DatasetInfo, ImageDataModule, check_val_fraction, content_identity, hold_out_validation, missing_data_error
+from robustness.data.cifar import fetch_file
 from robustness.errors import ConfigError, DataError
 from robustness.registry import register
 
@@ -105,3 +105,7 @@ class SVHNDataModule(ImageDataModule):
         images, labels = read_svhn_mat(self._path("train"))  # type: ignore[arg-type]
         test_images, test_labels = read_svhn_mat(self._path("test"))  # type: ignore[arg-type]
         hold_out_validation(self, images, labels, test_images, test_labels)
+
+    def _content_identity(self) -> dict[str, Any]:
+        self.prepare_data()
+        return content_identity({split: self._path(split) for split in ("train", "test")})  # type: ignore[misc]

@@ -12,42 +12,31 @@ The official test images carry no labels, so the official ``val/`` serves as our
 validation split is held out of ``train/``. ``val/`` is restructured once into ``val/<wnid>/images/``
 (the layout of ``train/``); a marker file records that it is done.
 
-The JPEGs are decoded once, at the first setup, into a cache next to the folder
-(``tiny-imagenet-200.cache/``: one uint8 ``.npy`` array of shape (N, 3, 64, 64) and one of labels
-per split, ~1.2 GB for the full set, and ``manifest.json`` describing what it was built from).
-Training and evaluation slice the memory-mapped arrays, so no epoch decodes a JPEG and workers
-share the page cache instead of each holding a copy. The manifest holds a fingerprint of the
-source listing (every image's path, size and modification time, and the class list); a changed
-folder no longer matches it, and the cache is rebuilt. A file with an image name but unreadable
-content is reported, by name, while the cache is built, before any training starts.
+The JPEGs are decoded once, at the first setup, into the shared decoded-image cache
+(:mod:`robustness.data.cache`) next to the folder: ``tiny-imagenet-200.cache/``, one uint8 array of
+shape (N, 3, 64, 64) and one of labels per split, ~1.2 GB for the full set. Training and evaluation
+slice the memory-mapped arrays, so no epoch decodes a JPEG. The cache is rebuilt when the folder's
+listing (every image's path, size and modification time, and the class list) changes, or when its
+content no longer matches the SHA-256 recorded when it was written. A file with an image name but
+unreadable content is reported, by name, while the cache is built, before any training starts.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import os
-import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
-from PIL import Image
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
-from robustness.data.base import (
-    DatasetInfo,
-    ImageDataModule,
-    missing_data_error,
-    random_crop_flip_batch,
-)
-from robustness.data.cifar import check_val_fraction, fetch_archive, stratified_holdout
+from robustness.data.base import DatasetInfo, ImageDataModule, check_val_fraction, missing_data_error
+from robustness.data.cache import SplitSource, build_cache, cache_identity, cache_splits, decode_into, open_cache, read_image
+from robustness.data.cifar import fetch_archive
 from robustness.errors import DataError
 from robustness.fingerprint import of_bytes
-from robustness.io import atomic_write_json, atomic_write_text
+from robustness.io import atomic_write_text
 from robustness.registry import register
 
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -197,93 +186,18 @@ def list_images(folder: Path) -> list[Path]:
 
 def load_rgb(path: str | Path, size: tuple[int, int] = _IMAGE_SIZE) -> np.ndarray:
     """One image file as uint8 (3, H, W); greyscale and palette images become RGB."""
-    try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"image {path} disappeared after the dataset was indexed", "rerun; the index is rebuilt at setup") from None
-    except Exception as exc:  # noqa: BLE001 - PIL signals damaged files with many exception types
-        raise DataError(
-            f"cannot read image {path}: {type(exc).__name__}: {exc}",
-            "replace it with the file from the official archive, or delete it",
-        ) from None
-    if rgb.size != (size[1], size[0]):
-        raise DataError(f"image {path} is {rgb.size[0]}x{rgb.size[1]} pixels, expected {size[1]}x{size[0]}", "replace it with the file from the official archive, or delete it")
-    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
-
-
-class _DecodedFiles(Dataset):
-    """Decodes image files for the cache build; a bad file comes back as its error, so that the
-    build raises our DataError in the main process rather than a worker's wrapped traceback."""
-
-    def __init__(self, paths: Sequence[Path]) -> None:
-        self.paths = np.array([str(p) for p in paths])  # shared by forked workers, not copied on access
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray | None, DataError | None]:
-        try:
-            return load_rgb(str(self.paths[index])), None
-        except DataError as exc:
-            return None, exc
-
-
-def _keep_as_list(batch: list) -> list:
-    """The decode batches hold arrays and errors side by side, which the default collate cannot stack."""
-    return batch
-
-
-class CachedImageDataset(Dataset):
-    """Rows ``indices`` of a memory-mapped uint8 (N, 3, H, W) ``.npy`` file, scaled to [0, 1], with
-    their labels; optional random crop and flip.
-
-    The DataLoader asks for whole batches (``__getitems__``): one fancy index into the mapped file
-    and one padding of the batch instead of one of each per image. The mapping is opened lazily in
-    each process, and never pickled, so a spawned worker maps the file instead of copying it.
-    """
-
-    def __init__(self, images_path: Path, indices: Sequence[int] | np.ndarray, labels: Tensor, augment: bool = False, padding: int = 8) -> None:
-        if len(indices) != len(labels):
-            raise ValueError(f"{len(indices)} indices but {len(labels)} labels")
-        self.images_path = Path(images_path)
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.labels = torch.as_tensor(labels, dtype=torch.long)
-        self.augment = augment
-        self.padding = padding
-        self._images: np.ndarray | None = None
-
-    def images(self) -> np.ndarray:
-        if self._images is None:
-            self._images = np.load(self.images_path, mmap_mode="r")
-        return self._images
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_images": None}
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.__getitems__([index])[0]
-
-    def __getitems__(self, batch: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
-        rows = self.indices[np.asarray(batch, dtype=np.int64)]
-        images = torch.from_numpy(np.ascontiguousarray(self.images()[rows]))
-        if self.augment:
-            images = random_crop_flip_batch(images, padding=self.padding)  # on uint8: a quarter of the bytes to move
-        images = images.float().div_(255.0)
-        return list(zip(images.unbind(0), self.labels[list(batch)].unbind(0)))
+    return read_image(path, "RGB", (size[1], size[0]), "replace it with the file from the official archive, or delete it")
 
 
 CACHE_SUFFIX = ".cache"
-_CACHE_FORMAT = 1
 _SPLITS = ("train", "test")
+# Bumped when what the cache holds changes meaning (the source fingerprint then differs).
+_SOURCE_FORMAT = 1
 
 
 def source_fingerprint(root: Path, wnids: Sequence[str], files: dict[str, Sequence[Path]]) -> str:
     """A digest of what a cache is built from: the class list and every image's path, size and mtime."""
-    lines = [f"format {_CACHE_FORMAT}", "wnids " + " ".join(wnids)]
+    lines = [f"format {_SOURCE_FORMAT}", "wnids " + " ".join(wnids)]
     for split in _SPLITS:
         for path in files[split]:
             stat = path.stat()
@@ -291,82 +205,18 @@ def source_fingerprint(root: Path, wnids: Sequence[str], files: dict[str, Sequen
     return of_bytes("\n".join(lines).encode())
 
 
-def open_cache(cache: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The manifest of the cache in ``cache`` when it was built from the source ``fingerprint`` names
-    and its arrays are whole; None when it must be (re)built."""
-    try:
-        manifest = json.loads((cache / "manifest.json").read_text(encoding="utf-8"))
-        if manifest.get("format") != _CACHE_FORMAT or manifest.get("fingerprint") != fingerprint:
-            return None
-        for split in _SPLITS:
-            count = manifest["counts"][split]
-            images = np.load(cache / f"{split}_images.npy", mmap_mode="r")
-            labels = np.load(cache / f"{split}_labels.npy")
-            if images.shape != (count, 3, *_IMAGE_SIZE) or images.dtype != np.uint8 or labels.shape != (count,):
-                return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return manifest
-
-
-def build_cache(cache: Path, root: Path, fingerprint: str, files: dict[str, Sequence[Path]], labels: dict[str, Sequence[int]], num_workers: int = 0) -> None:
-    """Decode every image into ``cache`` (see the module docstring). The cache is assembled in a
-    staging folder and swapped in whole, so a reader finds the old cache, the new one or none."""
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
-    except OSError as exc:
-        raise DataError(
-            f"cannot write the decoded Tiny-ImageNet cache next to {root}: {exc.strerror or exc}",
-            "make paths.data_dir writable, or copy tiny-imagenet-200 into a writable paths.data_dir=...",
-        ) from None
-    try:
-        for split in _SPLITS:
-            paths = files[split]
-            images = np.lib.format.open_memmap(staging / f"{split}_images.npy", mode="w+", dtype=np.uint8, shape=(len(paths), 3, *_IMAGE_SIZE))
-            loader = DataLoader(_DecodedFiles(paths), batch_size=256, num_workers=num_workers, collate_fn=_keep_as_list)
-            start = 0
-            for batch in loader:
-                for offset, (pixels, error) in enumerate(batch):
-                    if error is not None:
-                        raise DataError(error.message, error.hint)
-                    images[start + offset] = pixels
-                start += len(batch)
-            images.flush()
-            del images
-            np.save(staging / f"{split}_labels.npy", np.asarray(labels[split], dtype=np.int64))
-        manifest = {
-            "format": _CACHE_FORMAT,
-            "fingerprint": fingerprint,
-            "source": str(root),
-            "counts": {split: len(files[split]) for split in _SPLITS},
-            "image_shape": [3, *_IMAGE_SIZE],
-            "what": "decoded uint8 images (N, 3, 64, 64) of train/<wnid>/images and val/<wnid>/images, classes in sorted wnid order",
-        }
-        atomic_write_json(staging / "manifest.json", manifest)
-        _swap_in(staging, cache, fingerprint)
-    except OSError as exc:  # a full disk, most likely: the full cache takes ~1.2 GB
-        raise DataError(
-            f"cannot write the decoded Tiny-ImageNet cache into {staging}: {exc.strerror or exc}",
-            f"free about 1.2 GB in {cache.parent}, or point paths.data_dir=... at a folder with room",
-        ) from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _swap_in(staging: Path, cache: Path, fingerprint: str) -> None:
-    if open_cache(cache, fingerprint) is not None:
-        return  # another job of a multirun built the same cache first; keep the one its readers may have open
-    retired = cache.with_name(f".{cache.name}.retired.{os.getpid()}")
-    try:
-        if cache.exists():
-            os.replace(cache, retired)
-        os.replace(staging, cache)
-    except OSError as exc:
-        # Another job of a multirun may have swapped in its own copy meanwhile; the same source gives the same cache.
-        if open_cache(cache, fingerprint) is None:
-            raise DataError(f"cannot move the decoded Tiny-ImageNet cache into {cache}: {exc}", f"delete {cache} and rerun") from None
-    finally:
-        shutil.rmtree(retired, ignore_errors=True)
+def build_tiny_cache(cache: Path, root: Path, fingerprint: str, files: dict[str, Sequence[Path]], labels: dict[str, Sequence[int]], num_workers: int = 0) -> dict[str, Any]:
+    """Decode every image of ``files`` into the cache at ``cache``; returns its manifest."""
+    decode = functools.partial(load_rgb, size=_IMAGE_SIZE)
+    splits = {
+        split: SplitSource(np.asarray(labels[split], dtype=np.int64), functools.partial(decode_into, paths=files[split], read=decode, num_workers=num_workers))
+        for split in _SPLITS
+    }
+    description = {
+        "source": str(root),
+        "what": "decoded uint8 images (N, 3, 64, 64) of train/<wnid>/images and val/<wnid>/images, classes in sorted wnid order",
+    }
+    return build_cache(cache, fingerprint, (3, *_IMAGE_SIZE), splits, "Tiny-ImageNet", description)
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -398,6 +248,7 @@ class TinyImageNetDataModule(ImageDataModule):
     def __init__(self, val_fraction: float = 0.1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.val_fraction = check_val_fraction(val_fraction)
+        self.manifest: dict[str, Any] | None = None
 
     @property
     def root(self) -> Path:
@@ -453,14 +304,13 @@ class TinyImageNetDataModule(ImageDataModule):
         files = {"train": paths, "test": test_paths}
         labels_by_split = {"train": labels, "test": test_labels}
         fingerprint = source_fingerprint(self.root, wnids, files)
-        if open_cache(self.cache, fingerprint) is None:
-            build_cache(self.cache, self.root, fingerprint, files, labels_by_split, num_workers=self.num_workers)
-
-        label_t = torch.tensor(labels, dtype=torch.long)
-        keep, held = stratified_holdout(label_t, self.val_fraction, self.seed)
-        train_images = self.cache / "train_images.npy"
-        train = CachedImageDataset(train_images, keep, label_t[keep], augment=self.augment)
+        manifest = open_cache(self.cache, fingerprint)
+        if manifest is None:
+            manifest = build_tiny_cache(self.cache, self.root, fingerprint, files, labels_by_split, num_workers=self.num_workers)
+        self.manifest = manifest
         self.info = replace(self.info, num_classes=len(wnids), class_names=class_names)
-        self.train_set = self._subsample_train(train, label_t[keep])
-        self.val_set = CachedImageDataset(train_images, held, label_t[held])
-        self.test_set = CachedImageDataset(self.cache / "test_images.npy", range(len(test_labels)), torch.tensor(test_labels, dtype=torch.long))
+        cache_splits(self, self.cache, manifest, padding=8)
+
+    def _content_identity(self) -> dict[str, Any]:
+        self.setup()
+        return cache_identity(self.manifest)

@@ -12,16 +12,22 @@
   state_dict of that network; normalisation goes in front of it, as for our own models.
 
 A variant of such a model is not trained: its config node comes from ``model.variants`` (see
-:func:`variant_node`) and :func:`external_source` describes its weights file, with the file's
-digest, for the store.
+:func:`variant_node`) or from the run's ``external_variants`` table, which may also name a
+``model=import`` network with its weights (:mod:`robustness.models.imported`), and
+:func:`external_source` describes its weights file for the store, with the SHA-256 of the bytes
+the builder loaded (each builder reads the file once and keeps that digest on the model as
+``loaded_weights``).
 
 Weights load with ``torch.load(weights_only=True)``; a file that needs unpickling loads only
-with ``allow_unpickling=true``, because unpickling can run arbitrary code.
+with ``allow_unpickling=true``, because unpickling can run arbitrary code. They pass the checks
+the store's own weights pass: every parameter and statistic with its shape, and no NaN or
+infinite value (named by its tensor).
 """
 
 from __future__ import annotations
 
 import difflib
+import io
 import logging
 import os
 import pickle
@@ -42,11 +48,15 @@ from robustness.data.base import DatasetInfo
 from robustness.errors import ConfigError, StoreError
 from robustness.models.normalize import Normalize, PixelClassifier
 from robustness.registry import register, split_name
-from robustness.store import load_weights
+from robustness.store import check_finite_state, load_weights
 
 log = logging.getLogger(__name__)
 
+# Published models: probed as they are, never trained here.
 EXTERNAL_MODELS = ("robustbench", "torchvision")
+# Models an ``external_variants`` entry may name: the published ones, and model=import with a
+# weights file (a researcher's own architecture and weights, probed as they are).
+VARIANT_MODELS = (*EXTERNAL_MODELS, "import")
 
 # What to install when importing robustbench fails on one of its modules. robustbench 1.1.1 from
 # PyPI imports AutoAttack as ``autoattack`` (PyPI's pyautoattack installs it as ``pyautoattack``)
@@ -73,61 +83,27 @@ def is_external(model_cfg: DictConfig | Mapping[str, Any]) -> bool:
     return str(model_cfg.get("name")) in EXTERNAL_MODELS
 
 
-def variant_node(model_cfg: DictConfig | Mapping[str, Any], variant: str) -> dict[str, Any]:
-    """The model node of one variant of an external model: ``model_cfg`` without its
-    ``variants`` table, updated with that variant's entry of the table."""
-    name, options = split_name(model_cfg, "model")
-    table = options.pop("variants", None) or {}
-    if variant not in table:
-        known = ", ".join(table) or "(none)"
-        raise ConfigError(
-            f"variant '{variant}' is not one of model={name}'s variants ({known})",
-            f"list one of those in variants=[...], or define it: '+model.variants.{variant}={{{_example_override(name)}}}'",
-        )
-    override = dict(table[variant] or {})
-    if override.get("name", name) != name:
-        raise ConfigError(f"variant '{variant}' of model={name} sets name '{override['name']}'", f"drop 'name' from model.variants.{variant}")
-    override.pop("name", None)
-    return {"name": name, **options, **override}
-
-
-def external_variant(cfg: DictConfig | Mapping[str, Any], variant: str) -> dict[str, Any] | None:
-    """The model node of ``variant`` when it is a published model, None when the store trains it.
-
-    A variant is external when the run's model is external (its ``model.variants`` table names
-    it; see :func:`variant_node`) or when a top-level ``external_variants`` table holds a full
-    model node for it (``{name: robustbench, entry: ...}``), which lets one probe compare
-    variants trained here with published ones. A node without ``models_dir`` gets
-    ``paths.models_dir``.
-    """
-    table = cfg.get("external_variants") or {}
-    if variant in table:
-        name, options = split_name(table[variant], "model")
-        if name not in EXTERNAL_MODELS:
-            raise ConfigError(
-                f"external_variants.{variant} names model '{name}', which is not a published model",
-                f"set its name to one of: {', '.join(EXTERNAL_MODELS)}",
-            )
-        node = {"name": name, **options}
-    elif is_external(cfg["model"]):
-        node = variant_node(cfg["model"], variant)
-    else:
-        return None
-    models_dir = (cfg.get("paths") or {}).get("models_dir")
-    if "models_dir" not in node and models_dir is not None:
-        node["models_dir"] = str(models_dir)
-    return node
-
-
-def _example_override(name: str) -> str:
-    return "entry:Standard,threat_model:L2" if name == "robustbench" else "arch:resnet18,weights:my_weights.pt"
-
-
-def external_source(model_cfg: DictConfig | Mapping[str, Any], info: DatasetInfo) -> dict[str, Any]:
+def external_source(model_cfg: DictConfig | Mapping[str, Any], info: DatasetInfo, model: nn.Module | None = None) -> dict[str, Any]:
     """Where an external variant's weights come from, with the weights file's sha256: what the
-    store records for a variant it did not train."""
+    store records for a variant it did not train.
+
+    model: the module built from ``model_cfg``; the digest is then that of the bytes its builder
+           loaded (``model.loaded_weights``), not of the file as it is now, which could have changed since.
+    """
     name, options = split_name(model_cfg, "model")
     options.pop("variants", None)
+    source = _source(name, options, info)
+    loaded = getattr(model, "loaded_weights", None)
+    if loaded is not None:
+        source.update(weights=loaded["weights"], weights_sha256=loaded["weights_sha256"])
+    return source
+
+
+def _source(name: str, options: dict[str, Any], info: DatasetInfo) -> dict[str, Any]:
+    if name == "import":
+        from robustness.models.imported import imported_source
+
+        return imported_source(options, info)
     if name == "robustbench":
         spec = _robustbench_spec(info, **_only(options, ("entry", "threat_model", "dataset", "models_dir")))
         return {
@@ -263,8 +239,9 @@ def robustbench_model(
         _download_robustbench(spec)
     net = spec.factory()
     check_fits(net, info, spec.label)
-    state = read_checkpoint(spec.path, f"the weights of {spec.label}", allow_unpickling)
+    state, digest = read_checkpoint(spec.path, f"the weights of {spec.label}", allow_unpickling)
     load_matching(net, state, f"the weights of {spec.label} at {spec.path}", info)
+    net.loaded_weights = {"weights": str(spec.path), "weights_sha256": digest}
     return net
 
 
@@ -346,9 +323,11 @@ def torchvision_model(
         raise ConfigError(f"torchvision {arch} rejects model.options {dict(options or {})} ({exc})", f"set only options that torchvision.models.{arch} accepts") from None
     label = f"torchvision {arch}"
     check_fits(net, info, label)
-    state = read_checkpoint(path, f"the weights of {label}", allow_unpickling)
+    state, digest = read_checkpoint(path, f"the weights of {label}", allow_unpickling)
     load_matching(net, state, f"the weights of {label} at {path}", info)
-    return PixelClassifier(Normalize(mean, std), net)
+    model = PixelClassifier(Normalize(mean, std), net)
+    model.loaded_weights = {"weights": str(path), "weights_sha256": digest}
+    return model
 
 
 # --------------------------------------------------------------------------------------
@@ -381,20 +360,27 @@ def check_fits(net: nn.Module, info: DatasetInfo, label: str) -> None:
         )
 
 
-def read_checkpoint(path: Path, what: str, allow_unpickling: bool) -> Any:
-    """A zoo file's contents: tensors only, unless the user allowed unpickling."""
+def read_checkpoint(path: Path, what: str, allow_unpickling: bool) -> tuple[Any, str]:
+    """A weights file's contents (tensors only, unless the user allowed unpickling) and the SHA-256
+    of the very bytes they were read from: the file is read once, so the digest the store records
+    is that of the weights in use even if the file is replaced meanwhile."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise StoreError(f"{what} not found at {path}", "fix the path (relative paths are taken inside paths.models_dir)") from None
+    except OSError as exc:
+        raise StoreError(f"cannot read {what} at {path}: {exc.strerror or exc}", "check the file's permissions") from None
+    digest = fingerprint.of_bytes(data)
     if allow_unpickling:
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except FileNotFoundError:
-            raise StoreError(f"{what} not found at {path}") from None
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False), digest
         except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, ImportError) as exc:
             raise StoreError(
                 f"{what} at {path} cannot be unpickled ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
                 "a missing module names code the file needs; otherwise the file is corrupted: delete it and fetch it again",
             ) from None
     try:
-        return load_weights(path, what)
+        return load_weights(io.BytesIO(data), f"{what} at {path}"), digest
     except StoreError as exc:
         refused = exc.__context__
         if not (isinstance(refused, pickle.UnpicklingError) and "weights only load failed" in str(refused).lower()):
@@ -405,6 +391,15 @@ def read_checkpoint(path: Path, what: str, allow_unpickling: bool) -> Any:
             "refusing to unpickle it because unpickling can run arbitrary code",
             "if you trust where the file came from, allow it with model.allow_unpickling=true; or re-save it as a plain state_dict",
         ) from None
+
+
+def check_finite(state: Mapping[str, Tensor], what: str) -> None:
+    """Published weights holding NaN or infinite values are refused as the store refuses its own,
+    naming the first such tensor."""
+    try:
+        check_finite_state(state, what)
+    except StoreError as exc:
+        raise StoreError(exc.message, "the file is damaged, or the training that wrote it diverged: use a sound copy of the weights") from None
 
 
 def _unpickled_globals(path: Path) -> str:
@@ -421,10 +416,8 @@ def load_matching(net: nn.Module, checkpoint: Any, what: str, info: DatasetInfo)
     shape; only constants of parameter-free layers (a normalising layer's mean and std) may be
     missing, and keep the values the architecture defines."""
     expected = net.state_dict()
-    candidates = [_rekeyed(state, expected) for state in _tensor_mappings(checkpoint)]
-    if not candidates:
-        raise StoreError(f"{what} holds no state_dict of tensors", "save the network's state_dict() (a mapping of names to tensors)")
-    state = max(candidates, key=lambda s: len(expected.keys() & s.keys()))
+    state = find_state_dict(checkpoint, expected, what)
+    check_finite(state, what)
     constants = _constant_buffers(net)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -449,6 +442,15 @@ def load_matching(net: nn.Module, checkpoint: Any, what: str, info: DatasetInfo)
     if missing:
         log.info("%s: keeping the architecture's own %s", what, ", ".join(missing))
     net.load_state_dict(state, strict=False)
+
+
+def find_state_dict(checkpoint: Any, expected: Mapping[str, Tensor], what: str) -> dict[str, Tensor]:
+    """The state_dict in a checkpoint (itself, or under a wrapper key such as ``state_dict``), its
+    keys' wrapper prefixes (``module.``, ``model.``) undone where that makes them meet ``expected``'s."""
+    candidates = [_rekeyed(state, expected) for state in _tensor_mappings(checkpoint)]
+    if not candidates:
+        raise StoreError(f"{what} holds no state_dict of tensors", "save the network's state_dict() (a mapping of names to tensors)")
+    return max(candidates, key=lambda s: len(expected.keys() & s.keys()))
 
 
 def _tensor_mappings(checkpoint: Any, depth: int = 2) -> list[dict[str, Tensor]]:

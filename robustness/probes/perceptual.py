@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from robustness import fingerprint
-from robustness.errors import ConfigError, InputError
+from robustness.errors import ConfigError, InputError, NotApplicableError
 from robustness.geometry.colour import hue_rotate, region_mask
 from robustness.probes.base import ProbeContext, ProbeResult
 from robustness.tensors import inference_copy, l2_norm, predict
@@ -377,7 +377,7 @@ def compute(ctx: ProbeContext) -> ProbeResult:
     options = PerceptualOptions.from_cfg(ctx.options)
     info = ctx.data.info
     if info.in_channels != 3:
-        raise ConfigError(
+        raise NotApplicableError(
             f"the perceptual probe recolours images, but dataset '{info.name}' has {info.in_channels} channel(s)",
             "use a colour dataset: dataset=colour_digits (embedded), cifar10, svhn or tinyimagenet",
         )

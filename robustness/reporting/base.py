@@ -1,9 +1,13 @@
 """Shared reporting helpers: every figure goes out as PNG + PDF, every table as CSV + Markdown.
 
-Also what several reporters share, so a report looks like one document: one colour per class
-(:func:`class_colour`) and per model variant (:func:`variant_colour`) in every figure, the
-report's names for its models, and the phrases captions use to name the probed images.
-Captions are at most two sentences; longer method text goes into an artefact's ``methods``.
+Also what several reporters share, so a report looks like one document: one number format
+(:func:`format_number`), one colour per class (:func:`class_colour`) and per model variant
+(:func:`variant_colour`) in every figure, each variant's title, and the phrases captions use to
+name the probed images. Captions are at most two sentences; longer method text goes into an
+artefact's ``methods``.
+
+A table keeps every column in its CSV; what a report shows on screen (``Artefact.shown``) is at
+most :data:`MAX_SHOWN_COLUMNS` columns, or a pivot of a long list, chosen by its reporter.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import colorsys
 import csv
 import io
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -25,6 +31,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from robustness import fingerprint  # noqa: E402
 from robustness.io import atomic_savefig, atomic_write_text  # noqa: E402
 from robustness.probes.base import ProbeResult  # noqa: E402
 
@@ -47,21 +54,75 @@ class Artefact:
     caption: str = ""
     rows: list[dict[str, Any]] = field(default_factory=list)
     methods: str = ""
+    # What a report shows of a table: fewer columns than ``rows``, or a pivot of them (None: ``rows``).
+    shown: list[dict[str, Any]] | None = None
+    # A line the report prints above the table (the scorecard's counts and its rule).
+    summary: str = ""
+    # Rows a report keeps folded under the table, opened on a click (the scorecard's medians and notes).
+    details: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def display(self) -> list[dict[str, Any]]:
+        """The rows a report shows on screen."""
+        return self.rows if self.shown is None else self.shown
+
+    @property
+    def csvs(self) -> list[Path]:
+        """The CSV files a report links: the table's own, then any it carries (per-pair, per-angle data)."""
+        return [Path(p) for p in self.paths if str(p).endswith(".csv")]
+
+
+# A person reads a table of about this many columns; wider ones stay whole in their CSV.
+MAX_SHOWN_COLUMNS = 8
 
 
 def save_figure(fig: Any, out_dir: str | Path, name: str, caption: str = "", methods: str = "") -> Artefact:
     out_dir = Path(out_dir)
-    paths = [atomic_savefig(fig, out_dir / f"{name}.{ext}", dpi=150, bbox_inches="tight") for ext in ("png", "pdf")]
+    paths = [atomic_savefig(fig, out_dir / f"{name}.{ext}", dpi=FIGURE_DPI, bbox_inches="tight") for ext in ("png", "pdf")]
     plt.close(fig)
     return Artefact("figure", name, paths, caption, methods=methods)
 
 
+FIGURE_DPI = 150
+
+
+# ------------------------------------------------------------------ numbers and tables
+
+
+SIGNIFICANT_DIGITS = 4
+
+
+def format_number(value: float | int) -> str:
+    """Every number the report prints: integers whole, other values to 4 significant digits
+    (scientific notation below 0.001 and from 10 000 on), NaN as an en dash."""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    value = float(value)
+    if math.isnan(value):
+        return "–"
+    if math.isinf(value):
+        return "∞" if value > 0 else "−∞"
+    if value == 0 or 1e-3 <= abs(value) < 1e4:
+        text = f"{value:.{SIGNIFICANT_DIGITS}g}"
+        # ".4g" drops to scientific for 4-digit integers' neighbours such as 9999.5 -> 1e+04; keep it plain.
+        return f"{value:.0f}" if "e" in text else text
+    return f"{value:.{SIGNIFICANT_DIGITS - 1}e}"
+
+
 def format_cell(value: Any) -> str:
-    if isinstance(value, float):
-        if value == 0 or 1e-3 <= abs(value) < 1e4:
-            return f"{value:.4g}"
-        return f"{value:.3e}"
+    """A table cell: numbers through :func:`format_number`, everything else as text."""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return format_number(value)
     return str(value)
+
+
+def percent(value: float) -> str:
+    """A share as a percentage, with the precision of :func:`format_number` (0.9978 -> 99.78%)."""
+    return "–" if math.isnan(value) else f"{format_number(100.0 * float(value))}%"
 
 
 def table_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -70,32 +131,84 @@ def table_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(key for row in rows for key in row))
 
 
+# A cell that reads as a number: "0.998", "-1.2e-03", "12/30", "99.7%", "[0.1, 0.2]", "0.90 → 0.95", "1.2 ± 0.3", "–".
+_NUMERIC_TEXT = re.compile(r"^[\[(]?[-+−]?(\d|\.\d|∞|–$|n/a$)")
+
+
+def is_numeric(value: Any) -> bool:
+    """Whether a cell holds a number (or a number written with its interval, ratio or change)."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return True
+    return isinstance(value, str) and bool(_NUMERIC_TEXT.match(value.strip()))
+
+
+def numeric_columns(rows: Sequence[dict[str, Any]]) -> set[str]:
+    """Columns whose every non-empty cell is numeric: a report right-aligns these and left-aligns the rest."""
+    columns = table_columns(rows)
+    return {c for c in columns if all(is_numeric(row[c]) for row in rows if row.get(c, "") != "") and any(row.get(c, "") != "" for row in rows)}
+
+
 def _markdown_cell(value: Any) -> str:
-    # A bare "|" (as in |curvature| or ||H||_F^2) would end the cell.
-    return format_cell(value).replace("|", "\\|")
+    # A bare "|" (as in |curvature| or ||H||_F^2) would end the cell; a line break would end the row.
+    return format_cell(value).replace("|", "\\|").replace("\n", " ")
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table; numeric columns right-aligned (``---:``), text left-aligned (``:---``)."""
     if not rows:
         return "(no rows)\n"
     columns = table_columns(rows)
-    lines = ["| " + " | ".join(_markdown_cell(c) for c in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    numeric = numeric_columns(rows)
+    lines = ["| " + " | ".join(_markdown_cell(c) for c in columns) + " |", "|" + "|".join("---:" if c in numeric else ":---" for c in columns) + "|"]
     lines += ["| " + " | ".join(_markdown_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
-def write_table(rows: Sequence[dict[str, Any]], out_dir: str | Path, name: str, caption: str = "", methods: str = "") -> Artefact:
-    out_dir = Path(out_dir)
+def pick_columns(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows with only ``columns``, in that order (what a report shows of a wide table)."""
+    return [{c: row[c] for c in columns if c in row} for row in rows]
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     buffer = io.StringIO()
     if rows:
         writer = csv.DictWriter(buffer, fieldnames=table_columns(rows))
         writer.writeheader()
         writer.writerows(rows)
-    csv_path = atomic_write_text(out_dir / f"{name}.csv", buffer.getvalue())
+    return atomic_write_text(path, buffer.getvalue())
+
+
+def write_data(rows: Sequence[dict[str, Any]], out_dir: str | Path, name: str, caption: str = "") -> list[Path]:
+    """A table a report links but does not print (per pair, per angle): ``name.csv`` and ``name.md``, every column."""
+    out_dir = Path(out_dir)
+    csv_path = write_csv(rows, out_dir / f"{name}.csv")
+    md_path = atomic_write_text(out_dir / f"{name}.md", (f"{caption}\n\n" if caption else "") + markdown_table(rows))
+    return [csv_path, md_path]
+
+
+def write_table(
+    rows: Sequence[dict[str, Any]],
+    out_dir: str | Path,
+    name: str,
+    caption: str = "",
+    methods: str = "",
+    shown: Sequence[dict[str, Any]] | None = None,
+) -> Artefact:
+    """``rows`` to ``name.csv`` (every column) and ``name.md`` (what a report shows: ``shown``, else ``rows``).
+
+    shown: the rows a report shows on screen, at most :data:`MAX_SHOWN_COLUMNS` columns (e.g.
+    :func:`pick_columns` of ``rows``, or a pivot of them).
+    """
+    out_dir = Path(out_dir)
+    display = list(rows) if shown is None else list(shown)
+    csv_path = write_csv(rows, out_dir / f"{name}.csv")
     # The stand-alone Markdown file carries its methods text; a report puts it in an appendix.
-    md_text = (f"{caption}\n\n" if caption else "") + markdown_table(rows) + (f"\nMethods: {methods}\n" if methods else "")
+    whole = f"\nEvery column: {name}.csv\n" if shown is not None else ""
+    md_text = (f"{caption}\n\n" if caption else "") + markdown_table(display) + whole + (f"\nMethods: {methods}\n" if methods else "")
     md_path = atomic_write_text(out_dir / f"{name}.md", md_text)
-    return Artefact("table", name, [csv_path, md_path], caption, list(rows), methods)
+    return Artefact("table", name, [csv_path, md_path], caption, list(rows), methods, shown=None if shown is None else display)
 
 
 def ordered_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[dict[str, Any]]:
@@ -108,11 +221,17 @@ def ordered_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> list
 
 
 def interval_text(low: float, high: float) -> str:
-    """A 95% interval as a table cell: ``[low, high]``."""
-    return f"[{format_cell(float(low))}, {format_cell(float(high))}]"
+    """A 95% interval as a table cell: ``[low, high]`` (``–`` without one)."""
+    if not (math.isfinite(float(low)) and math.isfinite(float(high))):
+        return "–"
+    return f"[{format_number(float(low))}, {format_number(float(high))}]"
 
 
 # ------------------------------------------------------------------ colours
+
+
+# A verdict's colour, the same in the scorecard's badges and its forest plot.
+VERDICT_COLOURS = {"holds": "#1a7f37", "does not hold": "#cf222e", "inconclusive": "#9a6700", "not measured": "#6e7781"}
 
 
 # Ten-class datasets (digits, CIFAR-10, SVHN) get tab10, in class order; beyond ten classes
@@ -139,29 +258,32 @@ def class_colours(classes: Sequence[int]) -> dict[int, RGBA]:
     return {int(c): class_colour(int(c)) for c in sorted(set(int(c) for c in classes))}
 
 
-# The report's three models keep one colour in every figure; other variants take the next free one.
-_VARIANT_COLOURS = {"base": "#1f77b4", "adversarial": "#d62728", "pgd": "#ff7f0e", "cure": "#2ca02c"}
-_OTHER_VARIANT_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+# Variants whose regularizer config names no colour (published models, say) take one of these,
+# by a digest of their name, skipping those that styled variants use: the same colour in every figure.
+_FALLBACK_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#1f77b4", "#d62728", "#ff7f0e", "#2ca02c")
 
 
-def variant_colour(variant: str, variants: Sequence[str] = ()) -> str:
-    """The colour of a model variant: fixed for base/adversarial/cure, else by its place among ``variants``."""
-    if variant in _VARIANT_COLOURS:
-        return _VARIANT_COLOURS[variant]
-    others = [v for v in variants if v not in _VARIANT_COLOURS]
-    position = others.index(variant) if variant in others else sum(map(ord, variant))
-    return _OTHER_VARIANT_COLOURS[position % len(_OTHER_VARIANT_COLOURS)]
+def _styles(meta: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
+    return meta.get("variant_styles") or {}
+
+
+def variant_title(meta: Mapping[str, Any], variant: str) -> str:
+    """A variant's title, as its regularizer's config names it (``meta["variant_styles"]``); else its name."""
+    return str((_styles(meta).get(variant) or {}).get("title") or variant)
+
+
+def variant_colour(meta: Mapping[str, Any], variant: str) -> str:
+    """A variant's colour in every figure: its regularizer config's ``colour``, else a fixed one chosen by its name."""
+    styles = _styles(meta)
+    own = (styles.get(variant) or {}).get("colour")
+    if own:
+        return str(own)
+    taken = {str(style.get("colour")).lower() for style in styles.values() if style and style.get("colour")}
+    free = [c for c in _FALLBACK_COLOURS if c not in taken] or list(_FALLBACK_COLOURS)
+    return free[int(fingerprint.of_bytes(variant.encode("utf-8"))[:8], 16) % len(free)]
 
 
 # ------------------------------------------------------------------ names in captions and tables
-
-
-# The report's names for its three models (Table 1's rows); other variants keep their own name.
-VARIANT_TITLES = {"base": "Base model", "adversarial": "Adversarial training", "pgd": "PGD training", "cure": "CURE training"}
-
-
-def variant_title(variant: str) -> str:
-    return VARIANT_TITLES.get(variant, variant)
 
 
 def images_phrase(meta: Mapping[str, Any]) -> str:
@@ -179,9 +301,8 @@ def sample_phrase(meta: Mapping[str, Any], class_names: Sequence[str]) -> str:
     return f"{meta['dataset']} {meta['split']} image #{meta['sample_index']} (true class '{class_name(class_names, meta['true_label'])}')"
 
 
-def per_image_figure(values: Mapping[str, Any], ylabel: str, title: str, log: bool = True) -> Any:
+def per_image_figure(values: Mapping[str, Any], ylabel: str, title: str, meta: Mapping[str, Any], log: bool = True) -> Any:
     """One column of points per variant with its mean (bar) and median (diamond): how per-image values spread."""
-    import numpy as np
 
     fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(values), 3.6))
     rng = np.random.default_rng(0)  # horizontal jitter only, so points do not hide each other
@@ -190,11 +311,11 @@ def per_image_figure(values: Mapping[str, Any], ylabel: str, title: str, log: bo
         data = data[np.isfinite(data) & ((data > 0) if log else True)]
         if len(data) == 0:
             continue
-        colour = variant_colour(variant, list(values))
+        colour = variant_colour(meta, variant)
         ax.scatter(position + rng.uniform(-0.18, 0.18, len(data)), data, s=9, alpha=0.55, color=colour)
         ax.plot([position - 0.3, position + 0.3], [data.mean()] * 2, color="black", linewidth=2)
         ax.plot([position], [np.median(data)], marker="D", markersize=6, color="white", markeredgecolor="black")
-    ax.set_xticks(range(len(values)), [variant_title(v) for v in values], rotation=15)
+    ax.set_xticks(range(len(values)), [variant_title(meta, v) for v in values], rotation=15)
     if log:
         ax.set_yscale("log")
     ax.set_ylabel(ylabel)
@@ -247,7 +368,7 @@ def per_image_artefact(result: ProbeResult, key: str, ylabel: str, log: bool, ou
     if f"{variants[0]}/per_image/{key}" not in result.arrays:
         return None
     values = {v: np.abs(result.arrays[f"{v}/per_image/{key}"].double().numpy()) if log else result.arrays[f"{v}/per_image/{key}"].double().numpy() for v in variants}
-    fig = per_image_figure(values, ylabel, f"{result.meta['num_images']} {result.meta['split']} images, one plane each")
+    fig = per_image_figure(values, ylabel, f"{result.meta['num_images']} {result.meta['split']} images, one plane each", result.meta, log=log)
     return save_figure(fig, out_dir, name, caption, result.meta.get("methods", ""))
 
 

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from robustness.probes.base import ProbeResult
-from robustness.reporting.base import PANEL_INCHES, class_legend, draw_regions, grid_colours, per_image_artefact, Artefact, ordered_rows, sample_phrase, save_figure, write_table
+from robustness.reporting.base import PANEL_INCHES, Artefact, class_legend, draw_regions, format_number, grid_colours, ordered_rows, per_image_artefact, sample_phrase, save_figure, variant_title, write_table
 from robustness.registry import register
 
 CURVATURE_COLUMNS = (
@@ -46,7 +46,7 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
         ax.plot([0.0], [row["attack_distance"]], marker="X", markersize=8, color="white", markeredgecolor="black", linestyle="none", label=attack)
         ax.set_xlim(coords[0], coords[-1])
         ax.set_ylim(coords[0], coords[-1])
-        ax.set_title(f"{variant}: curvature {row['curvature']:.3g}, d = {row['attack_distance']:.3g}", fontsize="medium")
+        ax.set_title(f"{variant_title(meta, variant)}: curvature {format_number(row['curvature'])}, d = {format_number(row['attack_distance'])}", fontsize="medium")
         ax.set_xlabel("random direction (l2)")
     axes[0][0].set_ylabel(f"{attack} direction (l2)")
     axes[0][-1].legend(loc="lower right", fontsize="x-small", framealpha=0.8)
@@ -65,13 +65,27 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
         "dashed red: its quadratic fit. Reproduces the report's Figure 2 (initial vs adversarially trained model) and Figure 4, left (CURE model).",
         methods,
     )
+    shown = [
+        {
+            "Model": variant_title(meta, row["variant"]),
+            "sample class": row["sample_class"],
+            "attack succeeded": row["attack_success"],
+            "d (attack l2)": row["attack_distance"],
+            "boundary distance": row["boundary_distance"],
+            "curvature (1/l2)": row["curvature"],
+            "curvature × d": row["curvature_x_distance"],
+            "fit RMSE": row["fit_rmse"],
+        }
+        for row in result.tables["curvature"]
+    ]
     table = write_table(
         ordered_rows(result.tables["curvature"], CURVATURE_COLUMNS),
         out_dir,
         "boundary_plane_curvature",
         f"Curvature of the quadratic fit to the boundary at the sample's column (1/l2 units; positive bends away from the sample), "
-        f"attack_distance the {attack} perturbation's l2 norm d and boundary_distance the boundary's position along it (report, Figures 2 and 4).",
+        f"d the {attack} perturbation's l2 norm and boundary distance the boundary's position along it (report, Figures 2 and 4).",
         methods,
+        shown=shown,
     )
     spread = per_image_artefact(
         result, "curvature", "|curvature| of the boundary fit (1/l2)", True, out_dir, "boundary_plane_per_image",

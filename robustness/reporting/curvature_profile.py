@@ -22,7 +22,7 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     for variant, values in profiles.items():
         mean = values.mean(0)
         ranks = np.arange(1, len(mean) + 1)
-        line = ax.plot(ranks, mean, marker="o", markersize=3, label=variant_title(variant), color=variant_colour(variant, meta["variants"]))[0]
+        line = ax.plot(ranks, mean, marker="o", markersize=3, label=variant_title(meta, variant), color=variant_colour(meta, variant))[0]
         # The band shows how much the spectrum varies from image to image.
         low, high = np.percentile(values, [25, 75], axis=0)
         ax.fill_between(ranks, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
@@ -43,7 +43,7 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     figure = save_figure(fig, out_dir, "curvature_profile", caption, methods)
     rows = [
         {
-            "Model": variant_title(row["variant"]),
+            "Model": variant_title(meta, row["variant"]),
             "λ₁ (mean)": row["lambda_1"],
             f"λ_{row['k']} (mean)": row["lambda_k"],
             f"Σ λ² over top {row['k']}": row["sum_lambda_sq"],
@@ -52,5 +52,9 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
         }
         for row in result.tables["curvature_profile"]
     ]
-    table = write_table(rows, out_dir, "curvature_profile", caption, methods)
+    table_caption = (
+        "The numbers behind the curvature profile, per model: the largest and the last computed eigenvalue "
+        "(means over the images) and the sum of the squared computed eigenvalues."
+    )
+    table = write_table(rows, out_dir, "curvature_profile", table_caption, methods)
     return [figure, table]

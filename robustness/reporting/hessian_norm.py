@@ -13,7 +13,7 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     meta = result.meta
     rows = [
         {
-            "Model": variant_title(row["variant"]),
+            "Model": variant_title(meta, row["variant"]),
             "‖H‖_F² (mean)": row["fro2_mean"],
             "s.e. across images": row["fro2_stderr"],
             "median": row["fro2_median"],
@@ -30,7 +30,7 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     )
     table = write_table(rows, out_dir, "hessian_norm", caption, methods)
     values = {v: result.arrays[f"{v}/fro2"] for v in meta["variants"]}
-    fig = per_image_figure(values, "‖H‖_F² estimate per image", f"{meta['estimator']}, {meta['num_samples']} samples")
+    fig = per_image_figure(values, "‖H‖_F² estimate per image", f"{meta['estimator']}, {meta['num_samples']} samples", meta)
     figure = save_figure(
         fig, out_dir, "hessian_norm_per_image",
         "Per-image estimates of ‖H‖_F² behind the first column of Table 1 (bar: mean, diamond: median).", methods,

@@ -19,7 +19,7 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     meta = result.meta
     rows = [
         {
-            "Model": variant_title(row["variant"]),
+            "Model": variant_title(meta, row["variant"]),
             "‖r‖₂ (mean)": row["norm_mean"],
             "s.e.": row["norm_stderr"],
             "‖r‖₂ / ‖x‖₂ (mean)": row["relative_mean"],
@@ -36,7 +36,7 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     )
     table = write_table(rows, out_dir, "min_perturbation", caption, methods)
     values = {v: result.arrays[f"{v}/norm"] for v in meta["variants"]}
-    fig = per_image_figure(values, "‖r‖₂ per image", meta["attack"])
+    fig = per_image_figure(values, "‖r‖₂ per image", meta["attack"], meta)
     figure = save_figure(
         fig, out_dir, "min_perturbation_per_image",
         "Per-image smallest label-changing perturbation behind the second column of Table 1 (bar: mean, diamond: median).", methods,

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from robustness.probes.base import ProbeResult
-from robustness.reporting.base import Artefact, save_figure, write_table
+from robustness.reporting.base import Artefact, format_number, percent, pick_columns, save_figure, variant_colour, variant_title, write_data, write_table
 from robustness.registry import register
 
 PAIRS_TABLE = "path_pairs"
@@ -36,7 +36,7 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     artefacts: list[Artefact] = []
     meta = result.meta
     draw = meta["options"].get("draw", ["figures", "table2"])
-    pairs = write_table(result.tables["pairs"], out_dir, PAIRS_TABLE, "Every searched path: its pair, check, status, metrics and cost.")
+    pairs = write_data(result.tables["pairs"], out_dir, PAIRS_TABLE, "Every searched path: its pair, check, status, metrics and cost.")
     if "figures" in draw:
         for pair_type in meta["pair_types"]:
             chosen = {v: meta["figure_paths"][v][pair_type] for v in meta["variants"] if pair_type in meta["figure_paths"].get(v, {})}
@@ -47,7 +47,7 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     if "table2" in draw:
         table = _table2(result, out_dir)
         # The per-pair files travel with Table 2 (after its own CSV, which a report links first).
-        table.paths += pairs.paths
+        table.paths += pairs
         artefacts.append(table)
     return artefacts
 
@@ -57,8 +57,8 @@ def _which(pair_type: str, index: int) -> str:
     return f"Reproduces Figure {numbers[index]} of the report" if numbers else "Extends the report (Fawzi et al.'s white-noise pairs)"
 
 
-def _title(variant: str, info: dict[str, Any]) -> str:
-    return f"{variant}: class {info['class_name']}, {info['points']} points, deviation {info['deviation']:.2e}"
+def _title(title: str, info: dict[str, Any]) -> str:
+    return f"{title}: class {info['class_name']}, {info['points']} points, deviation {format_number(info['deviation'])}"
 
 
 def _projection_figure(result: ProbeResult, pair_type: str, chosen: dict[str, dict[str, Any]], out_dir: Path) -> Artefact:
@@ -81,7 +81,7 @@ def _projection_figure(result: ProbeResult, pair_type: str, chosen: dict[str, di
             ax.set_ylim((low + high) / 2 - half, (low + high) / 2 + half)
             ax.set_xlabel("principal component 1")
             ax.set_ylabel(f"principal component {pc + 1}")
-            ax.set_title(f"({'ab'[col]}) PC{pc + 1} vs PC1 - {_title(variant, info)}", fontsize=8)
+            ax.set_title(f"({'ab'[col]}) PC{pc + 1} vs PC1 - {_title(variant_title(result.meta, variant), info)}", fontsize=8)
         axes[row, 0].legend(fontsize=7, loc="best")
     fig.tight_layout()
     name, _, _, wording = _FIGURES[pair_type]
@@ -100,7 +100,7 @@ def _variance_figure(result: ProbeResult, pair_type: str, chosen: dict[str, dict
     for i, variant in enumerate(chosen):
         ratio = result.arrays[f"{variant}/{pair_type}/explained_variance_ratio"].numpy()
         components = np.arange(1, len(ratio) + 1)
-        ax.bar(components + (i - (len(chosen) - 1) / 2) * width, ratio, width=width, label=variant)
+        ax.bar(components + (i - (len(chosen) - 1) / 2) * width, ratio, width=width, label=variant_title(result.meta, variant), color=variant_colour(result.meta, variant))
     ax.set_xlabel("principal component")
     ax.set_ylabel("explained variance ratio")
     ax.set_xticks(components)
@@ -115,27 +115,26 @@ def _variance_figure(result: ProbeResult, pair_type: str, chosen: dict[str, dict
     return save_figure(fig, out_dir, name, caption)
 
 
-def _pm(mean: float, std: float, scientific: bool) -> str:
+def _pm(mean: float, std: float) -> str:
     if math.isnan(mean):
         return "n/a"
-    fmt = (lambda v: f"{v:.2e}") if scientific else (lambda v: f"{v:.3g}")
-    return fmt(mean) if math.isnan(std) else f"{fmt(mean)} ± {fmt(std)}"
+    return format_number(mean) if math.isnan(std) else f"{format_number(mean)} ± {format_number(std)}"
 
 
 def _table2(result: ProbeResult, out_dir: Path) -> Artefact:
     rows = [
         {
-            "model": r["model"],
+            "model": variant_title(result.meta, r["model"]),
             "pair type": r["pair_type"],
             "check": r["check"],
             "pairs": r["pairs"],
             "certified": r["certified"],
             "sampled-only": r["sampled_only"],
             "failed": r["failed"],
-            "success rate": f"{r['success_rate']:.0%}",
-            "number of points": _pm(r["points_mean"], r["points_std"], scientific=False),
-            "normalised deviation": _pm(r["deviation_mean"], r["deviation_std"], scientific=True),
-            "model evaluations / path": f"{r['evaluations_mean']:.0f}",
+            "success rate": percent(r["success_rate"]),
+            "number of points": _pm(r["points_mean"], r["points_std"]),
+            "normalised deviation": _pm(r["deviation_mean"], r["deviation_std"]),
+            "model evaluations / path": round(r["evaluations_mean"]) if math.isfinite(r["evaluations_mean"]) else math.nan,
             # What certification cost: intervals proved by bounds, and linear pieces walked exactly.
             "certifier: bounds + pieces / path": f"{r.get('bound_checks_mean', 0.0):.0f} + {r['pieces_mean']:.0f}",
         }
@@ -152,4 +151,5 @@ def _table2(result: ProbeResult, out_dir: Path) -> Artefact:
         "segment over the budget of pieces leaves its path 'sampled-only', not a success. Where the check reads 'sampled at K "
         "points per segment' the model is not piecewise linear, and a success means only that those points are in the class."
     )
-    return write_table(rows, out_dir, "table2_paths", caption, methods)
+    on_screen = ["model", "pair type", "pairs", "certified", "failed", "success rate", "number of points", "normalised deviation"]
+    return write_table(rows, out_dir, "table2_paths", caption, methods, shown=pick_columns(rows, on_screen))

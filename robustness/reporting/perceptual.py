@@ -11,8 +11,7 @@ import numpy as np
 from torch import Tensor
 
 from robustness.probes.base import ProbeResult
-from robustness.reporting.base import Artefact, save_figure, write_table
-from robustness.reporting.base import images_phrase, variant_title
+from robustness.reporting.base import Artefact, format_number, images_phrase, pick_columns, save_figure, variant_colour, variant_title, write_data, write_table
 from robustness.registry import register
 
 ROTATION_MEANING = "The rotation turns the YIQ chroma plane and keeps luma, hence shape, exactly."
@@ -46,7 +45,7 @@ def figure9(result: ProbeResult) -> Any:
         for variant in meta["variants"]:
             idx, prob = result.arrays[f"figure/{variant}/top_idx"][column], result.arrays[f"figure/{variant}/top_prob"][column]
             ranked = ", ".join(f"{names[int(c)]} {float(p):.2f}" for c, p in zip(idx, prob))
-            lines.append(f"{variant_title(variant)}: {ranked}")
+            lines.append(f"{variant_title(meta, variant)}: {ranked}")
         ax.text(0.5, -0.04, "\n".join(lines), transform=ax.transAxes, ha="center", va="top", fontsize=8, linespacing=1.5)
     fig.tight_layout()
     return fig
@@ -61,8 +60,9 @@ def sweep_figure(result: ProbeResult) -> Any:
     for variant in meta["variants"]:
         flip = result.arrays[f"{variant}/flip_rate"].double().numpy()
         acc = result.arrays[f"{variant}/accuracy"].double().numpy()
-        ax_flip.plot(closed, np.append(flip, flip[0]), marker="o", markersize=3, label=variant_title(variant))
-        ax_acc.plot(closed, np.append(acc, acc[0]), marker="o", markersize=3, label=variant_title(variant))
+        style = {"marker": "o", "markersize": 3, "label": variant_title(meta, variant), "color": variant_colour(meta, variant)}
+        ax_flip.plot(closed, np.append(flip, flip[0]), **style)
+        ax_acc.plot(closed, np.append(acc, acc[0]), **style)
     for ax, ylabel in ((ax_flip, "flip rate (of correctly classified)"), (ax_acc, "accuracy")):
         ax.set_xlabel("hue rotation (degrees)")
         ax.set_ylabel(ylabel)
@@ -83,16 +83,16 @@ def size_figure(result: ProbeResult) -> Any:
     for position, variant in enumerate(meta["variants"]):
         angle = result.arrays[f"{variant}/min_angle"].double().abs().numpy()
         angle = angle[np.isfinite(angle)]
-        ax_angle.scatter(position + rng.uniform(-0.15, 0.15, len(angle)), angle, s=8, alpha=0.6)
+        ax_angle.scatter(position + rng.uniform(-0.15, 0.15, len(angle)), angle, s=8, alpha=0.6, color=variant_colour(meta, variant))
         if len(angle):
             ax_angle.hlines(np.median(angle), position - 0.3, position + 0.3, color="black")
         colour = result.arrays[f"{variant}/colour_l2"].double().numpy()
         attack = result.arrays[f"{variant}/l2_attack_norm"].double().numpy()
         both = np.isfinite(colour) & np.isfinite(attack)
-        ax_l2.scatter(attack[both], colour[both], s=10, alpha=0.6, label=variant_title(variant))
+        ax_l2.scatter(attack[both], colour[both], s=10, alpha=0.6, label=variant_title(meta, variant), color=variant_colour(meta, variant))
         if both.any():
             largest = max(largest, float(colour[both].max()), float(attack[both].max()))
-    ax_angle.set_xticks(range(len(meta["variants"])), [variant_title(v) for v in meta["variants"]], fontsize=8)
+    ax_angle.set_xticks(range(len(meta["variants"])), [variant_title(meta, v) for v in meta["variants"]], fontsize=8)
     ax_angle.set_ylabel("|smallest flipping hue rotation| (degrees)")
     ax_angle.set_title("bar: median", fontsize=9)
     if largest > 0:
@@ -133,8 +133,18 @@ def _figure9_artefacts(result: ProbeResult, out_dir: Path, images: str, where: s
             result.tables["fig9_top_k"], out_dir, "fig9_top_k",
             f"Each model's top classes and probabilities on the original and the recoloured image of Figure 9, "
             f"chosen among {images} ({where}).",
+            shown=_top_k_by_model(result),
         ),
     ]
+
+
+def _top_k_by_model(result: ProbeResult) -> list[dict[str, Any]]:
+    """The long top-k list pivoted: one row per model, its ranked classes on each image in one cell."""
+    cells: dict[str, dict[str, list[str]]] = {}
+    for row in sorted(result.tables["fig9_top_k"], key=lambda r: int(r["rank"])):
+        image = cells.setdefault(row["variant"], {}).setdefault(f"top classes, {row['image']} image", [])
+        image.append(f"{row['class']} ({format_number(float(row['probability']))})")
+    return [{"Model": variant_title(result.meta, variant), **{column: ", ".join(ranked) for column, ranked in images.items()}} for variant, images in cells.items()]
 
 
 def _sweep_artefacts(result: ProbeResult, out_dir: Path, images: str, where: str) -> list[Artefact]:
@@ -165,7 +175,7 @@ def _sweep_artefacts(result: ProbeResult, out_dir: Path, images: str, where: str
     ]
     summary = [
         {
-            "Model": variant_title(row["variant"]),
+            "Model": variant_title(meta, row["variant"]),
             "accuracy": row["accuracy"],
             "correct": row["correct"],
             "flip rate (mean over angles)": row["flip_rate_mean"],
@@ -182,20 +192,23 @@ def _sweep_artefacts(result: ProbeResult, out_dir: Path, images: str, where: str
         }
         for row in result.tables["perceptual_summary"]
     ]
+    on_screen = ["Model", "accuracy", "flip rate (mean over angles)", "flip rate (max)", "at angle", "flipped by some rotation", "median smallest angle (abs, °)", "ratio"]
     artefacts.append(write_table(
         summary, out_dir, "perceptual_summary",
         f"Colour robustness over {images} ({where}): flip rates count the images correctly classified unrotated, and "
         f"{sizes_meaning}. The {meta['attack']} attack runs on the correctly classified images.",
+        shown=pick_columns(summary, on_screen),
     ))
     angles = [float(a) for a in result.arrays["angles"]]
     by_angle: dict[float, dict[str, Any]] = {a: {"hue rotation (°)": a} for a in angles}
     for row in result.tables["perceptual_sweep"]:
-        by_angle[float(row["angle"])][f"{variant_title(row['variant'])} flip rate"] = _number(row["flip_rate"])
-        by_angle[float(row["angle"])][f"{variant_title(row['variant'])} accuracy"] = row["accuracy"]
-    artefacts.append(write_table(
+        by_angle[float(row["angle"])][f"{variant_title(meta, row['variant'])} flip rate"] = _number(row["flip_rate"])
+        by_angle[float(row["angle"])][f"{variant_title(meta, row['variant'])} accuracy"] = row["accuracy"]
+    # A per-angle list is the sweep figure's data: linked from the figure, not printed under it.
+    artefacts[0].paths += write_data(
         list(by_angle.values()), out_dir, "perceptual_sweep",
         f"Flip rate and accuracy per hue rotation over {images} ({where}); the data of the perceptual_sweep figure.",
-    ))
+    )
     return artefacts
 
 

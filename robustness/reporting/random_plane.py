@@ -15,8 +15,10 @@ from robustness.reporting.base import (
     grid_colours,
     ordered_rows,
     per_image_artefact,
+    percent,
     sample_phrase,
     save_figure,
+    variant_title,
     write_table,
 )
 from robustness.registry import register
@@ -40,7 +42,7 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
         draw_regions(ax, grid, coords, colours)
         ax.plot([0.0], [0.0], marker="*", markersize=12, color="white", markeredgecolor="black", linestyle="none")
         row = rows_by_variant[variant]
-        ax.set_title(f"{variant}: {row['num_classes']} classes, {100 * row['area_fraction']:.0f}% '{row['sample_class']}'", fontsize="medium")
+        ax.set_title(f"{variant_title(meta, variant)}: {row['num_classes']} classes, {100 * row['area_fraction']:.0f}% '{row['sample_class']}'", fontsize="medium")
         ax.set_xlabel("random direction 1 (l2)")
     axes[0][0].set_ylabel("random direction 2 (l2)")
     class_legend(fig, colours, class_names)
@@ -64,6 +66,11 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
         f"Classes met on the random plane through {sample} and the share of the plane that keeps the sample's predicted class "
         "(report, Figures 3 and 4).",
         methods,
+        shown=[
+            {"Model": variant_title(meta, row["variant"]), "sample class": row["sample_class"], "classes met": row["num_classes"],
+             "share in the sample's class": percent(row["area_fraction"])}
+            for row in result.tables["regions"]
+        ],
     )
     spread = per_image_artefact(
         result, "area_fraction", "share of the plane in the image's class", False, out_dir, "random_plane_per_image",

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from robustness.probes.base import ProbeResult
-from robustness.reporting.base import HESSIAN_MEANING, Artefact, images_phrase, interval_text, save_figure, variant_colour, variant_title, write_table
+from robustness.reporting.base import HESSIAN_MEANING, Artefact, format_number, images_phrase, interval_text, save_figure, variant_colour, variant_title, write_table
 from robustness.reporting.min_perturbation import IMAGES_RULE
 from robustness.registry import register
 
@@ -25,12 +25,27 @@ def _with_intervals(row: dict, measure: str) -> dict:
     return out
 
 
+def _with_interval(row: dict, key: str) -> str:
+    """One cell: the statistic and its interval, ``5.512 [4.1, 6.9]``."""
+    return f"{format_number(row[key])} {interval_text(row[f'{key}_low'], row[f'{key}_high'])}"
+
+
+def _shown(row: dict, meta: dict) -> dict:
+    """On screen: each statistic with its interval in one cell; the CSV keeps them apart."""
+    return {
+        "Model": variant_title(meta, row["variant"]),
+        **{f"{MEASURE_NAMES[m]} {s} [95% CI]": _with_interval(row, f"{m}_{s}") for m in ("fro2", "norm") for s in ("mean", "median")},
+        "attack succeeded": f"{row['found']}/{row['images']}",
+        "accuracy": row["accuracy"],
+    }
+
+
 @register("reporter", "table1")
 def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     meta = result.meta
     rows = [
         {
-            "Model": variant_title(row["variant"]),
+            "Model": variant_title(meta, row["variant"]),
             **_with_intervals(row, "fro2"),
             **_with_intervals(row, "norm"),
             "‖r‖₂ / ‖x‖₂ mean": row["relative_mean"],
@@ -47,7 +62,8 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
         f"Table 1 of the report: the squared Frobenius norm of the input Hessian of the loss and the smallest "
         f"label-changing perturbation over {images_phrase(meta)}, mean and median each with a bootstrap 95% interval over images."
     )
-    table = write_table(rows, out_dir, "table1_curvature", caption, methods)
+    shown = [_shown(row, meta) for row in result.tables["table1"]]
+    table = write_table(rows, out_dir, "table1_curvature", caption, methods, shown=shown)
     order_rows = [
         {"Measure": MEASURE_NAMES[row["measure"]], "Statistic": row["statistic"], "Ordering (smallest first)": row["ordering"]}
         for row in result.tables["ordering"]
@@ -64,7 +80,7 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
         norm = result.arrays[f"{variant}/norm"].double().numpy()
         keep = np.isfinite(fro2) & np.isfinite(norm) & (fro2 > 0) & (norm > 0)
         shown += int(keep.sum())
-        ax.scatter(fro2[keep], norm[keep], s=12, alpha=0.6, label=variant_title(variant), color=variant_colour(variant, meta["variants"]))
+        ax.scatter(fro2[keep], norm[keep], s=12, alpha=0.6, label=variant_title(meta, variant), color=variant_colour(meta, variant))
     if shown:  # log axes need a positive value to scale; with none (every attack failed) the panel says so
         ax.set_xscale("log")
         ax.set_yscale("log")

@@ -7,13 +7,13 @@ from pathlib import Path
 
 from robustness.probes.base import ProbeResult
 from robustness.registry import register
-from robustness.reporting.base import Artefact, variant_title, write_table
+from robustness.reporting.base import Artefact, format_number, variant_title, write_table
 
 
 def _before_after(start: float, now: float) -> str:
     if math.isnan(now):
         return "n/a"
-    return f"{now:.3f}" if math.isnan(start) else f"{start:.3f} → {now:.3f}"
+    return format_number(now) if math.isnan(start) else f"{format_number(start)} → {format_number(now)}"
 
 
 @register("reporter", "training_shift")
@@ -22,11 +22,11 @@ def draw(result: ProbeResult, out_dir: Path) -> list[Artefact]:
     owner = meta.get("adversarial_set_of")
     rows = [
         {
-            "Model": variant_title(row["variant"]),
-            "starts from": variant_title(row["starts_from"]) if row["starts_from"] not in ("random init", "published") else row["starts_from"],
+            "Model": variant_title(meta, row["variant"]),
+            "starts from": variant_title(meta, row["starts_from"]) if row["starts_from"] not in ("random init", "published") else row["starts_from"],
             "clean accuracy (start → model)": _before_after(row["clean_acc_start"], row["clean_acc"]),
             "adversarial-set accuracy (start → model)": _before_after(row["adv_set_acc_start"], row["adv_set_acc"]),
-            "relative weight change": "n/a" if math.isnan(row["weight_change"]) else f"{row['weight_change']:.3g}",
+            "relative weight change": "n/a" if math.isnan(row["weight_change"]) else row["weight_change"],
             "epochs": row["epochs"] if row["epochs"] >= 0 else "n/a",
         }
         for row in result.tables["training_shift"]

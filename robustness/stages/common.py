@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import tempfile
 import weakref
 from dataclasses import dataclass, field
@@ -23,9 +24,11 @@ log = logging.getLogger("robustness")
 # Overrides that say *where* and *on what* a run happens; a variant that a run needs is composed
 # with them, so that `dataset=cifar10 model.activation=tanh` reaches every model it loads or
 # trains. Everything else on the command line (optim.lr, probe.*, variants) stays with the run.
-INHERITED_OVERRIDES = ("dataset", "model", "seed", "paths", "logger", "store", "debug", "trainer.accelerator", "trainer.precision")
+INHERITED_OVERRIDES = ("recipe", "dataset", "model", "seed", "paths", "logger", "store", "debug", "trainer.accelerator", "trainer.precision")
 # Group choices inherited as a whole, though keys under them are not (``trainer=cpu``, not ``trainer.max_epochs``).
 INHERITED_CHOICES = ("trainer",)
+# Keys of the trainer group that are ours, not Lightning's (the training stage takes them out).
+OWN_TRAINER_KEYS = ("max_bad_steps",)
 
 
 @dataclass
@@ -92,6 +95,60 @@ def compose_experiment(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     return cfg
 
 
+@dataclass(frozen=True)
+class LaunchedGroup:
+    """The processes a launcher started for one job (torchrun, SLURM or submitit tasks), seen from one of them.
+
+    Every member runs the same command; only the leader (rank 0) takes the store's locks and writes.
+    """
+
+    rank: int
+    world_size: int
+    launcher: str      # what started them, as the user would name it
+    per_node: int      # processes on each node: each drives one of ``trainer.devices``
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+
+def launched_group() -> LaunchedGroup | None:
+    """This process's place among the processes a launcher started for the job, or None for a lone process.
+
+    Read from the launchers' environment variables, in the order Lightning detects them, before
+    any Trainer exists. Lightning's own DDP children are not a launched group: the training stage
+    starts them itself (``stages.train``) and they carry its job in ``FOLLOWER_JOB_ENV``.
+    """
+    env = os.environ
+    from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    def number(name: str, default: int) -> int:
+        try:
+            return int(env.get(name, default))
+        except ValueError:
+            return default
+
+    if SLURMEnvironment.detect() and number("SLURM_NTASKS", 1) > 1:
+        per_node = number("SLURM_NTASKS_PER_NODE", number("SLURM_NTASKS", 1))
+        return LaunchedGroup(number("SLURM_PROCID", 0), number("SLURM_NTASKS", 1), "SLURM (hydra.launcher.tasks_per_node)", per_node)
+    if TorchElasticEnvironment.detect() and number("WORLD_SIZE", 1) > 1:
+        return LaunchedGroup(number("RANK", 0), number("WORLD_SIZE", 1), "torchrun", number("LOCAL_WORLD_SIZE", number("WORLD_SIZE", 1)))
+    if number("SUBMITIT_LOCAL_NTASKS", 1) > 1:
+        tasks = number("SUBMITIT_LOCAL_NTASKS", 1)
+        return LaunchedGroup(number("SUBMITIT_LOCAL_GLOBALID", 0), tasks, "submitit (hydra.launcher.tasks_per_node)", tasks)
+    if FOLLOWER_JOB_ENV not in env and "LOCAL_RANK" in env and number("WORLD_SIZE", 1) > 1:
+        # Processes started by hand the way Lightning's launcher starts its own (LOCAL_RANK, NODE_RANK, WORLD_SIZE).
+        first = number("LOCAL_RANK", 0) == 0 and number("NODE_RANK", number("GROUP_RANK", 0)) == 0
+        per_node = number("LOCAL_WORLD_SIZE", number("WORLD_SIZE", 1))
+        return LaunchedGroup(0 if first else max(1, number("RANK", 1)), number("WORLD_SIZE", 1), "LOCAL_RANK/WORLD_SIZE", per_node)
+    return None
+
+
+# Set by the training stage for the DDP processes Lightning starts by running the command again:
+# the path of the one training they join (stages/train.py).
+FOLLOWER_JOB_ENV = "ROBUSTNESS_DDP_FOLLOWER_JOB"
+
+
 def device_for(cfg: DictConfig) -> torch.device:
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
@@ -137,17 +194,34 @@ def check_writable(directory: Path, what: str, hint: str) -> None:
 
 
 def apply_debug(cfg: DictConfig) -> None:
-    """Shrink the run's probe, regularizer and attack by ``debug.shrink`` (``debug=rehearsal``),
-    for the keys those components have; nothing else changes."""
+    """Apply ``debug`` (``debug=rehearsal``): merge its ``settings`` over the run's config, and
+    shrink the run's probe, regularizer and attack (and the attack nested in either) by
+    ``debug.shrink`` for the keys those components have, then by each component's own
+    ``rehearsal`` values; nothing else changes.
+
+    Runs after composition, because a variant's training overrides (its recipe's) come after
+    every config file, the debug one included."""
     debug = cfg.get("debug")
-    shrink = debug.get("shrink") if isinstance(debug, DictConfig) else None
-    if not shrink:
+    if not isinstance(debug, DictConfig):
         return
+    settings, shrink = debug.get("settings"), debug.get("shrink")
     with open_dict(cfg):
+        if settings:
+            for key, value in settings.items():
+                if isinstance(cfg.get(key), DictConfig):
+                    cfg[key].merge_with(value)
+                else:
+                    cfg[key] = value
         for group in ("probe", "regularizer", "attack"):
             node = cfg.get(group)
-            if isinstance(node, DictConfig) and group in shrink:
+            if not isinstance(node, DictConfig):
+                continue
+            if shrink and group in shrink:
                 _set_existing(node, shrink[group])
+            for inner in (node, *(value for value in node.values() if isinstance(value, DictConfig))):
+                # A component's own rehearsal values (its YAML's `rehearsal:`), for keys the shared list lacks.
+                if isinstance(inner.get("rehearsal"), DictConfig):
+                    _set_existing(inner, inner.rehearsal)
 
 
 def _set_existing(node: DictConfig, values: DictConfig) -> None:

@@ -17,7 +17,7 @@ from robustness.probes.base import ProbeContext, ProbeResult, TrainingRecord
 from robustness.progress import progress_reporter
 from robustness.registry import build, choices, lookup
 from robustness.stages.common import RunOutcome, device_for, make_datamodule, to_python, store_for, writable_problem
-from robustness.stages.variants import Variant, load_models, weights_digest
+from robustness.stages.variants import Variant, load_models, variant_style, weights_digest
 
 log = logging.getLogger("robustness")
 
@@ -72,6 +72,7 @@ def probe(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag:
     store = store_for(cfg, datamodule.info.name)
     weights = {n: weights_digest(v, store) for n, v in variants.items()}
 
+    styles = {n: variant_style(v) for n, v in variants.items()}
     cache_root = _cache_root(cfg, store.probes_dir(), output_dir)
     work_dir = (cache_root or output_dir / "probe-work") / f"{name}-{result_key(cfg, variants, weights)}"
     final = work_dir / "result"
@@ -81,6 +82,7 @@ def probe(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag:
     if (final / "result.json").is_file() and not cfg.get("recompute", False):
         try:
             result = ProbeResult.load(final)
+            result.meta["variant_styles"] = styles  # the display settings of this run, not of the one that computed it
             artefacts = draw(result, output_dir)
             log.info("probe '%s': reusing the result computed earlier with the same config and weights (%s); recompute=true forces a new one", name, final)
         except (StoreError, KeyError, IndexError, ValueError, TypeError) as exc:
@@ -105,6 +107,7 @@ def probe(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag:
         result.meta.setdefault("dataset", datamodule.info.name)
         result.meta.setdefault("model", str(cfg.model.name))
         result.meta.setdefault("fingerprints", {n: v.key for n, v in variants.items()})
+        result.meta["variant_styles"] = styles
         result.save(final)
         if cache_root is None:
             shutil.rmtree(work_dir, ignore_errors=True)

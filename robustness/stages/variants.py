@@ -1,8 +1,9 @@
 """Variants: from a name a run asks for (``base``, ``cure@regularizer.lam=8``) to a model in the store.
 
 A variant name is an alias. Its model is found by the fingerprint of the training config that
-produces it: the variant's experiment (``store.variant_experiments``) composed for this run's
-dataset, model and seed, plus the overrides after ``@``. So a probe never loads weights that
+produces it: experiment ``train`` with the overrides the run's recipe lists for the variant
+(``recipe.variants``, conf/recipe/), composed for this run's dataset, model and seed, plus the
+overrides after ``@``. So a probe never loads weights that
 were trained with other options, and two trainings with different configs never share an entry.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig, open_dict
@@ -19,9 +20,9 @@ from omegaconf import DictConfig, open_dict
 from robustness import fingerprint
 from robustness.data.base import ImageDataModule
 from robustness.errors import ConfigError, StoreError
-from robustness.models import zoo
-from robustness.registry import build
-from robustness.stages.common import apply_debug, compose_experiment, inherited, to_python, store_for
+from robustness.models import check_node, identity_of, zoo
+from robustness.registry import build, choices, split_name
+from robustness.stages.common import apply_debug, compose_experiment, inherited, make_datamodule, resolve_path, store_for, to_python
 from robustness.store import ModelStore
 
 log = logging.getLogger("robustness")
@@ -43,18 +44,35 @@ class Variant:
     parent: "Variant | None"
 
 
-def training_config(cfg: DictConfig, name: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """The composed training config of variant ``name`` for the run ``cfg``."""
+def recipe_settings(cfg: DictConfig, variant: str) -> list[str]:
+    """The overrides that train ``variant`` in the run's recipe (``recipe.variants``); a variant the
+    recipe does not list trains with ``regularizer=<variant>`` and that regularizer's defaults."""
+    recipe = cfg.get("recipe") or {}
+    listed = recipe.get("variants") or {}
+    if variant in listed:
+        return [str(o) for o in listed[variant]]
+    if variant in choices("regularizer"):
+        return [f"regularizer={variant}"]
+    raise ConfigError(
+        f"no recipe trains variant '{variant}': recipe {recipe.get('name')} lists {', '.join(listed) or 'none'}, "
+        f"and there is no regularizer={variant}",
+        f"pick variants among those, or add `{variant}: [regularizer=..., ...]` under recipe.variants (conf/recipe/{recipe.get('name')}.yaml)",
+    )
+
+
+def training_config(cfg: DictConfig, name: str, overrides: Sequence[str] = (), own_overrides: Sequence[str] | None = None) -> DictConfig:
+    """The composed training config of variant ``name`` for the run ``cfg``: experiment ``train``
+    with the run's recipe, dataset and model, the recipe's overrides for the variant, then
+
+    - ``own_overrides`` (a ``task=train`` run's whole command line), or else
+    - the overrides of ``overrides`` a variant inherits, ``store.train_overrides`` and the
+      overrides after ``@`` in ``name`` (a variant another run needs).
+    """
     variant, _, extra = name.partition("@")
-    experiments = cfg.store.variant_experiments
-    experiment = experiments.get(variant)
-    if experiment is None:
-        raise ConfigError(
-            f"no experiment trains variant '{variant}' (store.variant_experiments has: {', '.join(experiments)})",
-            f"add one with store.variant_experiments.{variant}=EXPERIMENT, or pick variants among those",
-        )
-    choice = [f"dataset={cfg.dataset.name}", f"model={cfg.model.name}"]
-    child = compose_experiment(str(experiment), [*choice, *inherited(overrides), *cfg.store.train_overrides, *(extra.split(",") if extra else [])])
+    choice = [f"recipe={cfg.recipe.name}", f"dataset={cfg.dataset.name}", f"model={cfg.model.name}"]
+    after = list(own_overrides) if own_overrides is not None else \
+        [*inherited(overrides), *cfg.store.train_overrides, *(extra.split(",") if extra else [])]
+    child = compose_experiment("train", [*choice, *recipe_settings(cfg, variant), *after])
     with open_dict(child):
         for key in _TAKEN_FROM_RUN:
             if key in cfg:
@@ -64,17 +82,18 @@ def training_config(cfg: DictConfig, name: str, overrides: Sequence[str] = ()) -
     apply_debug(child)
     if child.regularizer.variant != variant:
         raise ConfigError(
-            f"store.variant_experiments maps '{variant}' to experiment '{experiment}', which trains variant '{child.regularizer.variant}'",
-            f"point store.variant_experiments.{variant} at an experiment that trains '{variant}'",
+            f"recipe {cfg.recipe.name} trains variant '{variant}' with regularizer={child.regularizer.name}, which trains variant '{child.regularizer.variant}'",
+            f"make recipe.variants.{variant} start with a regularizer that trains '{variant}'",
         )
     return child
 
 
-def resolve(cfg: DictConfig, name: str, overrides: Sequence[str] = (), _seen: tuple[str, ...] = ()) -> Variant:
+def resolve(cfg: DictConfig, name: str, overrides: Sequence[str] = (), _seen: tuple[str, ...] = (),
+            own_overrides: Sequence[str] | None = None) -> Variant:
     """Variant ``name`` for run ``cfg``: its training config, identity and fingerprint (parents first)."""
     if name in _seen:
         raise ConfigError(f"variants start from each other in a circle: {' -> '.join([*_seen, name])}", "fix the regularizers' init_from")
-    child = training_config(cfg, name, overrides)
+    child = training_config(cfg, name, overrides, own_overrides)
     return of_training_config(child, overrides, name, _seen)
 
 
@@ -88,8 +107,99 @@ def of_training_config(child: DictConfig, overrides: Sequence[str] = (), name: s
     identity = fingerprint.training_identity(
         {key: to_python(child[key]) for key in ("dataset", "model", "regularizer", "optim", "trainer", "seed")},
         parent.key if parent else None,
+        data=data_identity(child),
+        model_files=identity_of(child.model),
     )
     return Variant(name or variant, variant, child, identity, fingerprint.of_config(identity), parent)
+
+
+def variant_style(v: Variant) -> dict[str, str]:
+    """How reports name and draw ``v``: its regularizer's ``display`` title and colour, the
+    overrides after ``@`` added to the title (and no fixed colour, so that siblings differ); a
+    published model by its own name."""
+    if "external" in v.identity:
+        return {"title": v.alias}
+    display = to_python(v.config.regularizer.get("display")) or {}
+    title = str(display.get("title") or v.variant)
+    extra = v.alias.partition("@")[2]
+    if extra:
+        return {"title": f"{title} ({extra})"}
+    return {"title": title, **({"colour": str(display["colour"])} if display.get("colour") else {})}
+
+
+# ---- published models (external variants) -----------------------------------------------
+
+
+def variant_node(model_cfg: DictConfig | Mapping[str, Any], variant: str) -> dict[str, Any]:
+    """The model node of one variant of an external model: ``model_cfg`` without its
+    ``variants`` table, updated with that variant's entry of the table."""
+    name, options = split_name(model_cfg, "model")
+    table = options.pop("variants", None) or {}
+    if variant not in table:
+        known = ", ".join(table) or "(none)"
+        raise ConfigError(
+            f"variant '{variant}' is not one of model={name}'s variants ({known})",
+            f"list one of those in variants=[...], or define it: '+model.variants.{variant}={{{_example_override(name)}}}'",
+        )
+    override = dict(table[variant] or {})
+    if override.get("name", name) != name:
+        raise ConfigError(f"variant '{variant}' of model={name} sets name '{override['name']}'", f"drop 'name' from model.variants.{variant}")
+    override.pop("name", None)
+    return {"name": name, **options, **override}
+
+
+def external_variant(cfg: DictConfig | Mapping[str, Any], variant: str) -> dict[str, Any] | None:
+    """The model node of ``variant`` when it is a published model, None when the store trains it.
+
+    A variant is external when the run's model is external (its ``model.variants`` table names
+    it; see :func:`variant_node`) or when a top-level ``external_variants`` table holds a full
+    model node for it (``{name: robustbench, entry: ...}``), which lets one probe compare
+    variants trained here with published ones. A node without ``models_dir`` gets
+    ``paths.models_dir``.
+    """
+    table = cfg.get("external_variants") or {}
+    if variant in table:
+        name, options = split_name(table[variant], "model")
+        if name not in zoo.VARIANT_MODELS:
+            raise ConfigError(
+                f"external_variants.{variant} names model '{name}', which is not a published model",
+                f"set its name to one of: {', '.join(zoo.VARIANT_MODELS)}",
+            )
+        node = {"name": name, **options}
+    elif zoo.is_external(cfg["model"]):
+        node = variant_node(cfg["model"], variant)
+    else:
+        return None
+    models_dir = (cfg.get("paths") or {}).get("models_dir")
+    if "models_dir" not in node and models_dir is not None:
+        node["models_dir"] = str(models_dir)
+    return node
+
+
+def _example_override(name: str) -> str:
+    return "entry:Standard,threat_model:L2" if name == "robustbench" else "arch:resnet18,weights:my_weights.pt"
+
+
+def check_imported_models(cfg: DictConfig | Mapping[str, Any]) -> None:
+    """Before any work: every model=import node the run uses (its model, and the external
+    variants a probe lists) names a callable that can be imported and a weights file that exists."""
+    table = cfg.get("external_variants") or {}
+    listed = [str(v) for v in cfg.get("variants") or []] if cfg.get("task") == "probe" else []
+    for node in [cfg["model"], *(external_variant(cfg, v) for v in listed if v in table)]:
+        check_node(node)
+
+
+# Data identities of this process, by dataset config and folder: a report resolves the same
+# variants once per section, and a folder's listing costs a second per 100,000 images.
+_DATA_IDENTITIES: dict[str, dict[str, Any]] = {}
+
+
+def data_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The content identity of the data ``cfg``'s dataset serves (see ``ImageDataModule.data_identity``)."""
+    key = fingerprint.of_config({"dataset": to_python(cfg.dataset), "data_dir": str(resolve_path(cfg.paths.data_dir))})
+    if key not in _DATA_IDENTITIES:
+        _DATA_IDENTITIES[key] = make_datamodule(cfg, setup=False).data_identity()
+    return dict(_DATA_IDENTITIES[key])
 
 
 def missing_model_error(store: ModelStore, wanted: Variant, train_command: str) -> StoreError:
@@ -116,7 +226,8 @@ def train_command(v: Variant) -> str:
     cfg = v.config
     extra = v.alias.partition("@")[2]
     return " ".join(filter(None, [
-        "python -m robustness", f"experiment={cfg.experiment_name}", f"dataset={cfg.dataset.name}", f"model={cfg.model.name}",
+        "python -m robustness", "experiment=train", f"recipe={cfg.recipe.name}", f"regularizer={cfg.regularizer.name}",
+        f"dataset={cfg.dataset.name}", f"model={cfg.model.name}",
         f"seed={cfg.seed}", f"paths.artifacts_dir={cfg.paths.artifacts_dir}", " ".join(extra.split(",")) if extra else "",
     ]))
 
@@ -166,10 +277,10 @@ def load_models(cfg: DictConfig, datamodule: ImageDataModule, output_dir: Path, 
     resolved: dict[str, Variant] = {}
     store = store_for(cfg, datamodule.info.name)
     for name in names:
-        node = zoo.external_variant(cfg, name)
+        node = external_variant(cfg, name)
         if node is not None:  # a published model: loaded from its own file, never trained here
             model = build("model", node, info=datamodule.info)
-            source = zoo.external_source(node, datamodule.info)
+            source = zoo.external_source(node, datamodule.info, model)
             identity = {"external": source, "model": node}
             v = Variant(name, name, cfg, identity, fingerprint.of_config(identity), None)
             store.record_external(v.key, name, source)

@@ -71,7 +71,12 @@ class ClassifierModule(pl.LightningModule):
         # must leave the model exactly as it was, so keep a copy to put back.
         statistics = [b.detach().clone() for b in self._normalisation_buffers]
         out = self.regularizer.training_loss(self.model, x, y, self.current_epoch)
-        if not bool(torch.isfinite(out.loss)):
+        finite = bool(torch.isfinite(out.loss))
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            # Every rank skips, or none: a rank that skipped alone would leave the others waiting in backward.
+            finite = not trainer.strategy.reduce_boolean_decision(not finite, all=False)
+        if not finite:
             with torch.no_grad():
                 for buffer, saved in zip(self._normalisation_buffers, statistics):
                     buffer.copy_(saved)
@@ -85,9 +90,10 @@ class ClassifierModule(pl.LightningModule):
                 )
             return None  # Lightning skips backward and the optimiser step
         self.consecutive_bad_steps = 0
-        self.log("train/loss", out.loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
+        # sync_dist: under DDP an epoch's mean is over every rank's batches (a no-op in one process).
+        self.log("train/loss", out.loss.detach(), on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         for key, value in out.logs.items():
-            self.log(f"train/{key}", value, on_step=True, on_epoch=True)
+            self.log(f"train/{key}", value, on_step=True, on_epoch=True, sync_dist=True)
         if out.logits is not None:
             self.train_acc(out.logits.detach(), y[: len(out.logits)])
             self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
@@ -96,7 +102,7 @@ class ClassifierModule(pl.LightningModule):
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> None:
         x, y = batch
         logits = self.model(x)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_epoch=True, prog_bar=stage == "val")
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_epoch=True, prog_bar=stage == "val", sync_dist=True)
         metric(logits, y)
         self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=True)
 
@@ -105,6 +111,20 @@ class ClassifierModule(pl.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_acc)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._agree_on_stopping()
+
+    def on_train_epoch_end(self) -> None:
+        self._agree_on_stopping()
+
+    def _agree_on_stopping(self) -> None:
+        """Under DDP, stop every rank when a callback stopped one (Lightning reduces only its own
+        early stopping): a callback measuring on a rank's own batch-norm statistics can decide
+        differently on each, and a rank that leaves the loop alone leaves the others waiting."""
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            trainer.should_stop = trainer.strategy.reduce_boolean_decision(bool(trainer.should_stop), all=False)
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]

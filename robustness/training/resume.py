@@ -3,8 +3,9 @@
 - Lightning's own ``ModelCheckpoint(save_last=True)`` writes ``last.ckpt`` into the store entry's
   ``resume/`` folder at every epoch end, and ``trainer.fit(ckpt_path=...)`` restores the model,
   optimiser, LR schedule and loop counters from it.
-- :class:`AtomicCheckpointIO` makes every checkpoint write atomic (temporary file, fsync, rename),
-  so a run killed with SIGKILL mid-write leaves the previous epoch's checkpoint intact.
+- :class:`AtomicCheckpointIO` makes every checkpoint write atomic (``io.atomic_torch_save``:
+  temporary file, fsync, rename), so a run killed with SIGKILL mid-write leaves the previous
+  epoch's checkpoint intact.
 - :class:`RandomState` is a stateful callback: the global RNG states (torch, CUDA, numpy, python)
   at the epoch end go into the checkpoint and are put back at the start of the next epoch, so
   random attack starts, dropout and augmentation in the main process continue the sequence an
@@ -20,10 +21,8 @@ run of exactly this config: there is nothing to compare before resuming.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import signal
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,6 +31,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins import TorchCheckpointIO
+
+from robustness.io import atomic_torch_save
 
 log = logging.getLogger("robustness")
 
@@ -42,18 +43,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO with atomic writes and ``weights_only`` loads."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        try:
-            torch.save(checkpoint, tmp_name)
-            with open(tmp_name, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        # A full disk or a size limit gets our error (naming the folder), and the last checkpoint stays.
+        atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         # Everything the checkpoint holds is tensors, numbers, strings and containers of them.

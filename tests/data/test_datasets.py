@@ -23,6 +23,7 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+from helpers import make_fake_tiny
 import scipy.io
 import torch
 from omegaconf import OmegaConf
@@ -345,10 +346,6 @@ def _jpeg(path: Path, colour: tuple[int, int, int], size: int = 64) -> None:
     Image.new("RGB", (size, size), colour).save(path, format="JPEG", quality=95)
 
 
-def make_fake_tiny(data_dir: Path, train_per_class: int = 4, val_per_class: int = 2) -> Path:
-    return layouts.write_tinyimagenet(data_dir, train_per_class, seed=0, val_per_class=val_per_class, num_classes=3)
-
-
 def _val_labels(root: Path) -> dict[str, str]:
     """file name -> wnid, as val/val_annotations.txt labels them."""
     return dict(line.split("\t")[:2] for line in (root / "val" / "val_annotations.txt").read_text().splitlines())
@@ -583,7 +580,7 @@ def test_tinyimagenet_cache_build_keeps_an_equal_cache_and_reports_a_full_disk(t
              "test": [p for w in sorted(WNIDS) for p in sorted((root / "val" / w / "images").iterdir())]}
     labels = {"train": [i // 4 for i in range(12)], "test": [i // 2 for i in range(6)]}
     assert tiny_mod.source_fingerprint(root, sorted(WNIDS), files) == manifest["fingerprint"]
-    tiny_mod.build_cache(cache, root, manifest["fingerprint"], files, labels)
+    tiny_mod.build_tiny_cache(cache, root, manifest["fingerprint"], files, labels)
     assert (cache / "train_images.npy").stat().st_ino == inode
 
     def disk_full(*args: object, **kwargs: object) -> None:
@@ -593,7 +590,7 @@ def test_tinyimagenet_cache_build_keeps_an_equal_cache_and_reports_a_full_disk(t
     monkeypatch.setattr(tiny_mod.np.lib.format, "open_memmap", disk_full)
     with pytest.raises(DataError) as err:
         TinyImageNetDataModule(data_dir=tmp_path).setup()
-    assert "No space left on device" in str(err.value) and "free about 1.2 GB" in str(err.value)
+    assert "No space left on device" in str(err.value) and f"free about 0.2 MB in {tmp_path}" in str(err.value)  # 18 images of 3x64x64 bytes
     assert json.loads((cache / "manifest.json").read_text()) == manifest  # the old cache is left as it was
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -668,9 +665,12 @@ def test_layouts_write_all_at_the_real_sizes_and_class_counts(tmp_path: Path, mo
     monkeypatch.setattr(fashion_mnist, "DEBIAN_FOLDER", tmp_path / "no-debian-package")
     written = layouts.write_all(tmp_path, per_class=2)
     assert (written["tinyimagenet"] / "wnids.txt").read_text().split() == [w for w, _ in layouts.tiny_imagenet_classes()]
-    expected = {"cifar10": (10, (3, 32, 32), 100), "svhn": (10, (3, 32, 32), 20), "tinyimagenet": (200, (3, 64, 64), 400), "fashion_mnist": (10, (1, 28, 28), 20)}
+    expected = {"cifar10": (10, (3, 32, 32), 100), "svhn": (10, (3, 32, 32), 20), "tinyimagenet": (200, (3, 64, 64), 400), "fashion_mnist": (10, (1, 28, 28), 20),
+                "imagefolder": (10, (3, 32, 32), 20), "arrays": (10, (3, 32, 32), 20)}
+    assert set(written) == set(expected)
+    where = {"imagefolder": {"root": str(written["imagefolder"])}, "arrays": {"path": str(written["arrays"])}}
     for name, (classes, shape, train_images) in expected.items():
-        dm = build("dataset", {"name": name, "val_fraction": 0.5}, data_dir=str(tmp_path), seed=0)
+        dm = build("dataset", {"name": name, "val_fraction": 0.5, **where.get(name, {})}, data_dir=str(tmp_path), seed=0)
         dm.setup()
         x, y = dm.split_tensors("train")
         assert dm.info.num_classes == classes and len(dm.info.class_names) == classes, name
@@ -695,3 +695,37 @@ def test_layouts_images_carry_a_learnable_class_signal(tmp_path: Path, name: str
         torch.nn.functional.cross_entropy(model(x.flatten(1)), y).backward()
         optimiser.step()
     assert (model(xt.flatten(1)).argmax(1) == yt).float().mean().item() >= 0.9
+
+
+# --------------------------------------------------------------------------- what the data is
+
+
+@pytest.mark.parametrize("name", ["cifar10", "svhn", "tinyimagenet"])
+def test_data_identity_tells_two_copies_of_one_layout_apart_by_content(tmp_path: Path, name: str) -> None:
+    """Two folders under the same config (same class count, sizes, file names), other pixels: other
+    identities. The same bytes elsewhere: the same identity."""
+    write = {"cifar10": layouts.write_cifar10, "svhn": layouts.write_svhn,
+             "tinyimagenet": lambda d, per_class, seed: layouts.write_tinyimagenet(d, per_class, seed=seed, num_classes=3)}[name]
+    for seed in (0, 1):
+        write(tmp_path / f"seed{seed}", per_class=2, seed=seed)
+    shutil.copytree(tmp_path / "seed0", tmp_path / "copy", ignore=shutil.ignore_patterns("*.cache"))
+    ident = {folder: build("dataset", {"name": name, "val_fraction": 0.5}, data_dir=str(tmp_path / folder), seed=0).data_identity()
+             for folder in ("seed0", "seed1", "copy")}
+    assert ident["seed0"] != ident["seed1"] and ident["seed0"] == ident["copy"]
+    digests = ident["seed0"]["sha256"]
+    assert all(len(d) == 64 for d in digests.values())
+    if name == "cifar10":
+        batch = tmp_path / "seed0" / "cifar-10-batches-py" / "data_batch_3"
+        assert digests["data_batch_3"] == hashlib.sha256(batch.read_bytes()).hexdigest() and len(digests) == 7
+
+
+def test_data_identity_of_the_embedded_digits_is_their_content() -> None:
+    from sklearn.datasets import load_digits
+
+    from robustness import fingerprint
+    from robustness.data.colour_digits import ColourDigitsDataModule
+    from robustness.data.digits import DigitsDataModule
+
+    bunch = load_digits()
+    expected = {"sha256": fingerprint.of_tensors(torch.as_tensor(bunch.images), torch.as_tensor(bunch.target))}
+    assert DigitsDataModule().data_identity() == expected == ColourDigitsDataModule().data_identity()

@@ -7,6 +7,7 @@ is pointed at a temporary folder in every test, so an installed package never ch
 from __future__ import annotations
 
 import gzip
+import hashlib
 import shutil
 import struct
 from pathlib import Path
@@ -105,11 +106,41 @@ def test_missing_data_names_both_folders_and_both_ways_to_get_it(tmp_path: Path,
     assert "train-images-idx3-ubyte" in text and "make data" in text and "dataset.download=true" in text
     assert not (tmp_path / "nowhere").exists()
 
-    # three of the four files are not enough
-    raw = layouts.write_fashion_mnist(tmp_path / "partial", per_class=1)
+
+
+def test_a_user_folder_missing_a_file_is_an_error_never_a_switch_to_the_package_copy(tmp_path: Path, _isolated: Path) -> None:
+    """Issue 32: with one idx file removed from paths.data_dir/FashionMNIST/raw, a complete Debian
+    copy used to stand in silently; the user's folder is the copy in use, so its gap is an error."""
+    shutil.copytree(layouts.write_fashion_mnist(tmp_path / "package", per_class=2, seed=5, gz=True), _isolated)
+    raw = layouts.write_fashion_mnist(tmp_path / "own", per_class=1, seed=0)
     (raw / "t10k-labels-idx1-ubyte").unlink()
-    with pytest.raises(DataError, match="Fashion-MNIST not found"):
-        FashionMNISTDataModule(data_dir=tmp_path / "partial").setup()
+    with pytest.raises(DataError) as err:
+        FashionMNISTDataModule(data_dir=tmp_path / "own").setup()
+    message, hint = err.value.message, err.value.hint
+    assert f"{raw} lacks t10k-labels-idx1-ubyte[.gz]" in message
+    assert "train-images" not in message  # only what is missing is named
+    assert "dataset.download=true" in hint and f"remove {raw}" in hint and str(_isolated) in hint
+    with pytest.raises(DataError, match="lacks t10k-labels"):
+        FashionMNISTDataModule(data_dir=tmp_path / "own").data_identity()
+
+    # the folder without any of the files is no copy at all: the package's serves
+    for path in raw.iterdir():
+        path.unlink()
+    dm = FashionMNISTDataModule(data_dir=tmp_path / "own", val_fraction=0.5)
+    dm.setup()
+    assert len(dm.test_set) == 20
+
+
+def test_data_identity_names_the_files_read_by_content(tmp_path: Path, _isolated: Path) -> None:
+    a = layouts.write_fashion_mnist(tmp_path / "a", per_class=2, seed=0)
+    layouts.write_fashion_mnist(tmp_path / "b", per_class=2, seed=1)  # the same layout and size, other images
+    ident = {name: FashionMNISTDataModule(data_dir=tmp_path / name).data_identity() for name in ("a", "b")}
+    expected = {name: hashlib.sha256((a / name).read_bytes()).hexdigest() for names in layouts.FASHION_FILES.values() for name in names}
+    assert ident["a"] == {"sha256": expected}
+    assert ident["b"]["sha256"]["train-images-idx3-ubyte"] != expected["train-images-idx3-ubyte"]
+    # a copy of the same bytes elsewhere is the same data
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    assert FashionMNISTDataModule(data_dir=tmp_path / "copy").data_identity() == ident["a"]
 
 
 def test_download_uses_torchvision_and_reports_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,6 +21,7 @@ from robustness.data.digits import DigitsDataModule
 from robustness.data.tinyimagenet import TinyImageNetDataModule
 from robustness.errors import ConfigError, StoreError
 from robustness.models import zoo
+from robustness.stages import variants
 from robustness.models.normalize import Normalize, PixelClassifier
 from robustness.registry import build, choices
 from robustness.tensors import predict
@@ -56,19 +57,19 @@ def test_zoo_builders_are_registered_and_their_configs_compose() -> None:
         assert node.models_dir == "/zoo" and node.allow_unpickling is False
     rb = OmegaConf.merge({"paths": {"models_dir": "/zoo"}}, {"model": OmegaConf.load(conf_dir / "robustbench.yaml")}).model
     assert rb.download is False
-    assert zoo.variant_node(rb, "rb_engstrom") == {
+    assert variants.variant_node(rb, "rb_engstrom") == {
         "name": "robustbench", "entry": "Engstrom2019Robustness", "threat_model": "L2", "dataset": None,
         "models_dir": "/zoo", "download": False, "allow_unpickling": False,
     }
     with pytest.raises(ConfigError, match=r"variant 'rb_cure' is not one of model=robustbench's variants \(rb_standard, rb_engstrom, rb_rony\)"):
-        zoo.variant_node(rb, "rb_cure")
+        variants.variant_node(rb, "rb_cure")
 
 
 def test_external_variants_resolve_from_the_composed_config(catalogue, tmp_path: Path) -> None:
     from helpers import compose
 
     cfg = compose("robust_accuracy", ["dataset=cifar10", "model=robustbench", f"paths.models_dir={tmp_path}", "variants=[rb_standard,rb_engstrom]"])
-    nodes = {variant: zoo.external_variant(cfg, variant) for variant in cfg.variants}
+    nodes = {variant: variants.external_variant(cfg, variant) for variant in cfg.variants}
     assert nodes["rb_standard"]["entry"] == "Standard" and nodes["rb_engstrom"]["entry"] == "Engstrom2019Robustness"
     assert {node["models_dir"] for node in nodes.values()} == {str(tmp_path)}
     net = _NormalisedNet().eval()
@@ -82,10 +83,10 @@ def test_external_variants_resolve_from_the_composed_config(catalogue, tmp_path:
         "dataset=cifar10", "model=resnet18", f"paths.models_dir={tmp_path}",
         "+external_variants.rb_standard={name:robustbench,entry:Standard,threat_model:L2}",
     ])
-    assert zoo.external_variant(mixed, "base") is None
-    assert zoo.external_variant(mixed, "rb_standard") == {"name": "robustbench", "entry": "Standard", "threat_model": "L2", "models_dir": str(tmp_path)}
+    assert variants.external_variant(mixed, "base") is None
+    assert variants.external_variant(mixed, "rb_standard") == {"name": "robustbench", "entry": "Standard", "threat_model": "L2", "models_dir": str(tmp_path)}
     with pytest.raises(ConfigError, match="not a published model"):
-        zoo.external_variant({"model": {"name": "resnet18"}, "external_variants": {"bad": {"name": "resnet18"}}}, "bad")
+        variants.external_variant({"model": {"name": "resnet18"}, "external_variants": {"bad": {"name": "resnet18"}}}, "bad")
 
 
 def test_torchvision_weights_load_into_the_model_with_normalisation_in_front(tmp_path: Path) -> None:

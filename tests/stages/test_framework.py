@@ -29,7 +29,7 @@ def test_help_lists_groups_and_options() -> None:
     assert out.returncode == 0, out.stderr
     for group in ("dataset:", "model:", "regularizer:", "attack:", "probe:", "trainer:", "logger:", "experiment:"):
         assert group in out.stdout
-    for option in ("digits", "cifar10", "tinyimagenet", "smallcnn", "resnet18", "base_digits", "report_digits"):
+    for option in ("digits", "cifar10", "tinyimagenet", "smallcnn", "resnet18", "train", "report_digits"):
         assert option in out.stdout
 
 
@@ -42,20 +42,20 @@ def test_unknown_option_names_the_valid_choices(tmp_path: Path) -> None:
 
 def test_unknown_experiment_and_key_fail_clearly(tmp_path: Path) -> None:
     out = cli("experiment=table99", cwd=tmp_path)
-    assert out.returncode != 0 and "experiment/table99" in out.stderr and "base_digits" in out.stderr
-    out = cli("experiment=base_digits", "optim.learning_rate=3", cwd=tmp_path)
+    assert out.returncode != 0 and "experiment/table99" in out.stderr and "train" in out.stderr
+    out = cli("experiment=train", "optim.learning_rate=3", cwd=tmp_path)
     assert out.returncode != 0 and "learning_rate" in out.stderr
 
 
 def test_train_digits_end_to_end_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     artifacts = tmp_path / "store"
-    outcome = run_outcome("base_digits", ["trainer.max_epochs=3"], tmp_path, artifacts_dir=artifacts)
+    outcome = run_outcome("train", ["trainer.max_epochs=3"], tmp_path, artifacts_dir=artifacts)
     assert outcome.metrics["test/acc"] > 0.9  # chance is 0.1
     variant_dir = stored_model(artifacts, "base")
     assert {"model.pt", "meta.json", "config.yaml", "metrics.json"} <= {p.name for p in variant_dir.iterdir()}
     assert resume_checkpoints(artifacts) == []  # resume checkpoints are dropped once the run completes
 
-    cfg = compose("base_digits", ["logger=csv"])
+    cfg = compose("train", ["logger=csv"])
     dm = build("dataset", cfg.dataset, data_dir=str(tmp_path / "data"), seed=0)
     dm.setup()
     store = ModelStore(artifacts, "digits", "smallcnn")
@@ -66,7 +66,7 @@ def test_train_digits_end_to_end_writes_a_loadable_checkpoint(tmp_path: Path) ->
 
 
 def test_wandb_offline_run_directory_is_written(tmp_path: Path) -> None:
-    outcome = run_outcome("base_digits", ["trainer.max_epochs=1", "dataset.train_fraction=0.2"], tmp_path, artifacts_dir=tmp_path / "store", logger="wandb")
+    outcome = run_outcome("train", ["trainer.max_epochs=1", "dataset.train_fraction=0.2"], tmp_path, artifacts_dir=tmp_path / "store", logger="wandb")
     runs = list((outcome.output_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("*.wandb"))
@@ -74,7 +74,7 @@ def test_wandb_offline_run_directory_is_written(tmp_path: Path) -> None:
 
 def test_multirun_jobs_write_separate_artefacts(tmp_path: Path) -> None:
     out = cli(
-        "-m", "experiment=base_digits", "optim.lr=1e-3,1e-2", "trainer.max_epochs=1", "dataset.train_fraction=0.2",
+        "-m", "experiment=train", "optim.lr=1e-3,1e-2", "trainer.max_epochs=1", "dataset.train_fraction=0.2",
         "logger=csv", "trainer.enable_progress_bar=false", f"paths.artifacts_dir={tmp_path / 'store'}", f"paths.output_dir={tmp_path / 'out'}",
         cwd=tmp_path,
     )
@@ -89,7 +89,7 @@ def test_multirun_jobs_write_separate_artefacts(tmp_path: Path) -> None:
 
 
 def test_same_seed_same_split_and_initialisation(tmp_path: Path) -> None:
-    cfg = compose("base_digits", ["logger=csv"])
+    cfg = compose("train", ["logger=csv"])
     a = build("dataset", cfg.dataset, data_dir=str(tmp_path), seed=3)
     b = build("dataset", cfg.dataset, data_dir=str(tmp_path), seed=3)
     c = build("dataset", cfg.dataset, data_dir=str(tmp_path), seed=4)
@@ -108,7 +108,7 @@ def test_same_seed_same_split_and_initialisation(tmp_path: Path) -> None:
 class TestStore:
     @pytest.fixture()
     def trained(self, tmp_path: Path):
-        cfg = compose("base_digits", ["logger=csv"])
+        cfg = compose("train", ["logger=csv"])
         dm = build("dataset", cfg.dataset, data_dir=str(tmp_path), seed=0)
         dm.setup()
         model = build("model", cfg.model, info=dm.info)
@@ -168,19 +168,19 @@ class TestStore:
         from robustness.stages import compose_experiment, variants
 
         with hydra_initialized():
-            cfg = compose_experiment("base_digits", ["logger=csv", "store.train_missing=false", f"paths.artifacts_dir={tmp_path}"])
-            with pytest.raises(StoreError, match="python -m robustness experiment=cure_digits dataset=digits model=smallcnn"):
+            cfg = compose_experiment("train", ["logger=csv", "store.train_missing=false", f"paths.artifacts_dir={tmp_path}"])
+            with pytest.raises(StoreError, match="python -m robustness experiment=train recipe=digits regularizer=cure dataset=digits model=smallcnn"):
                 variants.ensure_trained(variants.resolve(cfg, "cure"), tmp_path)
 
 
 def test_bad_learning_rate_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="learning rate must be > 0"):
-        run_outcome("base_digits", ["optim.lr=0"], tmp_path, artifacts_dir=tmp_path / "store")
+        run_outcome("train", ["optim.lr=0"], tmp_path, artifacts_dir=tmp_path / "store")
 
 
 def test_sweep_through_submitit_local_writes_a_summary(tmp_path: Path) -> None:
     out = cli(
-        "-m", "hydra/launcher=submitit_local", "experiment=base_digits", "optim.lr=1e-3,1e-2", "trainer.max_epochs=1",
+        "-m", "hydra/launcher=submitit_local", "experiment=train", "optim.lr=1e-3,1e-2", "trainer.max_epochs=1",
         "dataset.train_fraction=0.2", "logger=csv", "trainer.enable_progress_bar=false",
         f"paths.artifacts_dir={tmp_path / 'store'}", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, timeout=600,
     )

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import compose, resume_checkpoints, run_outcome, stored_model
-from robustness.errors import ConfigError
+from robustness.errors import ConfigError, WriteError
 
 # A short, fully specified digits run: about 10 optimiser steps per epoch, CPU, CSV logging.
 SMALL_TRAIN = [
@@ -80,7 +80,7 @@ def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 240
 
 def test_interrupted_training_resumes_to_identical_weights(tmp_path: Path) -> None:
     overrides = [*SMALL_TRAIN, "trainer.max_epochs=6"]
-    command = ["experiment=base_digits", "logger=csv", *overrides, f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}"]
+    command = ["experiment=train", "logger=csv", *overrides, f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}"]
     store = tmp_path / "store"
     interrupted = [*command, f"paths.artifacts_dir={store}"]
 
@@ -119,7 +119,7 @@ def test_interrupted_training_resumes_to_identical_weights(tmp_path: Path) -> No
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_outcome("base_digits", overrides, tmp_path, artifacts_dir=tmp_path / "reference")
+        run_outcome("train", overrides, tmp_path, artifacts_dir=tmp_path / "reference")
     finally:
         torch.set_num_threads(threads)
     ref_variant = stored_model(tmp_path / "reference", "base")
@@ -218,14 +218,14 @@ def test_training_twice_gives_identical_metrics_and_weights(tmp_path: Path, capl
     from robustness.stages import variants
 
     overrides = [*SMALL_TRAIN, "trainer.max_epochs=2"]
-    first = run_outcome("base_digits", overrides, tmp_path / "a", artifacts_dir=tmp_path / "a" / "store")
-    key = variants.of_training_config(compose("base_digits", overrides)).key
+    first = run_outcome("train", overrides, tmp_path / "a", artifacts_dir=tmp_path / "a" / "store")
+    key = variants.of_training_config(compose("train", overrides)).key
     assert first.metrics["fingerprint"] == key
     damaged = tmp_path / "b" / "store" / "digits" / "smallcnn" / "entries" / key / "resume" / "last.ckpt"
     damaged.parent.mkdir(parents=True)
     damaged.write_bytes(b"not a checkpoint")
     with caplog.at_level(logging.WARNING, logger="robustness"):
-        second = run_outcome("base_digits", overrides, tmp_path / "b", artifacts_dir=tmp_path / "b" / "store")
+        second = run_outcome("train", overrides, tmp_path / "b", artifacts_dir=tmp_path / "b" / "store")
     assert "cannot be read safely" in caplog.text
     assert first.metrics == second.metrics and first.metrics["epochs"] == 2
     _assert_same_weights(stored_model(tmp_path / "a" / "store", "base") / "model.pt", stored_model(tmp_path / "b" / "store", "base") / "model.pt")
@@ -260,7 +260,7 @@ def _digits_models():
     from robustness.data.digits import DigitsDataModule
     from robustness.registry import build
 
-    cfg = compose("base_digits", ["logger=csv"])
+    cfg = compose("train", ["logger=csv"])
     info = DigitsDataModule.info
     torch.manual_seed(1)
     a = build("model", cfg.model, info=info)
@@ -269,26 +269,25 @@ def _digits_models():
     return cfg, info, a, b
 
 
-@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["disk-full", "ctrl-c"])
-def test_failed_save_leaves_the_previous_model_and_no_temporary_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException) -> None:
-    import io as _io
-
+@pytest.mark.parametrize(("failure", "raised"), [(OSError(28, "No space left on device"), WriteError), (KeyboardInterrupt(), KeyboardInterrupt)],
+                         ids=["disk-full", "ctrl-c"])
+def test_failed_save_leaves_the_previous_model_and_no_temporary_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException,
+                                                                      raised: type) -> None:
+    from robustness import io as robustness_io
     from robustness.registry import build
     from robustness.store import ModelStore
 
     cfg, info, old, new = _digits_models()
     store = ModelStore(tmp_path, "digits", "smallcnn")
     store.save("base", old, info, {"name": "smallcnn"})
-    real_save = torch.save
+    real_write = robustness_io._write_all
 
-    def dies_half_way(obj, f, *args, **kwargs):  # the disk fills up (or Ctrl-C arrives) mid-write
-        buffer = _io.BytesIO()
-        real_save(obj, buffer, *args, **kwargs)
-        Path(f).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    def dies_half_way(tmp: Path, data: bytes) -> None:  # the disk fills up (or Ctrl-C arrives) mid-write
+        real_write(tmp, bytes(data)[: len(data) // 2])
         raise failure
 
-    monkeypatch.setattr(torch, "save", dies_half_way)
-    with pytest.raises(type(failure)):
+    monkeypatch.setattr(robustness_io, "_write_all", dies_half_way)
+    with pytest.raises(raised):
         store.save("base", new, info, {"name": "smallcnn"})
     monkeypatch.undo()
 
@@ -338,8 +337,8 @@ def test_reader_never_sees_a_half_written_model(tmp_path: Path) -> None:
 def test_unwritable_output_directory_is_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    for args in (["experiment=base_digits", f"paths.output_dir={blocker / 'out'}"],
-                 ["-m", "experiment=base_digits", "optim.lr=1e-3,1e-2", f"hydra.sweep.dir={blocker / 'sweep'}"]):
+    for args in (["experiment=train", f"paths.output_dir={blocker / 'out'}"],
+                 ["-m", "experiment=train", "optim.lr=1e-3,1e-2", f"hydra.sweep.dir={blocker / 'sweep'}"]):
         out = subprocess.run([sys.executable, "-m", "robustness", *args], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
         assert out.returncode == 2, out.stderr[-2000:]
         assert out.stderr.startswith("error: cannot write to the output directory ")
@@ -350,7 +349,7 @@ def test_unwritable_output_directory_is_a_clear_error(tmp_path: Path) -> None:
     # Called from Python (report sections, tests) the pipeline checks too.
     from robustness.stages import run
 
-    cfg = compose("base_digits", ["logger=csv"])
+    cfg = compose("train", ["logger=csv"])
     with pytest.raises(ConfigError, match=r"cannot write to the output directory .*a-file/sub") as err:
         run(cfg, blocker / "sub")
     assert "paths.output_dir" in err.value.hint
@@ -369,7 +368,7 @@ def test_wandb_online_without_network_falls_back_to_offline(tmp_path: Path, monk
     timeout = 5
     started = time.time()
     with pytest.warns(UserWarning, match=r"(?s)W&B online init failed .*logging offline instead"):
-        outcome = run_outcome("base_digits", [*SMALL_TRAIN, "trainer.max_epochs=1", "logger.mode=online", f"logger.init_timeout={timeout}"],
+        outcome = run_outcome("train", [*SMALL_TRAIN, "trainer.max_epochs=1", "logger.mode=online", f"logger.init_timeout={timeout}"],
                               tmp_path, artifacts_dir=tmp_path / "store", logger="wandb")
     assert outcome.metrics["test/acc"] > 0.2
     (run_dir,) = (outcome.output_dir / "wandb").glob("offline-run-*")
@@ -386,13 +385,13 @@ def test_wandb_online_without_network_falls_back_to_offline(tmp_path: Path, monk
 
 
 def test_data_error_in_a_dataloader_worker_prints_only_our_message(tmp_path: Path) -> None:
-    from test_datasets import make_fake_tiny
+    from helpers import make_fake_tiny
 
     root = make_fake_tiny(tmp_path / "data")
     broken = sorted((root / "train").glob("*/images/*.JPEG"))[5]
     broken.write_bytes(b"this is not a JPEG " * 20)
     out = subprocess.run(
-        [sys.executable, "-m", "robustness", "experiment=base_tinyimagenet", "model=smallcnn", "trainer=cpu", "logger=csv",
+        [sys.executable, "-m", "robustness", "experiment=train", "recipe=tinyimagenet", "model=smallcnn", "trainer=cpu", "logger=csv",
          "trainer.enable_progress_bar=false", "trainer.max_epochs=1", "dataset.num_workers=2", "dataset.batch_size=4",
          "dataset.eval_batch_size=4", f"paths.data_dir={tmp_path / 'data'}", f"paths.artifacts_dir={tmp_path / 'store'}",
          f"paths.output_dir={tmp_path / 'out'}"],

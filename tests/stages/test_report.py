@@ -31,11 +31,10 @@ REPORT_ITEMS = ["Figure 2", "Figure 3", "Figure 4", "Table 1", "Figures 5 and 6"
 def test_reduced_report_has_every_figure_and_table_and_logs_them_to_wandb(tmp_path: Path) -> None:
     overrides = [*fast_overrides(logger="wandb"), f"paths.data_dir={tmp_path / 'data'}"]
     cfg = compose("report_digits", overrides)
-    sections = {s.experiment for s in cfg.report.sections}
-    assert sections == set(REDUCED), "every report section needs a reduced setting in this test"
+    assert set(cfg.report.sections) == set(REDUCED), "every report section needs a reduced setting in this test"
     with open_dict(cfg):
-        for section in cfg.report.sections:
-            section.overrides = REDUCED[section.experiment]
+        for name, section in cfg.report.sections.items():
+            section.overrides = REDUCED[name]
     with hydra_initialized():
         outcome = run(cfg, tmp_path / "report", overrides=overrides)
 
@@ -70,3 +69,15 @@ def test_reduced_report_has_every_figure_and_table_and_logs_them_to_wandb(tmp_pa
     assert len(list(media.rglob("*.png"))) == len(figures)
     assert len(logged_tables) == len(tables)
     assert logged_images
+
+
+def test_a_section_is_dropped_or_changed_from_the_command_line_and_the_sections_never_see_it() -> None:
+    from robustness.stages.report import _for_sections, report_sections
+
+    command_line = ["~report.sections.fig9_perceptual", "++report.sections.fig2_boundary.overrides=['probe.resolution=101']", "seed=3", "+report.title=x"]
+    cfg = compose("report_digits", command_line[:2])
+    sections = [section["experiment"] for section in report_sections(cfg)]
+    assert "fig9_perceptual" not in sections and len(sections) == 11
+    assert next(s for s in report_sections(cfg) if s["experiment"] == "fig2_boundary")["overrides"] == ["probe.resolution=101"]
+    # A section composes its own experiment, which has no report node to delete or change.
+    assert _for_sections(command_line) == ["seed=3"]

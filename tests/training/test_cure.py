@@ -463,15 +463,15 @@ def test_ddp_ranks_keep_identical_parameters_and_skip_bad_steps_together(tmp_pat
 # Training on digits
 
 
-def test_cure_digits_experiment_lowers_held_out_curvature_below_base(tmp_path: Path) -> None:
+def test_cure_on_the_digits_recipe_lowers_held_out_curvature_below_base(tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
     small = ["model.width=8", "trainer.max_epochs=3"]
-    run_outcome("base_digits", small, tmp_path, artifacts_dir=store_dir)
-    outcome = run_outcome("cure_digits", small, tmp_path, artifacts_dir=store_dir)
+    run_outcome("train", small, tmp_path, artifacts_dir=store_dir)
+    outcome = run_outcome("train", ["regularizer=cure", *small], tmp_path, artifacts_dir=store_dir)
     assert outcome.metrics["skipped_steps"] == 0
     assert {"train/ce_epoch", "train/cure_penalty_epoch", "train/grad_norm_epoch"} <= set(outcome.metrics)
 
-    cfg = compose("cure_digits", small)
+    cfg = compose("train", ["regularizer=cure", *small])
     h = build("regularizer", cfg.regularizer).h_at(cfg.trainer.max_epochs - 1)  # the step it trained with last
     store = ModelStore(store_dir, "digits", "smallcnn")
     x, y = DigitsDataModule(seed=0).split_tensors("test")

@@ -19,7 +19,6 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -49,10 +48,15 @@ STD_SPREAD = max(abs(s / STD_RMS - 1) for s in PUBLIC_STD)
 ROUNDING = 1e-4
 
 
-def _shipped_cure(experiment: str) -> CURE:
-    defaults = OmegaConf.load(ROOT / "conf" / "regularizer" / "cure.yaml")
-    shipped = OmegaConf.load(ROOT / "experiments" / f"{experiment}.yaml")
-    return build("regularizer", OmegaConf.merge(defaults, shipped.regularizer))
+def _shipped_cure(recipe: str) -> CURE:
+    """The CURE regularizer as recipe ``recipe`` trains variant ``cure``."""
+    from helpers import hydra_initialized
+    from robustness.stages.common import compose_experiment
+    from robustness.stages.variants import training_config
+
+    with hydra_initialized():
+        cfg = training_config(compose_experiment("train", [f"recipe={recipe}"]), "cure")
+    return build("regularizer", cfg.regularizer)
 
 
 def _normalised_net() -> nn.Module:
@@ -110,7 +114,7 @@ def _compare(experiment: str, std: tuple[float, ...]) -> list[tuple[float, float
     return pairs
 
 
-@pytest.mark.parametrize("experiment", ["cure_cifar10", "cure_tinyimagenet"])
+@pytest.mark.parametrize("experiment", ["cifar10", "tinyimagenet"])
 def test_shipped_lam_and_h_give_the_public_codes_penalty_with_its_per_channel_std(experiment: str) -> None:
     # The public code's std differs per channel by at most STD_SPREAD = 0.75% from the single s
     # our conversion uses. That moves the penalty in two places, each by at most STD_SPREAD per
@@ -125,7 +129,7 @@ def test_shipped_lam_and_h_give_the_public_codes_penalty_with_its_per_channel_st
         assert abs(ours / public - 1) <= tolerance, (experiment, epoch, public, ours, tolerance)
 
 
-@pytest.mark.parametrize("experiment", ["cure_cifar10", "cure_tinyimagenet"])
+@pytest.mark.parametrize("experiment", ["cifar10", "tinyimagenet"])
 def test_shipped_lam_and_h_are_exact_when_every_channel_has_the_std_rms(experiment: str) -> None:
     # With one std for every channel the conversion is exact: only the YAML's rounding of lam
     # and h (and the public code's 1e-7 in z) remain. Off by the old 1/batch factor, lam would
