@@ -33,18 +33,17 @@ Columns:
 - ``x batched``: ms per segment certified alone over ms per segment certified in one batch.
 
 Precision rows (``bounds: ...``, issue 30): every segment the natural and adversarial searches
-certified, certified again by bounds then walk, with the bounds in float64 and in float32 rounded
-outwards (the default), side by side; on digits always, and on Fashion-MNIST (a ``pooledcnn``
+certified, certified again by bounds then walk, with the bounds in float64 (the default) and in
+float32 rounded outwards, side by side; on digits always, and on Fashion-MNIST (a ``pooledcnn``
 fitted for a few seconds) where its files are installed (``make data``). Columns ``exits``,
 ``over budget``, ``seg/s``, ``same verdicts`` and ``x float64``.
 
 Times are CPU seconds of this process on one thread, so other jobs on a shared machine skew
 neither side. Targets (the line under the table): batching certification across segments is at least 2x
 cheaper per segment than one segment per call, and the bounds at least 10x cheaper than walking
-every piece; the float32 bounds give every segment the float64 bounds' verdict (the floor: no
-exception), at least 2x as many segments per second on Fashion-MNIST (floor 1.5x) and at least as
-many on digits (floor 0.9x: there the images are 8x8 and the element-wise work weighs as much as
-the convolutions).
+every piece; the float32 bounds (an option, ``Certifier(outward=True)``) give every segment the
+float64 bounds' verdict (no exception), with at least as many segments per second as the float64
+bounds, the default (floor 0.8x: below it the option costs more than it saves).
 """
 
 from __future__ import annotations
@@ -282,10 +281,9 @@ def run() -> BenchRows:
             f"bounds then walk >= 10x cheaper per segment than the walk alone: {verdict(bounds >= 10)} ({bounds:.0f}x)",
         ]
         for name, (plain, fast) in precision.items():
-            target, floor = (2.0, 1.5) if name == "Fashion-MNIST" else (1.0, 0.9)
             speed = fast["x float64"]
             targets.append(f"float32 bounds on {name}: the float64 bounds' verdict on every segment: {verdict(fast['same verdicts'] == 1)}; "
-                           f">= {target:g}x the segments per second (floor {floor:g}x): {verdict(speed >= target)} ({speed:.2f}x)")
+                           f">= 1x the float64 bounds' segments per second (floor 0.8x): {verdict(speed >= 1)} ({speed:.2f}x)")
         if fashion is None:
             targets.append("Fashion-MNIST rows skipped: its files are not installed (make data)")
         return BenchRows(rows, LEGEND, targets)

@@ -14,8 +14,9 @@ linear in s, so it is positive on the whole interval when it is at both ends.
 
 Two precisions of the same maths, chosen by ``outward`` (one ``if`` at each operation that rounds):
 
-- **float64, rounding ignored** (``outward=False``): the plain version. Its rounding is some
-  1e-15 of the logits' scale, so a margin within ``BOUND_RTOL`` of that scale is left undecided.
+- **float64, rounding ignored** (``outward=False``, the default): the plain version. Its
+  rounding is some 1e-15 of the logits' scale, so a margin within ``BOUND_RTOL`` of that scale is
+  left undecided.
 - **float32, rounded outwards** (``outward=True``), as neural-network verifiers do: every
   operation that rounds widens the radius by a bound of its rounding error, so the bounds hold
   for the network computed in exact arithmetic. A sum of ``n`` products (a convolution or matrix
@@ -28,6 +29,13 @@ Two precisions of the same maths, chosen by ``outward`` (one ``if`` at each oper
   grows by eight roundings of the values' size, more than those steps round. This holds for products computed as sums of products: oneDNN's direct
   convolutions and BLAS on the CPU. :class:`IntervalBounds` switches off what would break it
   (TF32 and reduced-precision float32 products, cuDNN's Winograd and FFT convolutions).
+
+The float32 bounds cost about half as much per interval (8x8 or 28x28 images, one thread), but
+the rounding they carry grows through every layer's ``|A|`` to some 1e-3 of the logits' scale,
+so near the boundary they prove less: :func:`robustness.geometry.certify.certify_with_bounds`
+bounds such intervals in float64 as well, and on the path search's segments the pair ends up no
+faster than float64 alone, which is why float64 is the default (``make bench``'s ``bounds:``
+rows measure both).
 
 The plain logits at both ends (a forward of the walk's float64 model) are the guard: they must
 lie inside their bounds, else the model computes something the bounds do not model, such as a
@@ -46,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from robustness.geometry.walk import CONSISTENCY_RTOL, SWITCHING_LEAVES, max_pool_windows
+from robustness.geometry.walk import CONSISTENCY_RTOL, SWITCHING_LEAVES
 
 # A proved margin must clear this share of the logits' scale: the last step (the margins from the
 # last layer's input bounds) is float64 in both precisions, whose rounding is some 1e-15 of it.
@@ -292,20 +300,18 @@ class _BoundHooks:
     def _pool_out(self, module: nn.MaxPool2d, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
         centre, radius, middle = self._saved.pop()
         low, high = _ends(centre, radius, self.outward)
-        lows = max_pool_windows(module, low, -math.inf)  # (2 S, C, entries, positions)
-        highs = max_pool_windows(module, high, -math.inf)
-        l0, l1 = lows.chunk(2)
-        # The entry with the highest lower bound bounds the max from below; where it lies above
-        # every other entry's upper bound at both ends, it is the max on the whole interval.
-        best = (l0 + l1).max(2, keepdim=True).indices
-        pick = torch.cat([best, best])
-        best_low = lows.gather(2, pick)
-        (k0, k1), (r0, r1) = best_low.chunk(2), highs.scatter(2, pick, -math.inf).amax(2, keepdim=True).chunk(2)
-        wins = (k0 >= r0) & (k1 >= r1)
-        high = torch.where(torch.cat([wins, wins]), highs.gather(2, pick), highs.amax(2, keepdim=True))
-        shape = (-1, centre.shape[1], *output.shape[2:])
-        centre, radius = (v.reshape(shape) for v in _centre_radius(best_low, high, self.outward))
-        middle = max_pool_windows(module, middle, -math.inf).amax(2).reshape(shape) if self.midpoint else centre[:0]
+        l0, l1 = low.chunk(2)
+        pool = dict(kernel_size=module.kernel_size, stride=module.stride, padding=module.padding, dilation=module.dilation)
+        # Below: the entry whose lower bound is highest on average, one linear function of s
+        # (the maximum of the lower bounds is convex, so its chord would not stay below it).
+        # Above: the chord of the largest upper bound. Where that entry wins the window on the
+        # whole interval (its lower bound above every other entry's upper bound), the largest
+        # upper bound is its own, so its bounds pass on as they are.
+        _, best = F.max_pool2d(l0 + l1, return_indices=True, **pool)
+        pick = best.flatten(2).repeat(2, 1, 1)
+        best_low = low.flatten(2).gather(2, pick).view_as(best.repeat(2, 1, 1, 1))
+        centre, radius = _centre_radius(best_low, F.max_pool2d(high, **pool), self.outward)
+        middle = F.max_pool2d(middle, **pool) if self.midpoint else centre[:0]
         return torch.cat([centre, radius, middle])
 
 
@@ -323,11 +329,11 @@ def _products_as_sums() -> Iterator[None]:
 
 
 class IntervalBounds:
-    """The interval bounds of a copy of ``model`` (eval mode, no :func:`bound_problems`): float32
-    rounded outwards (``outward=True``) or float64 with rounding ignored (``outward=False``, the
-    plain version). Call it on intervals; :meth:`close` (or a ``with`` block) removes its hooks."""
+    """The interval bounds of a copy of ``model`` (eval mode, no :func:`bound_problems`): float64
+    with rounding ignored (``outward=False``, the plain version) or float32 rounded outwards
+    (``outward=True``). Call it on intervals; :meth:`close` (or a ``with`` block) removes its hooks."""
 
-    def __init__(self, model: nn.Module, *, outward: bool = True) -> None:
+    def __init__(self, model: nn.Module, *, outward: bool = False) -> None:
         self.outward = outward
         self.dtype = torch.float32 if outward else torch.float64
         self.model = _fold_batch_norms(copy.deepcopy(model).to(torch.float64).eval()).to(self.dtype)
@@ -416,7 +422,7 @@ class IntervalBounds:
         return margin, (l0, l1, u0, u1), middle.double()
 
 
-def interval_margin_bounds(model: nn.Module, x0: Tensor, x1: Tensor, label: Tensor, *, outward: bool = True) -> tuple[Tensor, Tensor]:
+def interval_margin_bounds(model: nn.Module, x0: Tensor, x1: Tensor, label: Tensor, *, outward: bool = False) -> tuple[Tensor, Tensor]:
     """For each interval ``x0[i] + s (x1[i] - x0[i])``, s in [0, 1]: a lower bound of the class
     margin over the whole interval (positive only where proven, NaN where the guard fails), and
     whether the bounds contain the plain float64 logits at both ends. ``model``: eval mode, no
