@@ -32,16 +32,25 @@ Columns:
 - ``x walk only``: ms per segment of the walk alone over this row's;
 - ``x batched``: ms per segment certified alone over ms per segment certified in one batch.
 
+Precision rows (``bounds: ...``, issue 30): every segment the natural and adversarial searches
+certified, certified again by bounds then walk, with the bounds in float64 (the default) and in
+float32 rounded outwards, side by side; on digits always, and on Fashion-MNIST (a ``pooledcnn``
+fitted for a few seconds) where its files are installed (``make data``). Columns ``exits``,
+``over budget``, ``seg/s``, ``same verdicts`` and ``x float64``.
+
 Times are CPU seconds of this process on one thread, so other jobs on a shared machine skew
 neither side. Targets (the line under the table): batching certification across segments is at least 2x
 cheaper per segment than one segment per call, and the bounds at least 10x cheaper than walking
-every piece.
+every piece; the float32 bounds (an option, ``Certifier(outward=True)``) give every segment the
+float64 bounds' verdict (no exception), with at least as many segments per second as the float64
+bounds, the default (floor 0.8x: below it the option costs more than it saves).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -71,12 +80,19 @@ LEGEND = {
     "x sampled check": "ms/seg over the sampled check of the same segments (one batched forward of their check points)",
     "x walk only": "ms per segment of the walk alone over this row's",
     "x batched": "ms per segment certified one per call over ms per segment certified in one batch",
+    "exits": "share of segments proved to leave their class (bounds rows)",
+    "over budget": "share of segments left undecided within max_pieces (bounds rows)",
+    "seg/s": "segments certified per CPU second, one thread (bounds rows)",
+    "same verdicts": "share of segments whose verdict is the float64 bounds' (float32 row)",
+    "x float64": "seg/s over the float64 bounds' seg/s (float32 row)",
 }
 
 
 # Pairs per row: each certified segment walks ~1000-2000 linear pieces, one forward each, so the
 # report's 18 + 30 pairs would take minutes on a shared CPU; these keep `make bench` short.
 NATURAL, ADVERSARIAL, SMALL_OVERSHOOT = 8, 8, 4
+# Pairs of each type searched on Fashion-MNIST for its precision rows.
+FASHION_PAIRS = 3
 
 
 def _first(pairs: Pairs, n: int) -> Pairs:
@@ -87,6 +103,74 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     start = time.process_time()
     out = fn()
     return out, time.process_time() - start
+
+
+class _Recorder:
+    """A certifier that passes every call on to ``certifier`` and keeps the segments it was asked about."""
+
+    def __init__(self, certifier: Certifier) -> None:
+        self.certifier = certifier
+        self.segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def problems(self, model: nn.Module) -> list[str]:
+        return self.certifier.problems(model)
+
+    def __call__(self, model: nn.Module, a: torch.Tensor, b: torch.Tensor, label: torch.Tensor, stop_at_exit: bool = True) -> Any:
+        self.segments.append((a, b, label))
+        return self.certifier(model, a, b, label, stop_at_exit=stop_at_exit)
+
+    def collected(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(torch.cat(parts) for parts in zip(*self.segments))  # type: ignore[return-value]
+
+
+def _precision_rows(name: str, model: nn.Module, segments: tuple[torch.Tensor, torch.Tensor, torch.Tensor], certifier: Certifier) -> list[dict[str, Any]]:
+    """The same segments certified with float64 bounds and with float32 bounds rounded outwards, side by side."""
+    a, b, label = segments
+    n = len(label)
+    found = {}
+    for outward in (False, True):
+        both = dataclasses.replace(certifier, outward=outward)
+        found[outward] = _timed(lambda: both(model, a, b, label, stop_at_exit=False))
+    plain, plain_seconds = found[False]
+    rows = []
+    for outward, (result, seconds) in found.items():
+        rows.append({
+            "row": f"bounds: {name}, " + ("float32 rounded outwards" if outward else "float64"),
+            "pairs": n,
+            "certified": sum(s == "certified" for s in result.status) / n,
+            "exits": sum(s == "exits" for s in result.status) / n,
+            "over budget": sum(s == "over_budget" for s in result.status) / n,
+            "bounds/seg": float(result.bound_checks.double().mean()),
+            "pieces/seg": float(result.pieces.double().mean()),
+            "seg/s": n / seconds,
+            "same verdicts": sum(x == y for x, y in zip(plain.status, result.status)) / n if outward else float("nan"),
+            "x float64": plain_seconds / seconds if outward else float("nan"),
+        })
+    return rows
+
+
+def _fashion_mnist_model() -> tuple[nn.Module, torch.Tensor] | None:
+    """A pooledcnn (width 16) fitted to 6,000 Fashion-MNIST training images for one epoch, and
+    500 test images; None where the Debian package's files are not installed."""
+    import torch.nn.functional as F
+
+    from robustness.data.fashion_mnist import DEBIAN_FOLDER, FashionMNISTDataModule, read_split
+
+    folder = Path(DEBIAN_FOLDER)
+    if not (folder / "train-images-idx3-ubyte.gz").exists():
+        return None
+    x, y = read_split(folder / "train-images-idx3-ubyte.gz", folder / "train-labels-idx1-ubyte.gz")
+    test, _ = read_split(folder / "t10k-images-idx3-ubyte.gz", folder / "t10k-labels-idx1-ubyte.gz")
+    x, y = x[:6000].float() / 255, y[:6000]
+    torch.manual_seed(0)
+    model = build("model", {"name": "pooledcnn", "width": 16, "activation": "relu", "batch_norm": True}, info=FashionMNISTDataModule.info)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for batch in torch.randperm(len(x), generator=torch.Generator().manual_seed(0)).split(128):
+        loss = F.cross_entropy(model(x[batch]), y[batch])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return model.eval(), test[:500].float() / 255
 
 
 def _search(model: nn.Module, pairs: Pairs, overshoot: float, options: PathOptions, certifier: Certifier | None) -> list[PathResult]:
@@ -169,14 +253,37 @@ def run() -> BenchRows:
         adversarial = _first(make_pairs("adversarial", model, x, pred, options, seed=0), ADVERSARIAL)
         overshoot = options.pull_attack["overshoot"]
         rows = _certify_rows(model, natural, certifier, options)
+        recorder = _Recorder(certifier)
         rows += [
-            _search_row("natural", model, natural, overshoot, options, certifier),
-            _search_row("adversarial", model, adversarial, overshoot, options, certifier),
+            _search_row("natural", model, natural, overshoot, options, recorder),
+            _search_row("adversarial", model, adversarial, overshoot, options, recorder),
             _search_row("adversarial, pull overshoot 0.02", model, _first(adversarial, SMALL_OVERSHOOT), 0.02, options, certifier),
         ]
+        precision = {"digits": _precision_rows("digits, the searches' segments", model, recorder.collected(), certifier)}
+        fashion = _fashion_mnist_model()
+        if fashion is not None:
+            # The report's Fashion-MNIST budget (report_fashion_mnist: probe.max_pieces=2000).
+            fm_model, fm_x = fashion
+            fm_pred = predict(fm_model, fm_x)
+            fm_options = dataclasses.replace(options, max_pieces=2000)
+            fm_certifier, _, _ = variant_check(fm_model, fm_options)
+            assert fm_certifier is not None, "pooledcnn is piecewise linear"
+            fm_recorder = _Recorder(fm_certifier)
+            for pair_type in ("natural", "adversarial"):
+                pairs = _first(make_pairs(pair_type, fm_model, fm_x, fm_pred, fm_options, seed=0), FASHION_PAIRS)
+                _search(fm_model, pairs, overshoot, fm_options, fm_recorder)
+            precision["Fashion-MNIST"] = _precision_rows("Fashion-MNIST, the searches' segments", fm_model, fm_recorder.collected(), fm_certifier)
+        for found in precision.values():
+            rows += found
         batching, bounds = rows[2]["x batched"], rows[1]["x walk only"]
         targets = [
             f"batched certification >= 2x cheaper per segment than one per call: {verdict(batching >= 2)} ({batching:.1f}x)",
             f"bounds then walk >= 10x cheaper per segment than the walk alone: {verdict(bounds >= 10)} ({bounds:.0f}x)",
         ]
+        for name, (plain, fast) in precision.items():
+            speed = fast["x float64"]
+            targets.append(f"float32 bounds on {name}: the float64 bounds' verdict on every segment: {verdict(fast['same verdicts'] == 1)}; "
+                           f">= 1x the float64 bounds' segments per second (floor 0.8x): {verdict(speed >= 1)} ({speed:.2f}x)")
+        if fashion is None:
+            targets.append("Fashion-MNIST rows skipped: its files are not installed (make data)")
         return BenchRows(rows, LEGEND, targets)

@@ -162,26 +162,34 @@ def classify_plane(
     """Labels on the grid ``u_coords`` x ``v_coords``: ``labels[i, j]`` is the class at
     ``x0 + u_coords[i] u + v_coords[j] v``.
 
-    With ``until_exit_of`` a class, rows are classified from the first up, in blocks of about
-    ``batch_size`` points, only until every column holds a point outside that class; the rows
-    above are -1. What :func:`first_exit_rows` reads from row 0 (so :func:`boundary_along_u`
-    too) is then the same as on the full grid.
+    With ``until_exit_of`` a class, rows are classified from the first up only until every column
+    holds a point outside that class; the rows above are -1. The points are sent in the very
+    batches of the full grid (the flattened grid cut every ``batch_size`` points), so every
+    classified row is the full grid's bit for bit, and what :func:`first_exit_rows` reads from
+    row 0 (so :func:`boundary_along_u` too) is the same. Batches of another size would not do:
+    a matrix product rounds differently with the batch's size, and a grid point within rounding
+    of the boundary (the grid's rows and a smooth boundary meet exactly at some points) can then
+    change its label.
     """
-    if until_exit_of is None:
-        a = u_coords.to(x0.device).repeat_interleave(len(v_coords))
-        b = v_coords.to(x0.device).repeat(len(u_coords))
-        return classify_coords(model, x0, u, v, a, b, batch_size=batch_size, clamp=clamp).view(len(u_coords), len(v_coords))
     rows, columns = len(u_coords), len(v_coords)
-    labels = torch.full((rows, columns), -1, dtype=torch.long, device=x0.device)
+    a = u_coords.to(x0.device).repeat_interleave(columns)
+    b = v_coords.to(x0.device).repeat(rows)
+    if until_exit_of is None:
+        return classify_coords(model, x0, u, v, a, b, batch_size=batch_size, clamp=clamp).view(rows, columns)
+    labels = torch.full((rows * columns,), -1, dtype=torch.long, device=x0.device)
     left = torch.ones(columns, dtype=torch.bool, device=x0.device)  # columns still all inside so far
-    block = max(1, batch_size // max(1, columns))
-    for first in range(0, rows, block):
-        part = u_coords[first : first + block]
-        labels[first : first + len(part)] = classify_plane(model, x0, u, v, part, v_coords, batch_size=batch_size, clamp=clamp)
-        left &= (labels[first : first + len(part)] == until_exit_of).all(dim=0)
+    step = batch_size * -(-columns // batch_size)  # whole batches, at least one row
+    checked = 0  # rows whose points are all classified and counted in ``left``
+    for start in range(0, len(a), step):
+        stop = min(start + step, len(a))
+        labels[start:stop] = classify_coords(model, x0, u, v, a[start:stop], b[start:stop], batch_size=batch_size, clamp=clamp)
+        complete = stop // columns
+        left &= (labels[checked * columns : complete * columns].view(-1, columns) == until_exit_of).all(dim=0)
+        checked = complete
         if not bool(left.any()):
+            labels[complete * columns :] = -1  # a row classified in part reads as not classified
             break
-    return labels
+    return labels.view(rows, columns)
 
 
 def origin_index(coords: Tensor) -> int:

@@ -305,6 +305,37 @@ def test_rows_classified_until_every_column_leaves_give_the_full_grids_boundary(
     assert torch.equal(inside, full[:30])
 
 
+class BatchSizeSensitiveModel(nn.Module):
+    """Adds ``1e-3 * len(x)`` to the margin of class 0: a grid point near the boundary gets its
+    label from the size of the batch it is classified in, as a point within float rounding of the
+    boundary does when a matrix product rounds differently for another batch size."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.inner(x)
+        return logits + torch.tensor([1e-3, -1e-3]) * len(x)
+
+
+@pytest.mark.parametrize("batch_size", [64, 37, 200])
+def test_rows_classified_until_every_column_leaves_are_the_full_grids_rows_whatever_the_batch_does(batch_size: int) -> None:
+    x0 = torch.full(SHAPE, 0.5)
+    u, v = direction_pair(SHAPE, seed=5)
+    model = BatchSizeSensitiveModel(PlaneFunction(x0, u, v, 1.0, 0.3, 0.8)).eval()
+    rows = torch.linspace(0.0, 3.0, 151)
+    s = torch.linspace(-0.5, 0.5, 51)
+    full = classify_plane(model, x0, u, v, rows, s, batch_size=batch_size)
+    partial = classify_plane(model, x0, u, v, rows, s, batch_size=batch_size, until_exit_of=0)
+    classified = (partial >= 0).all(dim=1)
+    highest = int(first_exit_rows(full, 0, 0).max())
+    assert bool(classified[: highest + 1].all()) and not bool(classified[-1])
+    assert bool(((partial == -1).all(dim=1) | classified).all())  # a row is classified whole or not at all
+    assert torch.equal(partial[classified], full[classified])
+    assert torch.equal(first_exit_rows(partial, 0, 0), first_exit_rows(full, 0, 0))
+
+
 class CountingModel(nn.Module):
     """Counts the points it classifies."""
 
