@@ -161,8 +161,8 @@ class PathOptions(ProbeOptions):
         held = int(self.candidate_images) if num_images is None else int(num_images)
         return MemoryNeed(
             fixed=held * image_bytes(image_shape),
-            # A batch of path points through the model, with the pull attack's candidate gradients.
-            per_item=per_item_bytes(image_shape, activation * max(1, num_classes), gradients=True),
+            # A batch of path points through the model (the pull attack works on a few points at a time).
+            per_item=per_item_bytes(image_shape, activation, gradients=False),
             batch=int(self.batch_size),
             batch_key="batch_size",
             fixed_what=f"{held} candidate images of shape {tuple(image_shape)}",
