@@ -142,7 +142,7 @@ def test_every_path_a_document_names_exists(document: str) -> None:
             missing.append(f"{token}: no such file or folder")
         elif name and file.suffix == ".py":
             # `module.py:name` names something the module defines.
-            first = name.split(".")[0]
+            first = re.match(r"\w*", name).group(0)
             if not re.search(rf"^\s*(def|class) {re.escape(first)}\b|^{re.escape(first)}\s*[:=]", file.read_text(encoding="utf-8"), re.M):
                 missing.append(f"{token}: {path} defines no {first}")
     assert not missing, f"{document}:\n" + "\n".join(missing)
