@@ -1,5 +1,5 @@
 PYTHON ?= python
-PYTEST_ARGS ?= -n 2 --dist loadfile
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: help install test rehearse run bench bench-gpu data clean
 

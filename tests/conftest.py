@@ -33,3 +33,28 @@ def _seed() -> None:
 @pytest.fixture(scope="session")
 def shared_artifacts() -> str:
     return os.environ["ROBUSTNESS_TEST_ARTIFACTS"]
+
+
+# The longest files first. `make test` hands whole files to its two workers in collection order
+# (--dist loadfile --no-loadscope-reorder; by default pytest-xdist would order them by their count
+# of tests instead) to whichever is free: a long file collected last would run alone at the end.
+LONGEST_FIRST = (
+    "test_rehearse.py",
+    "stages/test_ddp.py",
+    "stages/test_write_faults.py",
+    "stages/test_report.py",
+    "test_adding_components.py",
+    "models/test_imported.py",
+    "stages/test_bad_input.py",
+    "test_examples.py",
+    "stages/test_reliability.py",
+    "stages/test_framework.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.path.as_posix()
+        return next((i for i, name in enumerate(LONGEST_FIRST) if path.endswith(f"tests/{name}")), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: within a file, and among the others, collection order stays

@@ -7,6 +7,7 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
+import pytest
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
@@ -90,3 +91,39 @@ def make_fake_tiny(data_dir: Path, train_per_class: int = 4, val_per_class: int 
     from robustness.data import layouts
 
     return layouts.write_tinyimagenet(data_dir, train_per_class, seed=0, val_per_class=val_per_class, num_classes=3)
+
+
+def cli_in_process(args: Sequence[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+    """``python -m robustness *args`` run in this process: its exit status and what it printed to
+    stderr. For refusals, which end before any work: a subprocess would spend its seconds importing
+    torch and Lightning to print one line."""
+    import logging
+    import sys
+
+    from robustness import cli, tracking
+
+    monkeypatch.setattr(sys, "argv", ["robustness", *args])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    # What the entry point sets for its process: where W&B runs go, the root logger's handlers, the
+    # filters on Lightning's loggers. Each goes back as it was, for the tests after this one.
+    monkeypatch.setattr(tracking, "_RUN_ROOT", getattr(tracking, "_RUN_ROOT", None))
+    lightning = [logging.getLogger(name) for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
+                                                       "lightning_fabric.utilities.rank_zero")]
+    for logger in lightning:
+        monkeypatch.setattr(logger, "filters", list(logger.filters))
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    capsys.readouterr()
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        GlobalHydra.instance().clear()
+        for handler in list(root.handlers):  # the run's log file and console handlers go with it
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        root.setLevel(level)
+    return code, capsys.readouterr().err

@@ -1,10 +1,12 @@
 """docs/DESIGN.md, "Adding a probe, an attack, a regularizer, a dataset", followed to the letter.
 
-In a copy of the project, a toy probe (each image's logit margin) and a toy regularizer (label
-smoothing) are added by writing exactly the three files the section's table lists for each. Then,
-as a user would: the toy variant is trained by the digits recipe it is not listed in, the toy
-probe runs as a section of a report beside a probe of the project's, and report.md shows both.
-The probe's numbers are checked against the margin recomputed from the stored model.
+In a copy of the project, a toy probe (each image's logit margin), a toy attack (random signs of
+size eps), a toy regularizer (label smoothing) and a toy dataset (the digits mirrored) are added by
+writing exactly the three files the section's table lists for each. Then, as a user would: the
+toy variant is trained by the digits recipe it is not listed in, the toy probe and the toy attack
+run as sections of a report beside a probe of the project's, report.md shows them, and a model is
+trained on the toy dataset with the generic recipe. The probe's numbers are checked against the
+margin recomputed from the stored model.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 TOY_PROBE = "toy_margin"
 TOY_REGULARIZER = "toy_smoothing"
+TOY_ATTACK = "toy_noise"
+TOY_DATASET = "toy_mirror"
 
 PROBE_MODULE = '''"""Probe ``toy_margin``: each image's logit margin (its top logit minus the runner-up's)."""
 
@@ -99,6 +103,74 @@ init_from: null
 smoothing: 0.1
 """
 
+ATTACK_MODULE = '''"""Attack ``toy_noise``: each pixel moved by +-eps at random, no gradient (a floor for any attack)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from robustness.attacks.base import FixedEpsilonAttack, Perturbed
+from robustness.registry import register
+
+
+@register("attack", "toy_noise")
+@dataclass
+class ToyNoise(FixedEpsilonAttack):
+    eps: float = 0.1
+    norm: ClassVar[str] = "linf"
+
+    def perturb(self, model: nn.Module, x0: Tensor, y: Tensor | None, target: Tensor | None) -> Perturbed:
+        label = y if y is not None else model(x0).argmax(1)
+        signs = torch.randint(0, 2, x0.shape, device=x0.device, dtype=x0.dtype) * 2 - 1
+        x_adv = (x0 + self.eps * signs).clamp(0.0, 1.0)
+        return Perturbed(x_adv, torch.ones(len(x0), dtype=torch.long, device=x0.device), label)
+'''
+
+ATTACK_YAML = """name: toy_noise
+eps: 0.1
+"""
+
+DATASET_MODULE = '''"""Dataset ``toy_mirror``: the embedded digits, mirrored left to right."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from robustness.data.base import TensorImageDataset
+from robustness.data.digits import DigitsDataModule, digits_identity, load_digit_splits
+from robustness.registry import register
+
+
+@register("dataset", "toy_mirror")
+class ToyMirror(DigitsDataModule):
+    info = replace(DigitsDataModule.info, name="toy_mirror")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.test_set is not None:
+            return
+        splits = {k: (x.flip(-1), y) for k, (x, y) in load_digit_splits(self.seed, self.val_fraction, self.test_fraction).items()}
+        self.train_set = self._subsample_train(TensorImageDataset(*splits["train"]), splits["train"][1])
+        self.val_set = TensorImageDataset(*splits["val"])
+        self.test_set = TensorImageDataset(*splits["test"])
+
+    def _content_identity(self) -> dict[str, Any]:
+        return {"mirrored": digits_identity()}
+'''
+
+DATASET_YAML = """name: toy_mirror
+batch_size: 64
+eval_batch_size: 512
+num_workers: 0
+val_fraction: 0.15
+test_fraction: 0.25
+train_fraction: 1.0
+"""
+
 CONTENTS = {
     "probe": {
         "robustness/probes/NAME.py": PROBE_MODULE,
@@ -110,8 +182,18 @@ CONTENTS = {
         "conf/regularizer/NAME.yaml": REGULARIZER_YAML,
         "robustness/training/__init__.py": "from robustness.training import NAME  # noqa: E402,F401\n",
     },
+    "attack": {
+        "robustness/attacks/NAME.py": ATTACK_MODULE,
+        "conf/attack/NAME.yaml": ATTACK_YAML,
+        "robustness/attacks/__init__.py": "from robustness.attacks import NAME  # noqa: E402,F401\n",
+    },
+    "dataset": {
+        "robustness/data/NAME.py": DATASET_MODULE,
+        "conf/dataset/NAME.yaml": DATASET_YAML,
+        "robustness/data/__init__.py": "from robustness.data import NAME  # noqa: E402,F401\n",
+    },
 }
-NAMES = {"probe": TOY_PROBE, "regularizer": TOY_REGULARIZER}
+NAMES = {"probe": TOY_PROBE, "regularizer": TOY_REGULARIZER, "attack": TOY_ATTACK, "dataset": TOY_DATASET}
 
 
 def design_files(kind: str) -> list[str]:
@@ -147,7 +229,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     after = snapshot(root)
     touched = sorted(name for name in after if before.get(name) != after[name])
     expected = sorted(p.replace("NAME", NAMES[k]) for k, files in CONTENTS.items() for p in files)
-    assert touched == expected and len(touched) == 6  # three files each, nothing else
+    assert touched == expected and len(touched) == 12  # three files each, nothing else
     return root
 
 
@@ -156,14 +238,15 @@ def _run(project: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[st
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_a_toy_probe_and_a_toy_regularizer_take_three_files_each_and_reach_the_report(project: Path, tmp_path: Path) -> None:
+def test_a_toy_probe_attack_regularizer_and_dataset_take_three_files_each_and_reach_the_report(project: Path, tmp_path: Path) -> None:
     common = ["logger=csv", f"paths.artifacts_dir={tmp_path / 'store'}", f"paths.output_dir={tmp_path / 'out'}",
               f"paths.data_dir={tmp_path / 'data'}", "trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
     # Registered and trained by the digits recipe, which does not list it.
     trained = _run(project, "-m", "robustness", "experiment=train", f"regularizer={TOY_REGULARIZER}", *common, cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
     # Run by an experiment, as a section of a report beside one of the project's probes.
-    sections = f"+report.sections={{{TOY_PROBE}: {{experiment: probe, overrides: ['probe={TOY_PROBE}']}}, training_shift: {{}}}}"
+    sections = (f"+report.sections={{{TOY_PROBE}: {{experiment: probe, overrides: ['probe={TOY_PROBE}']}}, training_shift: {{}}, "
+                f"robust_accuracy: {{overrides: ['attack={TOY_ATTACK}', 'probe.eps=[0.0,0.3]', 'probe.n_images=40']}}}}")
     reported = _run(project, "-m", "robustness", "experiment=report_digits", "~report.sections", sections,
                     f"variants=[base,{TOY_REGULARIZER}]", "store.train_overrides=['trainer.max_epochs=2']", *common, cwd=tmp_path)
     assert reported.returncode == 0, reported.stderr[-3000:]
@@ -191,3 +274,19 @@ def test_a_toy_probe_and_a_toy_regularizer_take_three_files_each_and_reach_the_r
         assert float(rows[name]["mean_margin"]) == pytest.approx(float(value), rel=1e-6), name
     # Label smoothing caps the margin a model learns: the toy variant's is the smaller.
     assert float(rows[TOY_REGULARIZER]["mean_margin"]) < float(rows["base"]["mean_margin"])
+
+    # The toy attack ran in the robust-accuracy section: at eps 0 it is the clean accuracy, at 0.3
+    # (noise of 0.3 on every pixel) it flips some images and never mends one.
+    (accuracies,) = report.parent.glob("*/robust_accuracy.csv")
+    by_eps: dict[tuple[str, float], float] = {}
+    for row in csv.DictReader(accuracies.open(encoding="utf-8")):
+        assert TOY_ATTACK in row["attack"], row
+        by_eps[row["variant"], float(row["eps"])] = float(row["robust_acc"])
+    for variant in ("base", TOY_REGULARIZER):
+        assert 0.0 < by_eps[variant, 0.3] < by_eps[variant, 0.0]
+
+    # The toy dataset: a model trained on it with the recipe for any data, stored under its name.
+    mirrored = _run(project, "-m", "robustness", "experiment=train", f"dataset={TOY_DATASET}", "recipe=generic", *common, cwd=tmp_path)
+    assert mirrored.returncode == 0, mirrored.stderr[-3000:]
+    (meta,) = (tmp_path / "store" / TOY_DATASET / "smallcnn").glob("entries/*/v-*/meta.json")
+    assert '"toy_mirror"' in meta.read_text(encoding="utf-8")

@@ -120,3 +120,24 @@ def test_every_regularizer_names_and_colours_its_variant_for_the_reports() -> No
         config = {"dataset": {}, "model": {}, "regularizer": node, "optim": {}, "trainer": {}, "seed": 0}
         assert fingerprint.training_identity(config, None)["regularizer"] == plain
     assert len(colours) == len(list((REPO / "conf" / "regularizer").glob("*.yaml")))
+
+
+@pytest.mark.parametrize(("recipe", "kind", "expected"), [
+    ("cifar10", "SGD", {"lr": 0.1, "momentum": 0.9, "weight_decay": 5.0e-4}),
+    ("fashion_mnist", "AdamW", {"lr": 3.0e-3, "weight_decay": 5.0e-4}),
+])
+def test_a_recipes_optimiser_is_the_one_training_builds(recipe: str, kind: str, expected: dict) -> None:
+    """What the training stage hands the module (cfg.optim, as stages/train.py passes it) makes the
+    recipe's optimiser and schedule (the rehearsals in the suite train with AdamW only)."""
+    from torch import nn
+
+    from robustness.stages.common import to_python
+    from robustness.training.module import ClassifierModule
+
+    with hydra_initialized():
+        cfg = compose_experiment("train", [f"recipe={recipe}"])
+    optimisers = ClassifierModule(nn.Linear(4, 10), 10, **to_python(cfg.optim)).configure_optimizers()
+    optimiser, scheduler = optimisers["optimizer"], optimisers["lr_scheduler"]["scheduler"]
+    assert type(optimiser).__name__ == kind
+    assert {k: optimiser.defaults[k] for k in expected} == expected
+    assert scheduler.gamma == cfg.optim.gamma and optimisers["lr_scheduler"]["interval"] == "epoch"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import compose, fast_overrides, hydra_initialized, run_outcome, stored_model
+from helpers import cli_in_process, compose, fast_overrides, hydra_initialized, run_outcome, stored_model
 from robustness.data.digits import DigitsDataModule
 from robustness.errors import ConfigError, StoreError
 from robustness.models.smallcnn import smallcnn
@@ -234,12 +234,15 @@ def test_probes_run_on_a_read_only_store(tmp_path: Path, monkeypatch: pytest.Mon
         ("optim.lr=inf", "optim.lr must be a finite number, got inf"),
     ],
 )
-def test_bad_training_values_are_refused_before_work(tmp_path: Path, override: str, message: str) -> None:
-    out = _cli(["experiment=train", override, "logger=csv", f"paths.artifacts_dir={tmp_path / 'store'}", f"paths.output_dir={tmp_path / 'out'}"], tmp_path)
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.startswith(f"error: {message}"), out.stderr[-2000:]
-    assert "fix: " in out.stderr and "Traceback" not in out.stderr
-    assert out.stderr.count("error: ") == 1
+def test_bad_training_values_are_refused_before_work(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                                     override: str, message: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, stderr = cli_in_process(["experiment=train", override, "logger=csv", f"paths.artifacts_dir={tmp_path / 'store'}",
+                                   f"paths.output_dir={tmp_path / 'out'}"], capsys, monkeypatch)
+    assert code == 2, stderr[-2000:]
+    assert stderr.startswith(f"error: {message}"), stderr[-2000:]
+    assert "fix: " in stderr and "Traceback" not in stderr
+    assert stderr.count("error: ") == 1
     assert not (tmp_path / "store" / "digits").exists()  # nothing was trained
 
 
@@ -251,21 +254,26 @@ def test_bad_training_values_are_refused_before_work(tmp_path: Path, override: s
         ("fig2_boundary", "probe.resolution=300", "probe.resolution of boundary_plane must be odd"),
     ],
 )
-def test_bad_probe_values_are_refused_before_work(tmp_path: Path, experiment: str, override: str, message: str) -> None:
-    out = _cli([f"experiment={experiment}", override, "logger=csv", f"paths.artifacts_dir={tmp_path / 'store'}", f"paths.output_dir={tmp_path / 'out'}"], tmp_path)
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.startswith(f"error: {message}"), out.stderr[-2000:]
+def test_bad_probe_values_are_refused_before_work(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                                  experiment: str, override: str, message: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, stderr = cli_in_process([f"experiment={experiment}", override, "logger=csv", f"paths.artifacts_dir={tmp_path / 'store'}",
+                                   f"paths.output_dir={tmp_path / 'out'}"], capsys, monkeypatch)
+    assert code == 2, stderr[-2000:]
+    assert stderr.startswith(f"error: {message}"), stderr[-2000:]
     assert not (tmp_path / "store" / "digits").exists()  # refused before any variant was trained
 
 
-def test_an_unwritable_store_is_refused_before_training(tmp_path: Path) -> None:
+def test_an_unwritable_store_is_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     for place in (blocker, Path("/proc/robustness-store")):
-        out = _cli(["experiment=train", "logger=csv", f"paths.artifacts_dir={place}", f"paths.output_dir={tmp_path / 'out'}"], tmp_path)
-        assert out.returncode == 2, out.stderr[-2000:]
-        assert out.stderr.startswith("error: cannot write to the model store"), out.stderr[-2000:]
-        assert "fix: choose a writable store with paths.artifacts_dir=" in out.stderr
+        code, stderr = cli_in_process(["experiment=train", "logger=csv", f"paths.artifacts_dir={place}", f"paths.output_dir={tmp_path / 'out'}"],
+                                      capsys, monkeypatch)
+        assert code == 2, stderr[-2000:]
+        assert stderr.startswith("error: cannot write to the model store"), stderr[-2000:]
+        assert "fix: choose a writable store with paths.artifacts_dir=" in stderr
 
 
 def test_a_submitit_launcher_without_its_package_is_a_clear_error(tmp_path: Path) -> None:

@@ -361,11 +361,12 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def fitted(options: Any, models: Mapping[str, nn.Module], images: Tensor, num_classes: int) -> Any:
+def fitted(options: Any, models: Mapping[str, nn.Module], images: Tensor, num_classes: int, **facts: Any) -> Any:
     """``options`` with its batch lowered where the configured one would not fit in memory;
-    a ConfigError with the estimate and the fix where nothing would (:mod:`robustness.probes.memory`)."""
+    a ConfigError with the estimate and the fix where nothing would (:mod:`robustness.probes.memory`).
+    ``facts``: what else a probe's ``memory_need`` takes (the attack's ``gradient_rows``)."""
     activation = max(activation_bytes(model, images[:1]) for model in models.values())
-    need = options.memory_need(tuple(images.shape[1:]), num_classes, activation, len(images))
+    need = options.memory_need(tuple(images.shape[1:]), num_classes, activation, len(images), **facts)
     if need is None:
         return options
     batch = fit_batch(need, options.defaults_from, images.device)

@@ -21,7 +21,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -167,6 +167,20 @@ def fit_batch(need: MemoryNeed, probe: str, device: torch.device | str = "cpu", 
     log.warning("probe %s: %s=%d would need about %s with %s; running %d at a time instead (the same numbers)",
                 probe, need.batch_key, need.batch, size_text(need.total), where, batch)
     return int(batch)
+
+
+def attack_gradient_rows(attack_cfg: Any) -> int:
+    """How many logit rows an attack differentiates at once per image: DeepFool its
+    ``num_candidates`` - 1 nearest boundaries, every other attack one (a loss, or a margin)."""
+    candidates = attack_cfg.get("num_candidates") if hasattr(attack_cfg, "get") else None
+    return max(1, int(candidates) - 1) if candidates else 1
+
+
+def gradient_bytes(image_shape: Sequence[int], activation: int, rows: int = 1) -> int:
+    """One image through a forward kept for a backward (``activation`` bytes, and about as much
+    again for the backward's own tensors), with ``rows`` gradients sent back in one sweep: each
+    further row a layer's worth of gradient at a time, bounded here by the whole forward's bytes."""
+    return image_bytes(image_shape) + 3 * activation + 2 * max(0, int(rows) - 1) * activation
 
 
 def image_bytes(image_shape: Sequence[int]) -> int:

@@ -27,13 +27,12 @@ from robustness.probes.base import (
     attack_node,
     fitted,
     no_progress,
-    per_item_bytes,
     prepare_inputs,
     probe_options,
     run_seed,
     seeded,
 )
-from robustness.probes.memory import LONG, MemoryNeed
+from robustness.probes.memory import LONG, MemoryNeed, attack_gradient_rows, gradient_bytes
 from robustness.probes.partial import PartialResults, run_in_chunks
 from robustness.probes.per_image import PerImageOptions, first, load_images
 from robustness.registry import build, register
@@ -52,12 +51,17 @@ class MinPerturbationOptions(PerImageOptions):
         if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
             raise ConfigError(f"probe.refine_steps must be an integer >= 0, got {self.refine_steps}", "0 keeps the attack's perturbation as it is; 20 bisects it to 1e-6 of its length")
 
-    def attack_bytes(self, image_shape: Sequence[int], num_classes: int, activation: int) -> int:
-        """One image through a minimisation attack: the candidate classes' gradients in one backward sweep."""
-        return per_item_bytes(image_shape, activation * max(1, num_classes), gradients=True)
+    def attack_bytes(self, image_shape: Sequence[int], num_classes: int, activation: int, gradient_rows: int | None = None) -> int:
+        """One image through a minimisation attack that differentiates ``gradient_rows`` logit
+        differences at once (:func:`~robustness.probes.memory.attack_gradient_rows`; every class
+        but one where unknown)."""
+        rows = num_classes - 1 if gradient_rows is None else min(int(gradient_rows), num_classes - 1)
+        return gradient_bytes(image_shape, activation, max(1, rows))
 
-    def memory_need(self, image_shape: Sequence[int], num_classes: int, activation: int, num_images: int | None) -> MemoryNeed:
-        return self.images_need(image_shape, num_images, self.attack_bytes(image_shape, num_classes, activation), results_per_image=6 * LONG)
+    def memory_need(self, image_shape: Sequence[int], num_classes: int, activation: int, num_images: int | None,
+                    gradient_rows: int | None = None) -> MemoryNeed:
+        per_image = self.attack_bytes(image_shape, num_classes, activation, gradient_rows)
+        return self.images_need(image_shape, num_images, per_image, results_per_image=6 * LONG)
 
 
 class MinPerturbationResult(ProbeResult):
@@ -184,7 +188,7 @@ def min_perturbation(models: Any, images: Tensor, labels: Tensor, *, attack: str
     minimisation_attack(attack_cfg)  # a wrong attack is refused before any work
     named, x, y, classes = prepare_inputs(models, images, labels)
     x, y = first(x, y, settings.num_images)
-    settings = fitted(settings, named, x, classes)
+    settings = fitted(settings, named, x, classes, gradient_rows=attack_gradient_rows(attack_cfg))
     seed = run_seed(seed)
     arrays: dict[str, Tensor] = {"labels": y.cpu(), "image_norm": l2_norm(x).double().cpu()}
     rows = []

@@ -58,7 +58,7 @@ from robustness.probes.base import (
     run_seed,
     seeded,
 )
-from robustness.probes.memory import LONG, MemoryNeed
+from robustness.probes.memory import LONG, MemoryNeed, gradient_bytes
 from robustness.probes.min_perturbation import attack_description, minimal_perturbation
 from robustness.probes.partial import PartialResults, run_in_chunks
 from robustness.probes.per_image import PerImageOptions, first, load_images
@@ -129,7 +129,7 @@ class PerceptualOptions(PerImageOptions):
         # Per image: the sweep's predictions and the per-image results; per chunk image: the
         # attacks' gradients and the recoloured copies.
         results = (len(self.angles) + 8) * LONG
-        attack = per_item_bytes(image_shape, activation * max(1, num_classes), gradients=True) + 2 * per_item_bytes(image_shape, 0, gradients=False)
+        attack = gradient_bytes(image_shape, activation) + 2 * per_item_bytes(image_shape, 0, gradients=False)  # a loss's gradient: one row
         return self.images_need(image_shape, num_images, attack, results_per_image=results)
 
     @property

@@ -36,13 +36,12 @@ from robustness.probes.base import (
     attack_node,
     fitted,
     no_progress,
-    per_item_bytes,
     prepare_inputs,
     probe_options,
     run_seed,
     seeded,
 )
-from robustness.probes.memory import LONG, MemoryNeed, image_bytes, size_text
+from robustness.probes.memory import LONG, MemoryNeed, attack_gradient_rows, gradient_bytes, image_bytes, size_text
 from robustness.probes.partial import PartialResults
 from robustness.probes.per_image import first, load_images
 from robustness.registry import build, register
@@ -96,13 +95,14 @@ class RobustAccuracyOptions(ProbeOptions):
         if self.relative_step is not None and not self.relative_step > 0:
             raise ConfigError(f"probe.relative_step must be > 0, got {self.relative_step}", "e.g. probe.relative_step=0.25, or null to keep the attack's step_size")
 
-    def memory_need(self, image_shape: Sequence[int], num_classes: int, activation: int, num_images: int | None) -> MemoryNeed:
+    def memory_need(self, image_shape: Sequence[int], num_classes: int, activation: int, num_images: int | None,
+                    gradient_rows: int = 1) -> MemoryNeed:
         held = int(self.n_images) if num_images is None else int(num_images)
         # The images and one attacked copy of them, the masks per radius; a batch through the attack.
         per_image = 2 * image_bytes(image_shape) + (len(self.eps) + 2) * LONG
         return MemoryNeed(
             fixed=held * per_image,
-            per_item=per_item_bytes(image_shape, activation * max(1, num_classes), gradients=True),
+            per_item=gradient_bytes(image_shape, activation, min(int(gradient_rows), max(1, num_classes - 1))),
             batch=int(self.batch_size),
             batch_key="batch_size",
             fixed_what=f"{held} images of shape {tuple(image_shape)}",
@@ -208,7 +208,7 @@ def robust_accuracy(models: Any, images: Tensor, labels: Tensor, *, attack: str 
     attacks = _build_attacks(attack_cfg, settings)  # every config error before any work
     named, x, y, classes = prepare_inputs(models, images, labels)
     x, y = first(x, y, settings.n_images)
-    settings = fitted(settings, named, x, classes)
+    settings = fitted(settings, named, x, classes, gradient_rows=attack_gradient_rows(attack_cfg))
     rows: list[dict[str, Any]] = []
     arrays: dict[str, Tensor] = {"eps": torch.tensor(settings.eps), "labels": y.cpu()}
     # The batch only splits the work: it does not name the partial results.

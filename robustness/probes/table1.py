@@ -35,7 +35,7 @@ from robustness.probes.base import (
     seeded,
 )
 from robustness.probes.hessian_norm import HessianNormOptions, hessian_norm_row, measure_hessian_norm
-from robustness.probes.memory import LONG, MemoryNeed
+from robustness.probes.memory import LONG, MemoryNeed, attack_gradient_rows
 from robustness.probes.min_perturbation import (
     MinPerturbationOptions,
     attack_description,
@@ -53,9 +53,10 @@ from robustness.tensors import accuracy, l2_norm
 class Table1Options(HessianNormOptions, MinPerturbationOptions):
     """The options of conf/probe/table1.yaml: hessian_norm's and min_perturbation's."""
 
-    def memory_need(self, image_shape: Sequence[int], num_classes: int, activation: int, num_images: int | None) -> MemoryNeed:
+    def memory_need(self, image_shape: Sequence[int], num_classes: int, activation: int, num_images: int | None,
+                    gradient_rows: int | None = None) -> MemoryNeed:
         per_image = max(self.hessian_bytes(image_shape, num_classes, activation, vectors=1) + int(self.num_samples) * LONG,
-                        self.attack_bytes(image_shape, num_classes, activation))
+                        self.attack_bytes(image_shape, num_classes, activation, gradient_rows))
         return self.images_need(image_shape, num_images, per_image, results_per_image=8 * LONG)
 
 
@@ -90,7 +91,7 @@ def table1(models: Any, images: Tensor, labels: Tensor, *, attack: str | dict[st
     minimisation_attack(attack_cfg)
     named, x, y, classes = prepare_inputs(models, images, labels)
     x, y = first(x, y, settings.num_images)
-    settings = fitted(settings, named, x, classes)
+    settings = fitted(settings, named, x, classes, gradient_rows=attack_gradient_rows(attack_cfg))
     seed = run_seed(seed)
     cache = None if cache_dir is None else Path(cache_dir)
     arrays: dict[str, Tensor] = {"labels": y.cpu(), "image_norm": l2_norm(x).double().cpu()}

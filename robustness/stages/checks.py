@@ -86,6 +86,7 @@ def check_config(cfg: DictConfig, output_dir: str | Path) -> Path:
     _check_trainer(resolved.get("trainer") or {}, training=task == "train", task=task)
     _check_fractions(resolved.get("dataset") or {})
     _check_path_lengths(resolved.get("paths") or {})
+    _warn_of_a_recipe_for_other_data(resolved)
     output = resolve_path(output_dir)
     check_writable(output, "output directory", "choose a writable place with paths.output_dir=... (or hydra.run.dir=...)")
     if task == "train" or (task == "probe" and cfg.store.get("train_missing", True)):
@@ -110,6 +111,17 @@ def check_config(cfg: DictConfig, output_dir: str | Path) -> Path:
         if cfg.get("probe") is not None and "name" in cfg.probe:
             _built("probe", lambda: _probe_options(cfg))
     return output
+
+
+def _warn_of_a_recipe_for_other_data(resolved: dict[str, Any]) -> None:
+    """A recipe is tuned for one dataset; a command that picks another dataset keeps the default
+    recipe's settings (digits') without a word unless it also names a recipe, so say it."""
+    recipe = str((resolved.get("recipe") or {}).get("name", ""))
+    dataset = str((resolved.get("dataset") or {}).get("name", ""))
+    if recipe and dataset and recipe not in ("generic", dataset):
+        log.warning("recipe=%s holds the training settings chosen for %s, and this run reads dataset=%s: its variants train with "
+                    "them. Add recipe=generic (settings for any data) or the recipe made for %s, unless that is what you mean.",
+                    recipe, recipe, dataset, dataset)
 
 
 def _built(group: str, make: Any) -> Any:

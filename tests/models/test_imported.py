@@ -197,13 +197,18 @@ QUICK = ["experiment=train", "model=import", "trainer=cpu", "trainer.max_epochs=
     ],
     ids=["module missing", "attribute missing", "malformed", "not a module", "weights do not fit"],
 )
-def test_the_cli_refuses_a_bad_import_before_any_training(tmp_path: Path, overrides: list[str], expected: str) -> None:
+def test_the_cli_refuses_a_bad_import_before_any_training(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                                          overrides: list[str], expected: str) -> None:
+    from helpers import cli_in_process
+
     torch.save(TinyNet(10, 1, width=6).state_dict(), tmp_path / "wide.pt")
-    completed = _cli([*QUICK, *overrides, f"paths.models_dir={tmp_path}", f"paths.artifacts_dir={tmp_path / 'store'}",
-                      f"paths.output_dir={tmp_path / 'out'}"], tmp_path)
-    assert completed.returncode == 2, completed.stderr[-3000:]
-    assert expected in completed.stderr and "fix: " in completed.stderr, completed.stderr[-3000:]
-    assert "Traceback" not in completed.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(HERE))  # as the user's PYTHONPATH would name their package
+    code, stderr = cli_in_process([*QUICK, *overrides, f"paths.models_dir={tmp_path}", f"paths.artifacts_dir={tmp_path / 'store'}",
+                                   f"paths.output_dir={tmp_path / 'out'}"], capsys, monkeypatch)
+    assert code == 2, stderr[-3000:]
+    assert expected in stderr and "fix: " in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr
     assert not list((tmp_path / "store").rglob("model.pt")) and not list((tmp_path / "store").rglob("last.ckpt"))
 
 

@@ -296,6 +296,26 @@ def test_a_batch_that_would_not_fit_is_run_in_smaller_pieces_with_the_same_numbe
         robustness.random_plane(models["base"], x, y, **options)
 
 
+def test_an_attacks_memory_grows_with_the_logit_rows_it_differentiates_not_with_the_classes() -> None:
+    """DeepFool differentiates its num_candidates - 1 nearest logit differences at once, the other
+    attacks one loss or margin: with 200 classes Table 1, robust accuracy and the hue attack need
+    what they need with 10 (Tiny-ImageNet's report was refused on a 24 GB machine when the
+    estimates took every class's gradient at once)."""
+    assert memory.attack_gradient_rows({"name": "deepfool", "num_candidates": 10}) == 9
+    assert memory.attack_gradient_rows({"name": "runner_up"}) == memory.attack_gradient_rows({"name": "pgd_linf"}) == 1
+    activation, shape = 30 * 10**6, (3, 64, 64)
+    kept = memory.image_bytes(shape) + 3 * activation  # the forward kept for a backward, and the backward's own
+    for probe, rows in (("min_perturbation", 9), ("table1", 9), ("robust_accuracy", 1), ("perceptual", 1)):
+        options = options_of("probe", probe).from_cfg({})
+        facts = {"gradient_rows": rows} if probe != "perceptual" else {}
+        many = options.memory_need(shape, 200, activation, 100, **facts).per_item
+        assert kept + 2 * (rows - 1) * activation <= many < kept + 2 * rows * activation + 10**8, probe  # not 200 rows
+        if probe != "table1":  # Table 1's Hessian holds a Jacobian row per class besides
+            assert many == options.memory_need(shape, 10, activation, 100, **facts).per_item, probe
+    # An attack of unknown rows is taken at every other class: the high side.
+    assert options_of("probe", "min_perturbation").from_cfg({}).memory_need(shape, 200, activation, 100).per_item >= 2 * 198 * activation
+
+
 def test_the_command_line_refuses_an_absurd_grid_before_loading_any_model(tmp_path: Path) -> None:
     store = tmp_path / "store"
     result = subprocess.run(

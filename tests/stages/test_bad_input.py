@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import compose
+from helpers import cli_in_process, compose
 from robustness.errors import ConfigError
 from robustness.stages import checks
 
@@ -24,11 +24,11 @@ def _cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.Complet
     return subprocess.run([sys.executable, "-m", "robustness", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _refused(out: subprocess.CompletedProcess, message: str) -> None:
-    assert out.returncode == 2, out.stderr[-3000:]
-    assert out.stderr.startswith(f"error: {message}"), out.stderr[-3000:]
-    assert "\n  fix: " in out.stderr and "Traceback" not in out.stderr
-    assert out.stderr.count("error: ") == 1
+def _refused(code: int, stderr: str, message: str) -> None:
+    assert code == 2, stderr[-3000:]
+    assert stderr.startswith(f"error: {message}"), stderr[-3000:]
+    assert "\n  fix: " in stderr and "Traceback" not in stderr
+    assert stderr.count("error: ") == 1
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -48,19 +48,28 @@ def _refused(out: subprocess.CompletedProcess, message: str) -> None:
     ([f"hydra.run.dir=out/{LONG}"], "hydra.run.dir cannot be used as the output folder: it holds a folder name of 300 bytes"),
     ([f"paths.artifacts_dir={LONG}"], "paths.artifacts_dir cannot be used: it holds a folder name of 300 bytes"),
 ])
-def test_values_for_lightning_torch_and_the_file_system_are_refused_before_work(tmp_path: Path, overrides: list[str], message: str) -> None:
+def test_values_for_lightning_torch_and_the_file_system_are_refused_before_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                               monkeypatch: pytest.MonkeyPatch, overrides: list[str], message: str) -> None:
+    monkeypatch.chdir(tmp_path)
     store = tmp_path / "store"
-    out = _cli(["experiment=train", "logger=csv", f"paths.artifacts_dir={store}", *overrides], tmp_path)
-    _refused(out, message)
+    _refused(*cli_in_process(["experiment=train", "logger=csv", f"paths.artifacts_dir={store}", *overrides], capsys, monkeypatch), message)
     assert not (store / "digits").exists() and not list(tmp_path.glob("x*"))  # nothing trained, no folder made
 
 
-def test_an_unknown_trainer_key_lists_every_option_lightning_takes(tmp_path: Path) -> None:
+def test_a_refusal_is_the_same_from_a_fresh_process(tmp_path: Path) -> None:
+    """The cases above run the entry point in the test's process; once from a shell, as a user types it."""
+    out = _cli(["experiment=train", "logger=csv", f"paths.artifacts_dir={tmp_path / 'store'}", "+trainer.gradient_clip=1.0"], tmp_path)
+    _refused(out.returncode, out.stderr, "trainer.gradient_clip is not an option of Lightning's Trainer")
+    assert out.stdout == "" and not (tmp_path / "store" / "digits").exists()
+
+
+def test_an_unknown_trainer_key_lists_every_option_lightning_takes(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     import pytorch_lightning as pl
 
-    out = _cli(["experiment=train", "logger=csv", "+trainer.gradient_clip=1.0"], tmp_path)
-    _refused(out, "trainer.gradient_clip is not an option")
-    offered = out.stderr.split("fix: choose among: ", 1)[1].strip().split(", ")
+    monkeypatch.chdir(tmp_path)
+    code, stderr = cli_in_process(["experiment=train", "logger=csv", "+trainer.gradient_clip=1.0"], capsys, monkeypatch)
+    _refused(code, stderr, "trainer.gradient_clip is not an option")
+    offered = stderr.split("fix: choose among: ", 1)[1].strip().split(", ")
     expected = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self", "logger", "callbacks", "default_root_dir"}
     assert set(offered) == expected | {"max_bad_steps"}
 
@@ -82,6 +91,20 @@ def test_the_checks_leave_torchs_process_wide_flags_as_they_were(tmp_path: Path)
     before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
     checks.check_config(compose("train", ["trainer=cpu", "+trainer.benchmark=true"]), tmp_path / "out")
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
+
+
+@pytest.mark.parametrize(("overrides", "warned"), [
+    (["dataset=colour_digits"], True),             # the digits recipe (the default) on other data
+    (["dataset=colour_digits", "recipe=generic"], False),
+    (["recipe=colour_digits"], False),              # a recipe picks its own dataset
+])
+def test_a_recipe_made_for_other_data_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture, overrides: list[str], warned: bool) -> None:
+    with caplog.at_level("WARNING", logger="robustness"):
+        checks.check_config(compose("train", ["trainer=cpu", *overrides]), tmp_path / "out")
+    said = [r.getMessage() for r in caplog.records if "holds the training settings chosen for" in r.getMessage()]
+    assert said == (["recipe=digits holds the training settings chosen for digits, and this run reads dataset=colour_digits: its variants "
+                     "train with them. Add recipe=generic (settings for any data) or the recipe made for colour_digits, unless that is "
+                     "what you mean."] if warned else [])
 
 
 # ---------------------------------------------------------------------------------------------
