@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import cli_in_process
 from robustness import rehearse
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,22 +80,27 @@ def test_every_make_target_the_readme_shows_exists() -> None:
         assert re.search(rf"^{re.escape(target)}:", makefile, re.M), target
 
 
-def test_every_readme_command_runs_as_written(work: Path) -> None:
-    """Run after the rehearsal above (same module, same store): variants it trained are reused."""
+def test_every_readme_command_runs_as_written(work: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run after the rehearsal above (same module, same store): variants it trained are reused.
+
+    Each command runs through the entry point in this process (``python -m robustness`` is
+    ``robustness.cli.main`` with those arguments), from the rehearsal's folder: a fresh
+    interpreter per command would spend most of this test importing torch and Lightning."""
     commands = readme_commands()
     assert any("experiment=fig2_boundary" in c for c in commands) and any(c.endswith("--help") for c in commands)
     data_dir = work / "data"
     if not data_dir.is_dir():  # this test alone: write the data the rehearsal would have written
         rehearse.write_data(data_dir)
+    monkeypatch.chdir(work)
     failures = []
     for command in commands:
         args = shlex.split(command)[3:]
         if "--help" not in args:
             args += ["debug=rehearsal", "logger=csv", f"paths.data_dir={data_dir}", f"paths.artifacts_dir={work / 'store'}",
                      f"paths.output_dir={work / 'readme-outputs'}"]
-        out = subprocess.run([sys.executable, "-m", "robustness", *args], cwd=work, env=_env(), capture_output=True, text=True, timeout=1800)
-        if out.returncode != 0:
-            failures.append(f"{command}\n{out.stderr[-1500:]}")
+        code, stderr = cli_in_process(args, capsys, monkeypatch)
+        if code != 0:
+            failures.append(f"{command}\n{stderr[-1500:]}")
     assert not failures, "\n\n".join(failures)
 
 
