@@ -107,7 +107,13 @@ def follow(job_path: Path, config_dir: Path) -> None:
                             f"rank 0 to {job['key'][:16]}...", "report this: the ranks of one training must agree on its config")
     store = store_for(cfg, str(cfg.dataset.name)).reader()
     resume_from = Path(job["resume_from"]) if job.get("resume_from") else None
-    _fit(v, store, output_dir, job["overrides"], resume_from=resume_from, follower=True)
+    try:
+        _fit(v, store, output_dir, job["overrides"], resume_from=resume_from, follower=True)
+    finally:
+        # A process that exits with its gloo group alive can abort in the group's destructor
+        # ("terminate called without an active exception"); Lightning's launcher in rank 0 then
+        # kills rank 0 too, in the middle of whatever it went on to do.
+        _leave_group()
 
 
 def _trainer_options(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -264,17 +270,13 @@ class _Launch:
 
     def close(self) -> None:
         """Leave the process group Lightning made for this training and restore what it changed in the environment."""
-        import torch.distributed as dist
-
         os.environ.pop(FOLLOWER_JOB_ENV, None)
         self.job.unlink(missing_ok=True)
         try:
             self.job.parent.rmdir()
         except OSError:
             pass
-        _CONTROL.clear()
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        _leave_group()
         for name, value in self.variables.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -286,6 +288,15 @@ class _Launch:
 # The gloo group that carries the ranks' small messages (decisions, save outcomes), whatever
 # backend the training uses (NCCL cannot send Python objects without a CUDA device set up for it).
 _CONTROL: dict[str, Any] = {}
+
+
+def _leave_group() -> None:
+    """Destroy this process's groups (the training's and the control group), if it has any."""
+    import torch.distributed as dist
+
+    _CONTROL.clear()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _control_group() -> Any:
