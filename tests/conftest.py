@@ -23,6 +23,15 @@ if not os.environ.get("ROBUSTNESS_TEST_ARTIFACTS"):
 # Tiny models on 2 cores: one thread per process avoids oversubscription (test workers run in
 # parallel), which made the suite several times slower in CPU time.
 torch.set_num_threads(1)
+# The same for the processes the tests start (the CLI, the rehearsal, DDP ranks) while the suite
+# runs in parallel: a subprocess with a thread per core beside another worker spends its time
+# waiting for a thread that is not scheduled (the Tiny-ImageNet rehearsal: 580 s that way, 270 s
+# with one thread, beside one busy core).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+if _workers > 1:
+    _threads = str(max(1, (os.cpu_count() or 1) // _workers))
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, _threads)
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +57,16 @@ LONGEST_FIRST = (
     "stages/test_bad_input.py",
     "test_examples.py",
     "stages/test_reliability.py",
+    "test_store.py",
     "stages/test_framework.py",
+    "geometry/test_planes.py",
+    "reporting/test_browser.py",
+    "test_api.py",
+    "attacks/test_autoattack.py",
+    "test_leaderboard.py",
+    "training/test_cure.py",
+    "reporting/test_document.py",
+    "probes/test_perceptual.py",
 )
 
 

@@ -202,6 +202,25 @@ def test_a_damaged_cached_probe_result_is_recomputed_with_a_warning(tmp_path: Pa
         caplog.clear()
 
 
+def test_a_kept_probe_result_is_reused_without_loading_any_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Re-running a report whose results are kept loads no model (a Tiny-ImageNet report loaded
+    ResNet-18 weights four times per section only to find each result kept)."""
+    from robustness.store import ModelStore
+
+    store_dir = tmp_path / "store"
+    overrides = [*QUICK, "variants=[base]", "probe.resolution=5"]
+    first = run_outcome("fig3_regions", overrides, tmp_path / "a", artifacts_dir=store_dir)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a kept result needs no weights")
+
+    monkeypatch.setattr(ModelStore, "load_into", refuse)
+    again = run_outcome("fig3_regions", overrides, tmp_path / "b", artifacts_dir=store_dir)
+    assert [a.rows for a in again.artefacts if a.kind == "table"] == [a.rows for a in first.artefacts if a.kind == "table"]
+    with pytest.raises(AssertionError, match="needs no weights"):  # another option: a result to compute, from the weights
+        run_outcome("fig3_regions", [*overrides, "probe.resolution=7"], tmp_path / "c", artifacts_dir=store_dir)
+
+
 def test_probes_run_on_a_read_only_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     import logging
 

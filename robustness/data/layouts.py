@@ -18,7 +18,7 @@ import gzip
 import pickle
 import struct
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import scipy.io
@@ -272,17 +272,19 @@ def write_arrays(
 # --------------------------------------------------------------------------- all of them
 
 
-def write_all(data_dir: Path, per_class: int, seed: int = 0) -> dict[str, Path]:
-    """Every layout above under ``data_dir`` (the folder ``paths.data_dir`` names); returns name -> folder."""
+def write_all(data_dir: Path, per_class: int, seed: int = 0, per_class_of: Mapping[str, int] | None = None) -> dict[str, Path]:
+    """Every layout above under ``data_dir`` (the folder ``paths.data_dir`` names); returns name -> folder.
+
+    per_class_of: a count of its own for some layouts (e.g. ``{"tinyimagenet": 1}``), ``per_class`` for the rest.
+    """
     data_dir = Path(data_dir)
-    return {
-        "cifar10": write_cifar10(data_dir, per_class, seed),
-        "svhn": write_svhn(data_dir, per_class, seed),
-        "tinyimagenet": write_tinyimagenet(data_dir, per_class, seed),
-        "fashion_mnist": write_fashion_mnist(data_dir, per_class, seed),
-        "imagefolder": write_imagefolder(data_dir, per_class, seed),
-        "arrays": write_arrays(data_dir, per_class, seed),
-    }
+    writers = {"cifar10": write_cifar10, "svhn": write_svhn, "tinyimagenet": write_tinyimagenet, "fashion_mnist": write_fashion_mnist,
+               "imagefolder": write_imagefolder, "arrays": write_arrays}
+    counts = dict(per_class_of or {})
+    unknown = sorted(set(counts) - set(writers))
+    if unknown:
+        raise ValueError(f"no layout named {unknown}; the layouts are {sorted(writers)}")
+    return {name: write(data_dir, counts.get(name, per_class), seed) for name, write in writers.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

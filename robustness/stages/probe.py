@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -22,7 +22,7 @@ from robustness.progress import progress_reporter
 from robustness.registry import build, choices, lookup
 from robustness.reporting.base import draw_tables
 from robustness.stages.common import RunOutcome, device_for, make_datamodule, to_python, store_for, writable_problem
-from robustness.stages.variants import Variant, load_models, variant_style, weights_digest
+from robustness.stages.variants import Variant, load_resolved, resolve_variants, variant_style, weights_digest
 
 log = logging.getLogger("robustness")
 
@@ -96,7 +96,9 @@ def given_models(given: GivenModels) -> Iterator[None]:
 class _Sources:
     """What one probe run measures, and where its result is kept."""
 
-    models: dict[str, nn.Module]
+    names: list[str]
+    # The models, loaded when first asked for: a kept result needs none.
+    load_models: Callable[[], dict[str, nn.Module]]
     datamodule: Any
     work_dir: Path
     cache_root: Path | None
@@ -108,12 +110,12 @@ class _Sources:
 
 def _from_store(cfg: DictConfig, name: str, output_dir: Path, overrides: Sequence[str], device: torch.device) -> _Sources:
     datamodule = make_datamodule(cfg)
-    models, variants = load_models(cfg, datamodule, output_dir, device, overrides)
+    variants, published = resolve_variants(cfg, datamodule, output_dir, device, overrides)
     store = store_for(cfg, datamodule.info.name)
     weights = {n: weights_digest(v, store) for n, v in variants.items()}
     cache_root = _cache_root(cfg, store.probes_dir(), output_dir)
     return _Sources(
-        models=models, datamodule=datamodule,
+        names=list(variants), load_models=lambda: load_resolved(variants, published, datamodule, store, device), datamodule=datamodule,
         work_dir=(cache_root or output_dir / "probe-work") / f"{name}-{result_key(cfg, variants, weights)}", cache_root=cache_root,
         training=lambda variant: training_record(variants[variant], store, datamodule.info, device),
         styles={n: variant_style(v) for n, v in variants.items()}, fingerprints={n: v.key for n, v in variants.items()},
@@ -131,7 +133,7 @@ def _from_given(cfg: DictConfig, name: str, given: GivenModels) -> _Sources:
         "data": given.data.fingerprint(),
     })
     return _Sources(
-        models=models, datamodule=given.data, work_dir=given.cache_dir / f"{name}-{key}", cache_root=given.cache_dir,
+        names=chosen, load_models=lambda: models, datamodule=given.data, work_dir=given.cache_dir / f"{name}-{key}", cache_root=given.cache_dir,
         training=lambda variant: TrainingRecord(), styles={n: {"title": n} for n in models}, fingerprints=weights, model_name="given",
     )
 
@@ -148,7 +150,7 @@ def probe(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag:
     device = device_for(cfg)
     given = _GIVEN.get()
     sources = _from_given(cfg, name, given) if given is not None else _from_store(cfg, name, output_dir, overrides, device)
-    models, datamodule, styles, cache_root, work_dir = sources.models, sources.datamodule, sources.styles, sources.cache_root, sources.work_dir
+    datamodule, styles, cache_root, work_dir = sources.datamodule, sources.styles, sources.cache_root, sources.work_dir
     final = work_dir / "result"
     if cache_root is None:
         log.warning("probe '%s': no writable folder for its cache, so this result is computed afresh and not kept", name)
@@ -167,7 +169,7 @@ def probe(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag:
         if cfg.get("recompute", False):
             shutil.rmtree(work_dir / "partial", ignore_errors=True)
         ctx = ProbeContext(
-            options=to_python(cfg.probe), models=models, data=datamodule, attack=to_python(cfg.attack), device=device,
+            options=to_python(cfg.probe), models=sources.load_models(), data=datamodule, attack=to_python(cfg.attack), device=device,
             seed=int(cfg.seed), work_dir=work_dir / "partial", progress=progress_reporter(name),
             training=sources.training,
             # recompute=true computes afresh: nothing shared with earlier runs is reused then.
@@ -177,7 +179,7 @@ def probe(cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (), tag:
         torch.manual_seed(int(cfg.seed))
         result = compute(ctx)
         result.meta.setdefault("experiment", cfg.get("experiment_name"))
-        result.meta.setdefault("variants", list(models))
+        result.meta.setdefault("variants", sources.names)
         result.meta.setdefault("dataset", datamodule.info.name)
         result.meta.setdefault("model", sources.model_name)
         result.meta.setdefault("fingerprints", sources.fingerprints)

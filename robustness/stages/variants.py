@@ -267,13 +267,16 @@ def split_problem(v: Variant, probe_cfg: DictConfig, store: ModelStore) -> str |
     return "; ".join(d.replace("in the store", "when trained").replace("asked for", "for this probe") for d in differences[:3])
 
 
-def load_models(cfg: DictConfig, datamodule: ImageDataModule, output_dir: Path, device: torch.device,
-                overrides: Sequence[str] = ()) -> tuple[dict[str, torch.nn.Module], dict[str, Variant]]:
-    """Every variant ``cfg.variants`` asks for, trained first where missing and allowed, in eval mode."""
+def resolve_variants(cfg: DictConfig, datamodule: ImageDataModule, output_dir: Path, device: torch.device,
+                     overrides: Sequence[str] = ()) -> tuple[dict[str, Variant], dict[str, torch.nn.Module]]:
+    """Every variant ``cfg.variants`` asks for, trained first where missing and allowed; and the
+    published ones' models, in eval mode (a published model is known by its weights, so it is loaded
+    here). A stored variant's weights are loaded by :func:`load_resolved` only where needed: a probe
+    whose result is kept needs none."""
     names = [str(v) for v in cfg.variants]
     if not names:
         raise ConfigError("no model variants to probe", "set variants=[base,adversarial,cure] (or a subset)")
-    models: dict[str, torch.nn.Module] = {}
+    published: dict[str, torch.nn.Module] = {}
     resolved: dict[str, Variant] = {}
     store = store_for(cfg, datamodule.info.name)
     for name in names:
@@ -284,7 +287,7 @@ def load_models(cfg: DictConfig, datamodule: ImageDataModule, output_dir: Path, 
             identity = {"external": source, "model": node}
             v = Variant(name, name, cfg, identity, fingerprint.of_config(identity), None)
             store.record_external(v.key, name, source)
-            models[name] = model.to(device).eval()
+            published[name] = model.to(device).eval()
             resolved[name] = v
             continue
         v = resolve(cfg, name, overrides)
@@ -296,9 +299,20 @@ def load_models(cfg: DictConfig, datamodule: ImageDataModule, output_dir: Path, 
                 "so its 'test' images could be training images",
                 "probe with the seed and dataset options the variant was trained with",
             )
+        resolved[name] = v
+    return resolved, published
+
+
+def load_resolved(variants: dict[str, Variant], published: dict[str, torch.nn.Module], datamodule: ImageDataModule,
+                  store: ModelStore, device: torch.device) -> dict[str, torch.nn.Module]:
+    """The models of :func:`resolve_variants`' variants (stored ones from ``store``), in its order and in eval mode."""
+    models: dict[str, torch.nn.Module] = {}
+    for name, v in variants.items():
+        if name in published:
+            models[name] = published[name]
+            continue
         # Built as it was trained: a variant's experiment may set options of its own.
         model = build("model", v.config.model, info=datamodule.info)
         store.load_into(v.key, model, datamodule.info, to_python(v.config.model), what=f"the '{name}' weights")
         models[name] = model.to(device).eval()
-        resolved[name] = v
-    return models, resolved
+    return models

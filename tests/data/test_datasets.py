@@ -663,9 +663,11 @@ def test_layouts_write_all_at_the_real_sizes_and_class_counts(tmp_path: Path, mo
     from robustness.data import fashion_mnist
 
     monkeypatch.setattr(fashion_mnist, "DEBIAN_FOLDER", tmp_path / "no-debian-package")
-    written = layouts.write_all(tmp_path, per_class=2)
+    with pytest.raises(ValueError, match=r"no layout named \['tiny'\]"):
+        layouts.write_all(tmp_path, per_class=2, per_class_of={"tiny": 1})
+    written = layouts.write_all(tmp_path, per_class=2, per_class_of={"tinyimagenet": 1})  # as the rehearsal writes them
     assert (written["tinyimagenet"] / "wnids.txt").read_text().split() == [w for w, _ in layouts.tiny_imagenet_classes()]
-    expected = {"cifar10": (10, (3, 32, 32), 100), "svhn": (10, (3, 32, 32), 20), "tinyimagenet": (200, (3, 64, 64), 400), "fashion_mnist": (10, (1, 28, 28), 20),
+    expected = {"cifar10": (10, (3, 32, 32), 100), "svhn": (10, (3, 32, 32), 20), "tinyimagenet": (200, (3, 64, 64), 200), "fashion_mnist": (10, (1, 28, 28), 20),
                 "imagefolder": (10, (3, 32, 32), 20), "arrays": (10, (3, 32, 32), 20)}
     assert set(written) == set(expected)
     where = {"imagefolder": {"root": str(written["imagefolder"])}, "arrays": {"path": str(written["arrays"])}}

@@ -152,29 +152,22 @@ def test_an_interrupted_ddp_run_resumes_on_every_rank_to_the_uninterrupted_weigh
 
 
 @pytest.mark.slow
-def test_a_probe_with_ddp_trains_its_variants_with_both_ranks_then_probes_in_one_process(tmp_path: Path) -> None:
+def test_a_report_with_ddp_trains_each_variant_with_both_ranks_then_probes_in_one_process(tmp_path: Path) -> None:
     """Two DDP trainings in one command (base, then its fine-tuned child): rank 0 starts fresh ranks
-    for each, since the first ones have left; then the probe runs in rank 0 alone."""
-    store = tmp_path / "store"
-    out = _run(["experiment=fig2_boundary", "variants=[base,adversarial]", *DDP, "debug=rehearsal", f"paths.artifacts_dir={store}",
-                f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
-    for alias in ("base", "adversarial"):
-        _assert_stored_is_what_every_rank_ended_with(out, store, alias)
-    assert len(list((tmp_path / "out").rglob("boundary_plane*.png"))) >= 1
-    assert "rank 1" not in "".join(line for line in out.splitlines() if "wrote figure" in line)
-
-
-@pytest.mark.slow
-def test_a_report_with_ddp_trains_with_both_ranks_and_writes_the_report(tmp_path: Path) -> None:
+    for each, since the first ones have left; then the report's probe runs in rank 0 alone."""
     # A report of one section: a report group option of the user's own, in a config folder of theirs (--config-dir).
     (tmp_path / "conf" / "report").mkdir(parents=True)
-    (tmp_path / "conf" / "report" / "one.yaml").write_text("scorecard: false\nsections:\n  fig3_regions:\n    overrides: ['variants=[base]']\n")
+    (tmp_path / "conf" / "report" / "one.yaml").write_text("scorecard: false\nsections:\n  fig2_boundary:\n    overrides: ['variants=[base,adversarial]']\n")
     store = tmp_path / "store"
     out = _run(["--config-dir", str(tmp_path / "conf"), "experiment=report_digits", "report=one", *DDP, "debug=rehearsal",
                 f"paths.artifacts_dir={store}", f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
-    _assert_stored_is_what_every_rank_ended_with(out, store, "base")
+    for alias in ("base", "adversarial"):
+        _assert_stored_is_what_every_rank_ended_with(out, store, alias)
+    assert out.count("MEMBER: 2/2") == 2, "rank 1 of each training joined"
     (report,) = (tmp_path / "out").rglob("report.md")
-    assert "fig3_regions" in report.read_text()
+    assert "fig2_boundary" in report.read_text()
+    assert len(list((tmp_path / "out").rglob("boundary_plane*.png"))) >= 1
+    assert "rank 1" not in "".join(line for line in out.splitlines() if "wrote figure" in line)
 
 
 def test_more_processes_than_cores_is_warned_about_and_ends(tmp_path: Path) -> None:

@@ -12,17 +12,17 @@ from robustness.stages import run
 # Per-section reductions: the same probes and code paths as the default run, on less data.
 REDUCED = {
     "training_shift": [],
-    "fig2_boundary": ["probe.resolution=41", "probe.num_images=10", "probe.stats_resolution=31"],
-    "fig3_regions": ["probe.resolution=41", "probe.num_images=10", "probe.stats_resolution=31"],
-    "fig4_cure": ["++probe.resolution=41", "++probe.num_images=10", "++probe.stats_resolution=31"],
-    "table1_curvature": ["probe.num_images=8", "probe.num_samples=16"],
-    "curvature_profile": ["probe.num_images=4", "probe.k=5"],
-    "robust_accuracy": ["probe.n_images=60"],
+    "fig2_boundary": ["probe.resolution=21", "probe.num_images=4", "probe.stats_resolution=15"],
+    "fig3_regions": ["probe.resolution=21", "probe.num_images=4", "probe.stats_resolution=15"],
+    "fig4_cure": ["++probe.resolution=21", "++probe.num_images=4", "++probe.stats_resolution=15"],
+    "table1_curvature": ["probe.num_images=4", "probe.num_samples=8"],
+    "curvature_profile": ["probe.num_images=2", "probe.k=3"],
+    "robust_accuracy": ["probe.n_images=30"],
     "fig5_6_natural_path": ["probe.natural_pairs=2", "probe.max_pieces=300"],
     "fig7_8_adversarial_path": ["probe.adversarial_pairs=2", "probe.max_depth=4", "probe.max_pieces=300"],
     "table2_paths": ["probe.natural_pairs=2", "probe.adversarial_pairs=2", "probe.max_depth=4", "probe.max_pieces=300"],
-    "fig9_perceptual": ["probe.num_images=16", "attack.steps=10"],
-    "perceptual_sweep": ["probe.num_images=16", "attack.steps=10"],
+    "fig9_perceptual": ["probe.num_images=8", "attack.steps=5"],
+    "perceptual_sweep": ["probe.num_images=8", "attack.steps=5"],
 }
 
 REPORT_ITEMS = ["Figure 2", "Figure 3", "Figure 4", "Table 1", "Figures 5 and 6", "Figures 7 and 8", "Table 2", "Figure 9"]
