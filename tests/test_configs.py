@@ -20,6 +20,7 @@ from robustness.registry import build, choices, lookup
 from robustness.stages import compose_experiment
 from robustness.stages.checks import _probe_options, check_config
 from robustness.stages.common import apply_debug
+from robustness.stages.variants import recipe_settings
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
@@ -47,6 +48,9 @@ def test_every_option_of_every_group_builds(group: str, tmp_path: Path) -> None:
     for name in names:
         with hydra_initialized():
             cfg = compose_experiment("train", [f"{group}={name}", f"paths.artifacts_dir={tmp_path}"])
+            settings = recipe_settings(cfg, str(cfg.regularizer.variant)) if group == "regularizer" else []
+            if settings[:1] == [f"regularizer={name}"]:  # as `experiment=train regularizer=NAME` trains it: with its recipe's settings
+                cfg = compose_experiment("train", [*settings, f"paths.artifacts_dir={tmp_path}"])
         if group == "dataset":
             component = build("dataset", cfg.dataset, data_dir=str(tmp_path), seed=0)
         elif group == "probe":

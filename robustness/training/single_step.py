@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustness.errors import ConfigError
 from robustness.geometry.gradients import input_gradient, loss_and_input_gradient
 from robustness.registry import build, register
 from robustness.training.adversarial import EvalView, PGDTraining
@@ -86,6 +87,10 @@ def paper_lambda(eps: float) -> float:
     return 0.02 * 10.0 ** (255.0 * eps / 8.0)
 
 
+#: The largest radius the rule was fitted on (the scripts' grid is 1/255 to 16/255).
+PAPER_EPS_MAX = 16 / 255
+
+
 @register("regularizer", "grad_align")
 class GradAlign(Regularizer):
     """FGSM training plus ``lam`` times GradAlign's gradient-misalignment term (variant ``grad_align``).
@@ -100,6 +105,13 @@ class GradAlign(Regularizer):
         self.variant = variant
         self.init_from = init_from
         self.eps = check_number("eps", eps, example="0.0314")
+        if lam is None and self.eps > PAPER_EPS_MAX * (1 + 1e-9):
+            # Extrapolated, the rule gives 31 at 0.1: a model that trained to 0.52 accuracy on the digits.
+            raise ConfigError(
+                f"GradAlign's weight rule 0.02 * 10^(255 eps / 8) was fitted for eps up to 16/255; at eps {self.eps:g} it would give "
+                f"lam {paper_lambda(self.eps):.3g}",
+                "set regularizer.lam (the digits recipes train grad_align with lam 1.0 at eps 0.1)",
+            )
         self.lam = paper_lambda(self.eps) if lam is None else check_number("lam", lam, example="0.2")
         self.attack = build("attack", {"name": "fgsm", "eps": self.eps})
         self._view = EvalView()

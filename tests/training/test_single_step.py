@@ -62,6 +62,7 @@ def test_paper_lambda_follows_the_public_scripts_log_linear_rule() -> None:
         assert round(paper_lambda(e / 255), 3) == expected
     assert GradAlign(eps=8 / 255).lam == pytest.approx(0.2, rel=1e-12)
     assert GradAlign(eps=8 / 255, lam=0.5).lam == 0.5
+    assert GradAlign(eps=16 / 255).lam == pytest.approx(2.0, rel=1e-12) and GradAlign(eps=0.1, lam=1.0).lam == 1.0
 
 
 def _literal_grad_align(model: FlatLinear, x: torch.Tensor, y: torch.Tensor, eps: float, lam: float, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,6 +101,7 @@ def test_a_grad_align_step_and_its_gradient_equal_the_formula() -> None:
     [
         ("grad_align", {"lam": -0.2}, "regularizer.lam"),
         ("grad_align", {"eps": -1e-3}, "regularizer.eps"),
+        ("grad_align", {"eps": 0.1}, "set regularizer.lam"),  # the weight rule's fit ends at 16/255
         ("fast_adversarial", {"eps": -1e-3}, "regularizer.eps"),
         ("fast_adversarial", {"relative_step": 0}, "regularizer.relative_step"),
         ("fast_adversarial", {"steps": 3}, "unknown option"),
