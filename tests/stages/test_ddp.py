@@ -103,8 +103,10 @@ def _initial_parameters(meta: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     return dict(build("model", meta["model"], info=DigitsDataModule.info).named_parameters())
 
 
-@pytest.mark.parametrize("regularizer, alias", [("none", "base"), ("cure", "cure")])
-def test_the_documented_ddp_command_trains_once_and_stores_what_both_ranks_ended_with(tmp_path: Path, regularizer: str, alias: str) -> None:
+def test_the_documented_ddp_command_trains_once_and_stores_what_both_ranks_ended_with(tmp_path: Path) -> None:
+    # CURE, whose second-order step is the one DDP path plain training lacks; plain training under
+    # DDP is checked the same way by the resume and report tests below.
+    regularizer, alias = "cure", "cure"
     store = tmp_path / "store"
     args = ["experiment=train", f"regularizer={regularizer}", *DDP, *SHORT, f"paths.artifacts_dir={store}", f"paths.output_dir={tmp_path / 'out'}",
             f"paths.data_dir={tmp_path / 'data'}"]
