@@ -15,6 +15,7 @@ beside it and wait for its save. Two ways they come to exist:
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -336,6 +337,9 @@ def _connect(group: LaunchedGroup, cfg: DictConfig) -> None:
         else LightningEnvironment()
     backend = "nccl" if device_for(cfg).type == "cuda" else "gloo"
     _init_dist_connection(environment, backend, group.rank, group.world_size)
+    # Left before the interpreter's own teardown: a group destroyed there can abort the process
+    # (see `follow`), which the launcher reports as this rank's failure.
+    atexit.register(_leave_group)
 
 
 def _scalars(values: Any) -> dict[str, float]:

@@ -202,6 +202,7 @@ def test_torchrun_ranks_decide_through_rank_0_and_store_once(tmp_path: Path) -> 
     code, out = _torchrun(["experiment=train", "regularizer=adversarial_finetune", *DDP, "debug=rehearsal", f"paths.artifacts_dir={store}",
                            f"hydra.run.dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
     assert code == 0, out[-4000:]
+    assert "terminate called" not in out, out[-4000:]  # each rank leaves its group before the interpreter's teardown
     for alias in ("base", "adversarial"):
         _assert_stored_is_what_every_rank_ended_with(out, store, alias)
     assert out.count("trained 'base'") == 1 and out.count("trained 'adversarial'") == 1  # one save each
