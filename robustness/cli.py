@@ -12,10 +12,12 @@ from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
-from robustness.errors import ConfigError, RobustnessError
+from robustness.errors import ConfigError, RobustnessError, composition_error
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 log = logging.getLogger("robustness")
@@ -211,7 +213,22 @@ def main() -> None:
             _follow_ddp(job)
     _check_launcher(sys.argv[1:])
     _check_output_dir(sys.argv[1:])
-    _main()
+    asked = os.environ.get("HYDRA_FULL_ERROR")
+    if asked == "1":  # the user asked for Hydra's own reports, tracebacks included
+        _main()
+        return
+    # Hydra prints what it cannot compose (a misspelt experiment or key) and exits 1; told to
+    # re-raise instead, it lets that reach the user as our error and fix, with exit 2.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _main()
+    except (HydraException, OmegaConfBaseException) as exc:
+        _fail(composition_error(exc), to_log=False)
+    finally:
+        if asked is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = asked
 
 
 if __name__ == "__main__":

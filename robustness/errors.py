@@ -7,6 +7,9 @@ Every error raised for bad input, missing data or an unusable artefact derives f
 
 from __future__ import annotations
 
+import difflib
+import re
+
 
 class RobustnessError(Exception):
     """Base class: a problem the user can fix; ``hint`` says how."""
@@ -50,3 +53,29 @@ def require(condition: bool, message: str, hint: str | None = None, kind: type[R
     """Raise ``kind(message, hint)`` unless ``condition`` holds."""
     if not condition:
         raise kind(message, hint)
+
+
+def composition_error(exc: Exception) -> ConfigError:
+    """What Hydra or OmegaConf could not compose from the overrides given (a misspelt experiment,
+    group option or key, an override that cannot be parsed), as our error and fix: the command
+    line and :func:`robustness.run` say the same."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and exc.options:
+        group, _, name = exc.missing_cfg_file.rpartition("/")
+        close = difflib.get_close_matches(name, list(exc.options), n=1)
+        hint = f"did you mean {group}={close[0]}? " if close else ""
+        return ConfigError(f"there is no {group or 'config'} '{name}'", f"{hint}choose among: {', '.join(exc.options)}")
+    text = str(exc).strip()
+    cause = str(exc.__cause__).strip() if exc.__cause__ is not None else ""
+    unknown = re.match(r"Could not override '([^']+)'", text)
+    if unknown and "not in struct" in cause:
+        key = unknown.group(1)
+        return ConfigError(f"{key} is not a setting of this run",
+                           f"check its spelling (add --cfg job to the command to print every setting); to add a new key, write +{key}=...")
+    if isinstance(exc, OverrideParseException):
+        return ConfigError(f"cannot read the command line: {text.splitlines()[0]}",
+                           "write key=value, and quote values that hold brackets, commas or spaces, e.g. 'probe.eps=[0.0,0.1]'")
+    detail = " ".join(line.strip() for line in [*text.splitlines(), *cause.splitlines()] if line.strip())
+    return ConfigError(f"the configuration cannot be composed: {detail}",
+                       "check the overrides against python -m robustness --help (groups and their options) and --cfg job (every setting)")

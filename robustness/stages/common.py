@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from robustness.data.base import ImageDataModule
-from robustness.errors import ConfigError
+from robustness.errors import ConfigError, composition_error
 from robustness.registry import build
 from robustness.store import ModelStore
 
@@ -86,8 +86,7 @@ def compose_experiment(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     try:
         cfg = compose(config_name="config", overrides=[f"experiment={name}", *overrides])
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(f"cannot compose experiment '{name}': {str(exc).splitlines()[0]}",
-                          "check the experiment name and overrides (`python -m robustness --help` lists them)") from None
+        raise composition_error(exc) from None
     with open_dict(cfg):
         cfg.experiment_name = name
     if loader is not None:
