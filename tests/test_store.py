@@ -8,13 +8,21 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    cli_in_process,
+    compose,
+    fast_overrides,
+    hydra_initialized,
+    run_outcome,
+    stored_model,
+)
 
-from helpers import cli_in_process, compose, fast_overrides, hydra_initialized, run_outcome, stored_model
 from robustness.data.digits import DigitsDataModule
 from robustness.errors import ConfigError, StoreError
 from robustness.models.smallcnn import smallcnn
@@ -323,17 +331,31 @@ def test_a_published_model_is_probed_not_trained(tmp_path: Path) -> None:
             run(cfg, tmp_path / "out", overrides=overrides)
 
 
+@pytest.fixture(scope="module")
+def layout_data(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """One data folder per dataset for this module's tests, each written once in its real layout."""
+    from robustness.data import layouts
+
+    written: dict[str, Path] = {}
+
+    def data_dir(recipe: str) -> Path:
+        if recipe not in written:
+            written[recipe] = tmp_path_factory.mktemp(f"data-{recipe}")
+            getattr(layouts, f"write_{recipe}")(written[recipe], per_class=1)
+        return written[recipe]
+
+    return data_dir
+
+
 @pytest.mark.parametrize(("report", "recipe", "variant"), [
     ("report_cifar10", "cifar10", "adversarial"), ("report_cifar10", "cifar10", "cure"),
     ("report_tinyimagenet", "tinyimagenet", "adversarial"), ("report_tinyimagenet", "tinyimagenet", "pgd"),
     ("report_fashion_mnist", "fashion_mnist", "pgd"), ("report_fashion_mnist", "fashion_mnist", "cure"),
 ])
-def test_a_training_command_trains_the_model_its_report_loads(report: str, recipe: str, variant: str, tmp_path: Path) -> None:
+def test_a_training_command_trains_the_model_its_report_loads(report: str, recipe: str, variant: str, tmp_path: Path,
+                                                              layout_data: Callable[[str], Path]) -> None:
     """Run on its own, a fine-tuning variant starts from its own recipe's base, not the digits one."""
-    from robustness.data import layouts
-
-    getattr(layouts, f"write_{recipe}")(tmp_path / "data", per_class=1)  # a fingerprint names the data's content
-    common = ["logger=csv", f"paths.artifacts_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}"]
+    common = ["logger=csv", f"paths.artifacts_dir={tmp_path}", f"paths.data_dir={layout_data(recipe)}"]  # a fingerprint names the data's content
     with hydra_initialized():
         own = [f"recipe={recipe}", *common]
         direct = variants.resolve(compose_experiment("train", own), variant, own, own_overrides=own)

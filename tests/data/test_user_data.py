@@ -10,13 +10,12 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import cli_in_process
 from PIL import Image
 
 from robustness.data import imagefolder as imagefolder_mod
@@ -394,16 +393,15 @@ def test_a_tampered_cache_is_caught_by_its_digest_and_rebuilt(tmp_path: Path, da
 # --------------------------------------------------------------------------- through the command line
 
 
-def test_a_bad_image_folder_is_reported_by_the_cli_before_training(tmp_path: Path) -> None:
+def test_a_bad_image_folder_is_reported_by_the_cli_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     root = _folder(tmp_path)
     _png(root / "train" / "dog" / "big.png", np.zeros((16, 20, 3), dtype=np.uint8))
-    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
-    completed = subprocess.run(
-        [sys.executable, "-m", "robustness", "experiment=train", "dataset=imagefolder", f"dataset.root={root}", "trainer=cpu",
-         "logger=csv", f"paths.artifacts_dir={tmp_path / 'store'}", f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'd'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert completed.returncode == 2, completed.stderr[-2000:]
-    assert f"error: the images of {root} have mixed sizes" in completed.stderr and "fix: resize them to one size" in completed.stderr
-    assert "Traceback" not in completed.stderr
+    monkeypatch.chdir(tmp_path)
+    code, stderr = cli_in_process(["experiment=train", "dataset=imagefolder", f"dataset.root={root}", "trainer=cpu", "logger=csv",
+                                   f"paths.artifacts_dir={tmp_path / 'store'}", f"paths.output_dir={tmp_path / 'out'}",
+                                   f"paths.data_dir={tmp_path / 'd'}"], capsys, monkeypatch)
+    assert code == 2, stderr[-2000:]
+    assert f"error: the images of {root} have mixed sizes" in stderr and "fix: resize them to one size" in stderr
+    assert "Traceback" not in stderr
     assert not list((tmp_path / "store").rglob("model.pt"))

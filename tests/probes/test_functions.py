@@ -5,24 +5,27 @@ from __future__ import annotations
 
 import inspect
 import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import cli_in_process, hydra_initialized
 from torch import nn
 
 import robustness
-from helpers import hydra_initialized
 from robustness.data.colour_digits import ColourDigitsDataModule
 from robustness.data.digits import DigitsDataModule
 from robustness.errors import ConfigError, InputError
 from robustness.models.smallcnn import smallcnn
 from robustness.probes import memory
-from robustness.probes.base import ProbeContext, ProbeResult, TrainingRecord, attack_node
+from robustness.probes.base import (
+    ProbeContext,
+    ProbeResult,
+    TrainingRecord,
+    attack_node,
+)
 from robustness.probes.defaults import choices, group_defaults
 from robustness.registry import accepted_options, lookup, options_of
 from robustness.stages import compose_experiment
@@ -316,14 +319,13 @@ def test_an_attacks_memory_grows_with_the_logit_rows_it_differentiates_not_with_
     assert options_of("probe", "min_perturbation").from_cfg({}).memory_need(shape, 200, activation, 100).per_item >= 2 * 198 * activation
 
 
-def test_the_command_line_refuses_an_absurd_grid_before_loading_any_model(tmp_path: Path) -> None:
+def test_the_command_line_refuses_an_absurd_grid_before_loading_any_model(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     store = tmp_path / "store"
-    result = subprocess.run(
-        [sys.executable, "-m", "robustness", "experiment=fig2_boundary", "probe.resolution=100001", "logger=csv",
-         f"paths.artifacts_dir={store}", f"paths.output_dir={tmp_path / 'out'}"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "error: probe boundary_plane needs about 160.0 GB of memory (a 100001x100001 grid" in result.stderr
-    assert "fix: use probe.resolution=" in result.stderr and "Traceback" not in result.stderr
+    monkeypatch.chdir(tmp_path)
+    code, stderr = cli_in_process(["experiment=fig2_boundary", "probe.resolution=100001", "logger=csv", f"paths.artifacts_dir={store}",
+                                   f"paths.output_dir={tmp_path / 'out'}"], capsys, monkeypatch)
+    assert code == 2, stderr[-2000:]
+    assert "error: probe boundary_plane needs about 160.0 GB of memory (a 100001x100001 grid" in stderr
+    assert "fix: use probe.resolution=" in stderr and "Traceback" not in stderr
     assert not (store / "digits").exists()  # nothing was trained or loaded

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import cli_in_process, compose
+
 from robustness.errors import ConfigError
 from robustness.stages import checks
 
@@ -122,45 +122,57 @@ SWEEP = ["experiment=train", "trainer=cpu", "logger=csv", "debug=rehearsal"]
 
 
 @pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
-def test_one_bad_value_in_a_sweep_is_that_jobs_error_and_the_others_run(tmp_path: Path, launcher: str) -> None:
-    if launcher != "basic":
-        pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the cluster extra is not installed")
+def test_one_bad_value_in_a_sweep_is_that_jobs_error_and_the_others_run(tmp_path: Path, launcher: str, capsys: pytest.CaptureFixture[str],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also the submitit sweep's summary: its jobs run in processes of their own, the summary is the command's."""
     sweep = tmp_path / "sweep"
-    chosen = [] if launcher == "basic" else [f"hydra/launcher={launcher}"]
-    out = _cli(["-m", *chosen, *SWEEP, "optim.lr=1e-2,-1", f"paths.artifacts_dir={tmp_path / 'store'}", f"hydra.sweep.dir={sweep}"], tmp_path)
-    assert out.returncode == 2, out.stderr[-3000:]
-    assert "Traceback" not in out.stderr + out.stdout, out.stderr[-3000:]
+    args = ["-m", *SWEEP, "optim.lr=1e-2,-1", f"paths.artifacts_dir={tmp_path / 'store'}", f"hydra.sweep.dir={sweep}"]
+    if launcher == "basic":  # jobs run in the command's process: run it in this one
+        monkeypatch.chdir(tmp_path)
+        code, stderr = cli_in_process(args, capsys, monkeypatch)
+        output = stderr
+    else:
+        pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the cluster extra is not installed")
+        out = _cli([args[0], f"hydra/launcher={launcher}", *args[1:]], tmp_path)
+        code, stderr, output = out.returncode, out.stderr, out.stderr + out.stdout
+    assert code == 2, stderr[-3000:]
+    assert "Traceback" not in output, stderr[-3000:]
     # Refused in the command's own process, before the launcher started any job.
     assert re.search(r"^error: job 1 of the sweep \(experiment=train .*optim\.lr=-1.*\) is refused before launch: "
-                     r"the learning rate must be > 0, got -1$", out.stderr, re.M), out.stderr[-3000:]
+                     r"the learning rate must be > 0, got -1$", stderr, re.M), stderr[-3000:]
+    assert (sweep / "sweep_summary.csv").read_text().startswith("job,optim.lr,")
     rows = _summary(sweep)
     assert [row["job"] for row in rows] == ["0", "1"]
-    assert rows[0]["status"] == "done" and 0 <= float(rows[0]["test/acc"]) <= 1
+    assert rows[0]["status"] == "done" and float(rows[0]["optim.lr"]) == 1e-2 and 0 < float(rows[0]["test/acc"]) <= 1
     assert rows[1]["status"] == "refused: the learning rate must be > 0, got -1"
     assert (sweep / "1" / "error.txt").read_text().startswith("the learning rate must be > 0, got -1")
     assert not (sweep / "1" / "metrics.json").exists()
 
 
-def test_a_job_that_fails_at_run_time_leaves_the_other_jobs_and_the_summary(tmp_path: Path) -> None:
+def test_a_job_that_fails_at_run_time_leaves_the_other_jobs_and_the_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Known only once the job runs (the data folder is empty): its error, then the next job."""
     sweep = tmp_path / "sweep"
-    out = _cli(["-m", *SWEEP, "dataset=cifar10,digits", f"paths.data_dir={tmp_path / 'empty'}", f"paths.artifacts_dir={tmp_path / 'store'}",
-                f"hydra.sweep.dir={sweep}"], tmp_path)
-    assert out.returncode == 2, out.stderr[-3000:]
-    assert "Traceback" not in out.stderr
+    monkeypatch.chdir(tmp_path)
+    code, stderr = cli_in_process(["-m", *SWEEP, "dataset=cifar10,digits", f"paths.data_dir={tmp_path / 'empty'}",
+                                   f"paths.artifacts_dir={tmp_path / 'store'}", f"hydra.sweep.dir={sweep}"], capsys, monkeypatch)
+    assert code == 2, stderr[-3000:]
+    assert "Traceback" not in stderr
     rows = _summary(sweep)
     assert rows[0]["dataset"] == "cifar10" and rows[0]["status"].startswith("error: CIFAR-10 not found")
     assert rows[1]["dataset"] == "digits" and rows[1]["status"] == "done"
 
 
-def test_a_sweep_into_a_folder_of_an_older_sweep_lists_only_its_own_jobs(tmp_path: Path) -> None:
+def test_a_sweep_into_a_folder_of_an_older_sweep_lists_only_its_own_jobs(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     sweep = tmp_path / "sweep"
     common = [*SWEEP, f"paths.artifacts_dir={tmp_path / 'store'}", f"hydra.sweep.dir={sweep}"]
-    first = _cli(["-m", *common, "seed=0,1,2"], tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    code, stderr = cli_in_process(["-m", *common, "seed=0,1,2"], capsys, monkeypatch)
+    assert code == 0, stderr[-3000:]
     assert [row["seed"] for row in _summary(sweep)] == ["0", "1", "2"]
-    second = _cli(["-m", *common, "seed=5"], tmp_path)
-    assert second.returncode == 0, second.stderr[-3000:]
+    code, stderr = cli_in_process(["-m", *common, "seed=5"], capsys, monkeypatch)
+    assert code == 0, stderr[-3000:]
     rows = _summary(sweep)
     assert len(rows) == 1 and rows[0]["job"] == "0" and rows[0]["seed"] == "5" and rows[0]["status"] == "done"
     assert "seed=5" in (sweep / "0" / ".hydra" / "overrides.yaml").read_text()
