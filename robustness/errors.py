@@ -65,6 +65,8 @@ def composition_error(exc: Exception) -> ConfigError:
         group, _, name = exc.missing_cfg_file.rpartition("/")
         close = difflib.get_close_matches(name, list(exc.options), n=1)
         hint = f"did you mean {group}={close[0]}? " if close else ""
+        if group == "experiment":  # names like base_digits: one variant is trained by one experiment
+            hint += "one variant trains with experiment=train regularizer=NAME recipe=DATASET; or "
         return ConfigError(f"there is no {group or 'config'} '{name}'", f"{hint}choose among: {', '.join(exc.options)}")
     text = str(exc).strip()
     cause = str(exc.__cause__).strip() if exc.__cause__ is not None else ""

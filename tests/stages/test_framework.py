@@ -34,8 +34,9 @@ def test_help_lists_groups_and_options() -> None:
 
 
 @pytest.mark.parametrize(("args", "error", "fix"), [
-    (["experiment=table99"], "there is no experiment 'table99'", "choose among: curvature_profile, fig2_boundary, "),
-    (["experiment=fig2_boundry"], "there is no experiment 'fig2_boundry'", "did you mean experiment=fig2_boundary? choose among: "),
+    (["experiment=table99"], "there is no experiment 'table99'",
+     "one variant trains with experiment=train regularizer=NAME recipe=DATASET; or choose among: curvature_profile, fig2_boundary, "),
+    (["experiment=fig2_boundry"], "there is no experiment 'fig2_boundry'", "did you mean experiment=fig2_boundary? one variant trains with "),
     (["experiment=train", "model=resnet99"], "there is no model 'resnet99'", "did you mean model=resnet50? choose among: import, pooledcnn, "),
     (["dataset=imagenet22k"], "there is no dataset 'imagenet22k'", "choose among: arrays, cifar10, colour_digits, digits, "),
     (["experiment=train", "optim.learning_rate=3"], "optim.learning_rate is not a setting of this run",
