@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -46,20 +47,34 @@ def order(names: list[str]) -> list[str]:
     return sorted(names, key=lambda n: (kind(n), n))
 
 
+def arguments(name: str) -> list[list[str]]:
+    """The argument lists experiment ``name`` is rehearsed with, one run each.
+
+    ``experiment=probe`` runs whatever probe it is given, and fails without one: it is rehearsed
+    with each probe that no other experiment names, so that every probe runs in a rehearsal.
+    """
+    if name != "probe":
+        return [[]]
+    texts = "".join(p.read_text(encoding="utf-8") for p in EXPERIMENTS.glob("*.yaml"))
+    named = set(re.findall(r"override /probe: (\w+)", texts))
+    probes = sorted(p.stem for p in (REPO / "conf" / "probe").glob("*.yaml"))
+    return [[f"probe={probe}"] for probe in probes if probe not in named] or [[f"probe={probes[0]}"]]
+
+
 def write_data(data_dir: Path) -> None:
     from robustness.data import layouts
 
     layouts.write_all(data_dir, per_class=PER_CLASS, per_class_of=PER_CLASS_OF)
 
 
-def run_one(name: str, data_dir: Path, work: Path, timeout: float) -> tuple[bool, float, str]:
+def run_one(name: str, data_dir: Path, work: Path, timeout: float, extra: list[str] | None = None) -> tuple[bool, float, str]:
     command = [
-        sys.executable, "-m", "robustness", f"experiment={name}", "debug=rehearsal", "logger=csv",
+        sys.executable, "-m", "robustness", f"experiment={name}", *(extra or []), "debug=rehearsal", "logger=csv",
         f"paths.data_dir={data_dir}", f"paths.artifacts_dir={work / 'store'}", f"paths.output_dir={work / 'outputs'}",
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()
-    log_path = work / "logs" / f"{name}.log"
+    log_path = _log_path(work, name, extra)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open(log_path, "w", encoding="utf-8") as log:
@@ -69,6 +84,14 @@ def run_one(name: str, data_dir: Path, work: Path, timeout: float) -> tuple[bool
     except subprocess.TimeoutExpired:
         ok, detail = False, f"timed out after {timeout:.0f} s"
     return ok, time.monotonic() - started, detail
+
+
+def _label(name: str, extra: list[str] | None) -> str:
+    return " ".join([name, *(extra or [])])
+
+
+def _log_path(work: Path, name: str, extra: list[str] | None) -> Path:
+    return work / "logs" / f"{_label(name, extra).replace(' ', '_')}.log"
 
 
 def _last_error(log_path: Path, code: int) -> str:
@@ -111,12 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rehearsing {len(names)} experiments (data in each real layout written in {time.monotonic() - started:.0f} s; logs in {work / 'logs'})", flush=True)
         passed = failed = 0
         for name in names:
-            ok, seconds, detail = run_one(name, data_dir, work, args.timeout)
-            passed, failed = passed + ok, failed + (not ok)
-            print(f"{'PASS' if ok else 'FAIL'}  {name:<28} {seconds:6.0f} s  {detail}", flush=True)
-            if not ok:
-                tail = (work / "logs" / f"{name}.log").read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
-                print("\n".join(f"      | {line}" for line in tail), flush=True)
+            for extra in arguments(name):
+                ok, seconds, detail = run_one(name, data_dir, work, args.timeout, extra)
+                passed, failed = passed + ok, failed + (not ok)
+                print(f"{'PASS' if ok else 'FAIL'}  {_label(name, extra):<28} {seconds:6.0f} s  {detail}", flush=True)
+                if not ok:
+                    tail = _log_path(work, name, extra).read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
+                    print("\n".join(f"      | {line}" for line in tail), flush=True)
         print(f"{passed} passed, {failed} failed")
     return 0 if failed == 0 else 1
 

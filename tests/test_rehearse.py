@@ -45,6 +45,12 @@ def test_every_experiment_file_is_rehearsed_by_make_rehearse() -> None:
     assert re.search(r"^rehearse:.*\n\t\$\(PYTHON\) -m robustness\.rehearse\s*$", makefile, re.M)
 
 
+def test_the_generic_probe_experiment_is_rehearsed_with_each_probe_no_other_experiment_names() -> None:
+    """experiment=probe fails without a probe: the rehearsal gives it those no figure's experiment runs."""
+    assert rehearse.arguments("probe") == [["probe=hessian_norm"], ["probe=min_perturbation"]]
+    assert rehearse.arguments("fig2_boundary") == [[]]
+
+
 def test_report_pipelines_and_real_setting_training_run_at_real_size(work: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "robustness.rehearse", *IN_TESTS, "--work-dir", str(work)],
                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=3000)
