@@ -7,6 +7,11 @@ in ``<root>/<name>-<fingerprint>/``, the fingerprint taken of everything its num
 (options, seed, images, the model's weights), so a changed setting or a retrained model never
 meets a stale part. Parts are dicts of tensors and plain values, written atomically and read with
 ``weights_only=True``; one that cannot be read is computed again.
+
+A part computed by :meth:`PartialResults.get` keeps torch's random streams as its computation left
+them, and reading it puts them back: the parts after it (a PGD random start, a Monte-Carlo probe)
+draw what they would have drawn had it been computed, so a resumed run gives the uninterrupted
+run's numbers, not numbers that depend on where it was interrupted.
 """
 
 from __future__ import annotations
@@ -37,30 +42,60 @@ class PartialResults:
 
     def load(self, part: str, valid: Callable[[Any], bool] = lambda value: isinstance(value, dict)) -> Part | None:
         """A saved part, or None where there is none (or it cannot be read, or ``valid`` refuses it)."""
+        read = self._read(part, valid)
+        return None if read is None else read[0]
+
+    def _read(self, part: str, valid: Callable[[Any], bool]) -> tuple[Part, dict[str, Tensor]] | None:
+        """A saved part and the random streams kept with it (empty for a part saved without them)."""
         path = self.path(part)
         if path is None or not path.is_file():
             return None
         try:
             value = torch.load(path, map_location="cpu", weights_only=True)
+            streams = {k: value.pop(k) for k in list(value) if k in _STREAM_KEYS} if isinstance(value, dict) else {}
             if not valid(value):
                 raise TypeError("not the kind of part this probe saves")
         except Exception as exc:  # noqa: BLE001 - writes are atomic, so this is a damaged or foreign file
             log.warning("recomputing the partial result %s: it cannot be read (%s)", path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             return None
-        return value
+        return value, streams
 
-    def save(self, part: str, value: Part) -> Part:
-        """Keep ``value`` (tensors moved to the CPU) and return it."""
+    def save(self, part: str, value: Part, streams: Mapping[str, Tensor] | None = None) -> Part:
+        """Keep ``value`` (tensors moved to the CPU), with ``streams`` beside it, and return it."""
         kept = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in value.items()}
         path = self.path(part)
         if path is not None:
-            atomic_torch_save(kept, path)
+            atomic_torch_save({**kept, **(streams or {})}, path)
         return kept
 
     def get(self, part: str, compute: Callable[[], Part], valid: Callable[[Any], bool] = lambda value: isinstance(value, dict)) -> Part:
-        """The saved part, or ``compute()`` saved."""
-        saved = self.load(part, valid)
-        return saved if saved is not None else self.save(part, compute())
+        """The saved part, with the random streams put back as its computation left them; or
+        ``compute()``, saved with the streams it leaves."""
+        read = self._read(part, valid)
+        if read is not None:
+            value, streams = read
+            _restore_streams(streams)
+            return value
+        value = compute()
+        return self.save(part, value, _current_streams())
+
+
+# torch's random streams a part keeps: the CPU generator's, and the current GPU's where one is in use.
+_STREAM_KEYS = ("_random_stream_cpu", "_random_stream_cuda")
+
+
+def _current_streams() -> dict[str, Tensor]:
+    streams = {"_random_stream_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        streams["_random_stream_cuda"] = torch.cuda.get_rng_state()
+    return streams
+
+
+def _restore_streams(streams: Mapping[str, Tensor]) -> None:
+    if "_random_stream_cpu" in streams:
+        torch.set_rng_state(streams["_random_stream_cpu"])
+    if "_random_stream_cuda" in streams and torch.cuda.is_available():
+        torch.cuda.set_rng_state(streams["_random_stream_cuda"])
 
 
 def _tensors_only(value: Any) -> bool:
