@@ -48,31 +48,46 @@ def _robust_key(result: ProbeResult) -> tuple[str, str]:
 
 
 def _figure(result: ProbeResult, out_dir: Path) -> Artefact:
+    """Curvature against robust accuracy, one panel per statistic of ||H||_F^2 over images that the
+    claim is tested with (mean, whose verdict the scorecard states, then median), each titled with
+    its rank correlation: the figure shows what the verdict rests on."""
     robust_key, attack = _robust_key(result)
     rows = result.tables["leaderboard"]
     variants = [row["variant"] for row in rows]
-    fig, ax = plt.subplots(figsize=(5.2, 3.8))
-    drawn = 0
-    for row in rows:
-        x, y = row["fro2_median"], row[robust_key]
-        if not (math.isfinite(x) and math.isfinite(y)):
-            continue
-        xerr = [[max(x - row["fro2_median_low"], 0.0)], [max(row["fro2_median_high"] - x, 0.0)]] if math.isfinite(row["fro2_median_low"]) else None
-        yerr = [[max(y - row[f"{robust_key}_low"], 0.0)], [max(row[f"{robust_key}_high"] - y, 0.0)]] if math.isfinite(row[f"{robust_key}_low"]) else None
-        colour = _colour(result, row["variant"], variants)
-        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", color=colour, ecolor=colour, capsize=3, label=_title(result, row["variant"]))
-        drawn += 1
-    if drawn and all(row["fro2_median"] > 0 for row in rows if math.isfinite(row["fro2_median"])):
-        ax.set_xscale("log")
-    ax.set_xlabel("median ||H||_F^2 over images (input Hessian of the loss)")
-    ax.set_ylabel(f"{attack} robust accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(frameon=False, fontsize="x-small", loc="best")
+    claim = (result.tables.get("claims") or [{}])[0]
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.9), sharey=True)
+    for ax, statistic in zip(axes, ("mean", "median")):
+        key = f"fro2_{statistic}"
+        drawn = 0
+        for row in rows:
+            x, y = row[key], row[robust_key]
+            if not (math.isfinite(x) and math.isfinite(y)):
+                continue
+            xerr = [[max(x - row[f"{key}_low"], 0.0)], [max(row[f"{key}_high"] - x, 0.0)]] if math.isfinite(row[f"{key}_low"]) else None
+            yerr = [[max(y - row[f"{robust_key}_low"], 0.0)], [max(row[f"{robust_key}_high"] - y, 0.0)]] if math.isfinite(row[f"{robust_key}_low"]) else None
+            colour = _colour(result, row["variant"], variants)
+            ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", color=colour, ecolor=colour, capsize=3, label=_title(result, row["variant"]))
+            drawn += 1
+        if drawn and all(row[key] > 0 for row in rows if math.isfinite(row[key])):
+            ax.set_xscale("log")
+        ax.set_xlabel(f"{statistic} ||H||_F^2 over images")
+        ax.grid(alpha=0.3)
+        rho = claim.get(f"effect_{statistic}")
+        verdict = claim.get(f"verdict_{statistic}", "")
+        if isinstance(rho, (int, float)) and math.isfinite(rho):
+            interval = interval_text(claim.get(f"low_{statistic}", math.nan), claim.get(f"high_{statistic}", math.nan))
+            ax.set_title(f"Spearman rho {format_cell(float(rho))} {interval}: {verdict}", fontsize="small")
+    axes[0].set_ylabel(f"{attack} robust accuracy")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, frameon=False, fontsize="x-small", loc="center left", bbox_to_anchor=(1.0, 0.5))
     eps = result.meta.get("eps")
-    ax.set_title(f"curvature against robustness{'' if eps is None else f' at eps {eps:g}'}", fontsize="small")
+    fig.suptitle(f"curvature against robustness{'' if eps is None else f' at eps {eps:g}'}", fontsize="small")
+    fig.tight_layout()
     caption = (
-        f"Curvature (median ||H||_F^2) against {attack} robust accuracy, one point per variant, each at its own clean accuracy; "
-        "bars are 95% bootstrap intervals over images."
+        f"Curvature (||H||_F^2 of the input Hessian of the loss, its mean over images on the left and its median on the right) against "
+        f"{attack} robust accuracy, one point per variant, each at its own clean accuracy; bars are 95% bootstrap intervals over images. "
+        "Each panel's title is the rank correlation across variants with its interval; the scorecard states the verdict of the mean."
     )
     return save_figure(fig, out_dir, "leaderboard_curvature_vs_robustness", caption)
 
