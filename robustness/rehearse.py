@@ -55,9 +55,11 @@ def arguments(name: str) -> list[list[str]]:
     """
     if name != "probe":
         return [[]]
+    from robustness.probes.defaults import choices
+
     texts = "".join(p.read_text(encoding="utf-8") for p in EXPERIMENTS.glob("*.yaml"))
     named = set(re.findall(r"override /probe: (\w+)", texts))
-    probes = sorted(p.stem for p in (REPO / "conf" / "probe").glob("*.yaml"))
+    probes = choices("probe")
     return [[f"probe={probe}"] for probe in probes if probe not in named] or [[f"probe={probes[0]}"]]
 
 

@@ -81,21 +81,21 @@ class PartialResults:
 
 
 # torch's random streams a part keeps: the CPU generator's, and the current GPU's where one is in use.
-_STREAM_KEYS = ("_random_stream_cpu", "_random_stream_cuda")
+_CPU_STREAM, _CUDA_STREAM = _STREAM_KEYS = ("_random_stream_cpu", "_random_stream_cuda")
 
 
 def _current_streams() -> dict[str, Tensor]:
-    streams = {"_random_stream_cpu": torch.get_rng_state()}
+    streams = {_CPU_STREAM: torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        streams["_random_stream_cuda"] = torch.cuda.get_rng_state()
+        streams[_CUDA_STREAM] = torch.cuda.get_rng_state()
     return streams
 
 
 def _restore_streams(streams: Mapping[str, Tensor]) -> None:
-    if "_random_stream_cpu" in streams:
-        torch.set_rng_state(streams["_random_stream_cpu"])
-    if "_random_stream_cuda" in streams and torch.cuda.is_available():
-        torch.cuda.set_rng_state(streams["_random_stream_cuda"])
+    if _CPU_STREAM in streams:
+        torch.set_rng_state(streams[_CPU_STREAM])
+    if _CUDA_STREAM in streams and torch.cuda.is_available():
+        torch.cuda.set_rng_state(streams[_CUDA_STREAM])
 
 
 def _tensors_only(value: Any) -> bool:
